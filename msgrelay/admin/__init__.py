@@ -1,0 +1,1 @@
+"""msgrelay-admin: operator commands on a relay state directory."""

@@ -1,0 +1,1 @@
+"""The msgrelay client library and command line (uses only the wire layer)."""

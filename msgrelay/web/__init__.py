@@ -1,0 +1,1 @@
+"""The Klein HTTP layer translating requests to relay operations."""

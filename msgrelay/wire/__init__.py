@@ -1,0 +1,1 @@
+"""The pure wire-format layer of PROTOCOL.md: no I/O, shared by server and client."""

@@ -1,0 +1,40 @@
+from setuptools import setup
+
+setup(
+    name="msgrelay",
+    version="0.1.0",
+    description="A federated store-and-forward relay for end-to-end-encrypted messages",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=[
+        "msgrelay",
+        "msgrelay.wire",
+        "msgrelay.store",
+        "msgrelay.web",
+        "msgrelay.client",
+        "msgrelay.federation",
+        "msgrelay.admin",
+        "twisted.plugins",
+    ],
+    package_data={"msgrelay.web": ["errors.md"], "twisted.plugins": ["msgrelay_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=23.8",
+        "klein>=23.5",
+        "treq>=23.11",
+        "cryptography>=41",
+        "service-identity>=23.1",
+        "zope.interface>=6",
+        "click>=8.1",
+        "prometheus_client>=0.17",
+        "psycopg[binary]>=3.1",
+        "psycopg-pool>=3.2",
+    ],
+    extras_require={"test": ["pytest>=7", "pytest-twisted>=1.14"]},
+    entry_points={
+        "console_scripts": [
+            "msgrelay-client = msgrelay.client.cli:main",
+            "msgrelay-admin = msgrelay.admin.cli:main",
+        ]
+    },
+)
