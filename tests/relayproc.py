@@ -65,7 +65,12 @@ class RelayProcess:
     def start(self, timeout: float = 30.0) -> "RelayProcess":
         env = dict(os.environ)
         env.update(self.env or {})
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        # Run outside the source tree: twistd puts its working directory on sys.path, and the
+        # test must exercise the installed package, not the checkout.
+        self.state_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=self.state_dir.parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

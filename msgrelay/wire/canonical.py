@@ -32,6 +32,17 @@ def parse_json_object(raw: bytes, errno: int = 100, what: str = "body") -> dict[
 
     Every failure is a ProtocolError with `errno`, naming `what` was wrong.
     """
+    value = parse_json(raw, errno, what)
+    if not isinstance(value, dict):
+        raise ProtocolError(errno, f"{what} is not a JSON object")
+    return value
+
+
+def parse_json(raw: bytes, errno: int = 100, what: str = "body") -> Any:
+    """Parse `raw` as any JSON value with the strictness of `parse_json_object`.
+
+    For the places where the protocol carries a list, such as a fetch response's plaintext.
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -42,8 +53,6 @@ def parse_json_object(raw: bytes, errno: int = 100, what: str = "body") -> dict[
         raise ProtocolError(errno, f"{what} has the key {str(e)!r} more than once")
     except (ValueError, RecursionError) as e:
         raise ProtocolError(errno, f"{what} is not JSON: {e}")
-    if not isinstance(value, dict):
-        raise ProtocolError(errno, f"{what} is not a JSON object")
     return value
 
 

@@ -55,10 +55,18 @@ def sign_params(
     private_key: rsa.RSAPrivateKey, params: Mapping[str, Any], method: str, path: str, server: str
 ) -> dict[str, Any]:
     """`params` plus the `signature` over them, as a client sends them."""
-    base = signature_base(params, method, path, server)
     signed = dict(params)
-    signed["signature"] = base64.b64encode(private_key.sign(base, _PSS, hashes.SHA256())).decode("ascii")
+    signed["signature"] = sign_base(private_key, signature_base(params, method, path, server))
     return signed
+
+
+def sign_base(private_key: rsa.RSAPrivateKey, base: bytes) -> str:
+    """Canonical base64 RSA-PSS signature of `base`: the one signature scheme of the protocol.
+
+    Shared by signed requests and the client's message objects (section 6), so that both
+    use exactly the parameters `verify_signature` accepts.
+    """
+    return base64.b64encode(private_key.sign(base, _PSS, hashes.SHA256())).decode("ascii")
 
 
 def verify_signature(public_key: rsa.RSAPublicKey, signature: str, base: bytes) -> None:

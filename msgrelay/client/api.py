@@ -1,0 +1,426 @@
+"""RelayAPI: one Deferred-returning call per endpoint of PROTOCOL.md section 5, over treq.
+
+Requests that act for the user are signed afresh on every call (section 4) with the relay's
+`name` as `server`, a `date` of now corrected by the relay's `Timestamp` header, and a short
+validity. Error bodies become `RelayError`; anything that is not a relay's answer becomes
+`RelayUnreachable`. Pinning of the relay's key is enforced here, before any envelope is
+sealed to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Coroutine, Mapping, Optional, ParamSpec, TypeVar
+from urllib.parse import quote, urlsplit
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+from twisted.internet import error as net_error
+from twisted.internet import ssl
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import TimeoutError as DeferTimeoutError
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.http import RESPONSES
+
+import treq.client
+
+from ..wire.addresses import is_server_name
+from ..wire.canonical import parse_json, parse_json_object
+from ..wire.dates import format_date
+from ..wire.envelope import AES_GCM, open_envelope, seal
+from ..wire.errors import ProtocolError
+from ..wire.keys import fingerprint, is_user_id, load_public_key, user_id_for_key
+from ..wire.signing import sign_params
+from .errors import RelayError, RelayUnreachable, TrustError, UsageError
+from .identity import Identity
+
+API = "/api/v1"
+DEFAULT_TIMEOUT = 30.0
+#: Seconds a signed request stays valid: short, since every request is signed afresh.
+SIGNATURE_VALIDITY = 60
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def returns_deferred(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Deferred[T]]:
+    """Write the library as coroutines but hand callers Deferreds, as Twisted code expects."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        return Deferred.fromCoroutine(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def normalise_url(url: str) -> str:
+    """`https://host[:port][/prefix]` without a trailing slash; a bare host means https."""
+    if "://" not in url:
+        url = "https://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"relay URL {url!r} must be http:// or https:// followed by a host")
+    if parts.query or parts.fragment:
+        raise UsageError(f"relay URL {url!r} must not have a query or fragment")
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def load_trust_root(ca_file: str) -> Any:
+    """A trust root holding only the certificates of `ca_file` (like curl's --cacert)."""
+    try:
+        text = Path(ca_file).read_text("ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the CA file {ca_file}: {e}")
+    marker = "-----BEGIN CERTIFICATE-----"
+    blocks = [marker + chunk for chunk in text.split(marker)[1:]]
+    try:
+        certificates = [ssl.Certificate.loadPEM(block) for block in blocks]
+    except Exception as e:  # pyOpenSSL raises its own error types for bad PEM
+        raise UsageError(f"the CA file {ca_file} does not hold PEM certificates: {e}")
+    if not certificates:
+        raise UsageError(f"the CA file {ca_file} holds no PEM certificate")
+    return ssl.trustRootFromCertificates(certificates)
+
+
+def make_http_client(reactor: Any, ca_file: Optional[str] = None) -> tuple[treq.client.HTTPClient, HTTPConnectionPool]:
+    """A treq client verifying certificates and host names, with keep-alive connections."""
+    policy = BrowserLikePolicyForHTTPS(trustRoot=load_trust_root(ca_file) if ca_file else None)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.retryAutomatically = False  # a retried POST must be our decision, with the same packet
+    return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool)), pool
+
+
+def describe_failure(exc: BaseException, timeout: float) -> str:
+    """One readable reason for a transport failure (TLS errors are buried in `reasons`)."""
+    if isinstance(exc, (CancelledError, DeferTimeoutError, net_error.TimeoutError)):
+        return f"no answer within {timeout:g} s"
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return "connection refused (is the relay running?)"
+    if isinstance(exc, net_error.DNSLookupError):
+        return "host name does not resolve"
+    reasons = getattr(exc, "reasons", None)
+    if reasons:
+        texts = []
+        for reason in reasons:
+            value = getattr(reason, "value", reason)
+            text = _tls_reason(value) or (str(value) or type(value).__name__)
+            texts.append(text)
+        return "; ".join(dict.fromkeys(texts))
+    return str(exc) or type(exc).__name__
+
+
+def _tls_reason(value: BaseException) -> Optional[str]:
+    args = getattr(value, "args", ())
+    if type(value).__module__.startswith("OpenSSL") and args and isinstance(args[0], list):
+        details = ", ".join(str(item[-1]) for item in args[0] if item)
+        return f"TLS handshake failed: {details or value}"
+    if type(value).__name__ in ("VerificationError", "CertificateError"):
+        return f"TLS certificate does not match the host name: {value}"
+    return None
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """The parts of GET /api/v1/server a client relies on."""
+
+    name: str
+    key: rsa.RSAPublicKey
+    fingerprint: str
+    algorithms: tuple[str, ...]
+    max_body_bytes: Optional[int]
+    max_validity: int
+    default_ttl: Optional[int]
+    max_ttl: Optional[int]
+    version: str
+    previous_keys: tuple[Mapping[str, Any], ...] = ()
+    clock_offset: float = 0.0  # relay clock minus ours, from the Timestamp header
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], clock_offset: float = 0.0) -> "ServerInfo":
+        name, pem = obj.get("name"), obj.get("key")
+        if not isinstance(name, str) or not is_server_name(name):
+            raise ValueError("server info has no valid `name`")
+        if not isinstance(pem, str):
+            raise ValueError("server info has no `key`")
+        key = load_public_key(pem)
+        actual = fingerprint(key)
+        if obj.get("fingerprint") != actual:
+            raise ValueError("server info `fingerprint` is not the fingerprint of its `key`")
+
+        def integer(name: str) -> Optional[int]:
+            value = obj.get(name)
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+        algorithms = obj.get("algorithms")
+        previous = obj.get("previous_keys")
+        return cls(
+            name=name.lower(),
+            key=key,
+            fingerprint=actual,
+            algorithms=tuple(a.upper() for a in algorithms if isinstance(a, str)) if isinstance(algorithms, list) else (AES_GCM,),
+            max_body_bytes=integer("max_body_bytes"),
+            max_validity=integer("max_validity") or 300,
+            default_ttl=integer("default_ttl"),
+            max_ttl=integer("max_ttl"),
+            version=str(obj.get("version", "")),
+            previous_keys=tuple(p for p in previous if isinstance(p, dict)) if isinstance(previous, list) else (),
+            clock_offset=clock_offset,
+            raw=dict(obj),
+        )
+
+    def previous_key_until(self, pinned: str) -> Optional[str]:
+        """When `pinned` is a key the relay rotated away from, the end of its grace period."""
+        for entry in self.previous_keys:
+            if entry.get("fingerprint") == pinned:
+                return str(entry.get("until"))
+        return None
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    messages: list[dict[str, Any]]
+    remaining: int
+
+
+class RelayAPI:
+    """Talks to one relay. `identity` is needed only for signed calls."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        reactor: Any = None,
+        identity: Optional[Identity] = None,
+        ca_file: Optional[str] = None,
+        pinned_fingerprint: Optional[str] = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+        label: str = "the relay",
+    ):
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.url = normalise_url(url)
+        self.identity = identity
+        self.pinned_fingerprint = pinned_fingerprint
+        self.timeout = timeout
+        self.label = label
+        self._clock = clock
+        self._reactor = reactor
+        self._prefix = urlsplit(self.url).path
+        self._http, self._pool = make_http_client(reactor, ca_file)
+        self._info: Optional[ServerInfo] = None
+
+    # -- transport -------------------------------------------------------------------
+
+    async def _call(
+        self, method: str, path: str, *, query: str = "", body: Optional[Mapping[str, Any]] = None
+    ) -> tuple[dict[str, Any], Any]:
+        url = self.url + path + (f"?{query}" if query else "")
+        headers = {b"Accept": [b"application/json"]}
+        data = None
+        if body is not None:
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            headers[b"Content-Type"] = [b"application/json; charset=utf-8"]
+        async def exchange() -> tuple[Any, bytes]:
+            # Redirects are not followed: they would change the signed path, or leave https.
+            response = await self._http.request(
+                method, url, data=data, headers=headers, allow_redirects=False, reactor=self._reactor
+            )
+            return response, await response.content()
+
+        attempt = Deferred.fromCoroutine(exchange())
+        attempt.addTimeout(self.timeout, self._reactor)  # covers the body too, not only the headers
+        try:
+            response, raw = await attempt
+        except Exception as e:  # every transport failure, whatever Twisted calls it
+            raise RelayUnreachable(self.url, describe_failure(e, self.timeout)) from e
+        status = response.code
+        try:
+            obj = parse_json_object(raw, what="response body")
+        except ProtocolError:
+            obj = None
+        if 200 <= status < 300:
+            if obj is None:
+                raise RelayUnreachable(self.url, f"{method} {path} answered {status} without a JSON object: not a msgrelay relay?")
+            return obj, response.headers
+        if obj is None or not isinstance(obj.get("errno"), int):
+            phrase = RESPONSES.get(status, b"").decode("ascii", "replace")
+            raise RelayUnreachable(
+                self.url, f"{method} {path} answered HTTP {status} {phrase} without a msgrelay error body"
+            )
+        retry = response.headers.getRawHeaders(b"retry-after")
+        raise RelayError(
+            obj["errno"],
+            status,
+            str(obj.get("message") or obj.get("error") or "no message"),
+            info=obj.get("info") if isinstance(obj.get("info"), str) else None,
+            retry_after=int(retry[0]) if retry and retry[0].strip().isdigit() else None,
+            where=self.label,
+        )
+
+    def _now(self) -> float:
+        return self._clock() + (self._info.clock_offset if self._info else 0.0)
+
+    async def _signed(self, method: str, path: str, own: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+        """Sign `own` plus the auth fields for `method path` on this relay and send it."""
+        if self.identity is None:
+            raise UsageError("this call needs a profile identity")
+        info = await self.server_info()
+        params: dict[str, Any] = dict(own or {})
+        params.update(
+            user_id=self.identity.user_id,
+            date=format_date(self._now()),
+            validity=min(SIGNATURE_VALIDITY, info.max_validity),
+        )
+        signed = sign_params(self.identity.private_key, params, method, self._prefix + path, info.name)
+        if method == "GET":
+            query = "&".join(f"{quote(k, safe='')}={quote(str(v), safe='')}" for k, v in signed.items())
+            obj, _ = await self._call(method, path, query=query)
+        else:
+            obj, _ = await self._call(method, path, body=signed)
+        return obj
+
+    # -- unsigned endpoints ----------------------------------------------------------
+
+    @returns_deferred
+    async def server_info(self, refresh: bool = False) -> ServerInfo:
+        """GET /server, cached; refuses a key other than the pinned one (TrustError)."""
+        if self._info is not None and not refresh:
+            return self._info
+        obj, headers = await self._call("GET", f"{API}/server")
+        stamps = headers.getRawHeaders(b"timestamp") or []
+        offset = 0.0
+        if stamps and stamps[0].strip().isdigit():
+            offset = int(stamps[0]) - self._clock()
+        try:
+            info = ServerInfo.from_json(obj, clock_offset=offset)
+        except (ValueError, ProtocolError) as e:
+            raise RelayUnreachable(self.url, f"server info is unusable: {e}")
+        if self.pinned_fingerprint and info.fingerprint != self.pinned_fingerprint:
+            until = info.previous_key_until(self.pinned_fingerprint)
+            rotated = f" The relay lists the pinned key as rotated out (valid until {until})." if until else ""
+            raise TrustError(
+                f"THE RELAY'S KEY HAS CHANGED: {self.url} ({info.name}) now has key fingerprint "
+                f"{info.fingerprint}, but this profile pinned {self.pinned_fingerprint}.{rotated} "
+                "Nothing was sent. If you verified the new fingerprint with the relay's operator, "
+                f"run again with --trust-fingerprint {info.fingerprint}"
+            )
+        self._info = info
+        return info
+
+    @returns_deferred
+    async def health(self) -> dict[str, Any]:
+        obj, _ = await self._call("GET", f"{API}/health")
+        return obj
+
+    @returns_deferred
+    async def register(self, key_pem: str, registration_token: Optional[str] = None) -> str:
+        body: dict[str, Any] = {"key": key_pem}
+        if registration_token:
+            body["registration_token"] = registration_token
+        obj, _ = await self._call("POST", f"{API}/user", body=body)
+        user_id = obj.get("user_id")
+        if not isinstance(user_id, str) or not is_user_id(user_id):
+            raise RelayUnreachable(self.url, "registration answered without a valid user_id")
+        return user_id
+
+    @returns_deferred
+    async def lookup_user(self, user_id: str) -> rsa.RSAPublicKey:
+        """The public key of a user of this relay, checked against the user id it must hash to."""
+        if not is_user_id(user_id):
+            raise UsageError(f"{user_id!r} is not a user id")
+        obj, _ = await self._call("GET", f"{API}/user/{user_id}")
+        pem = obj.get("key")
+        try:
+            key = load_public_key(pem if isinstance(pem, str) else "")
+        except ProtocolError as e:
+            raise TrustError(f"{self.label} returned an unusable key for {user_id}: {e.message}")
+        if user_id_for_key(key) != user_id or obj.get("user_id") != user_id:
+            raise TrustError(
+                f"{self.label} returned a key that does not belong to {user_id} "
+                f"(it hashes to {user_id_for_key(key)}): refusing it"
+            )
+        return key
+
+    @returns_deferred
+    async def send_packet(self, packet: Mapping[str, Any]) -> dict[str, Any]:
+        """POST /message: the packet sealed to the relay's (pinned) key -> {message_id, expires}."""
+        info = await self.server_info()
+        algorithm = AES_GCM if AES_GCM in info.algorithms or not info.algorithms else info.algorithms[0]
+        body = seal(info.key, json.dumps(packet, ensure_ascii=False).encode("utf-8"), algorithm)
+        obj, _ = await self._call("POST", f"{API}/message", body=body)
+        if not isinstance(obj.get("message_id"), str):
+            raise RelayUnreachable(self.url, "POST /message answered without a message_id")
+        return obj
+
+    # -- signed endpoints ------------------------------------------------------------
+
+    @returns_deferred
+    async def create_token(self, label: Optional[str] = None, expires_in: Optional[int] = None) -> dict[str, Any]:
+        """POST /token -> {token, id, expires}."""
+        own: dict[str, Any] = {}
+        if label is not None:
+            own["label"] = label
+        if expires_in is not None:
+            own["expires_in"] = expires_in
+        obj = await self._signed("POST", f"{API}/token", own)
+        if not isinstance(obj.get("token"), str) or not isinstance(obj.get("id"), str):
+            raise RelayUnreachable(self.url, "POST /token answered without token and id")
+        return obj
+
+    @returns_deferred
+    async def list_tokens(self) -> list[dict[str, Any]]:
+        obj = await self._signed("GET", f"{API}/token")
+        tokens = obj.get("tokens")
+        if not isinstance(tokens, list):
+            raise RelayUnreachable(self.url, "GET /token answered without a tokens list")
+        return [t for t in tokens if isinstance(t, dict)]
+
+    @returns_deferred
+    async def revoke_token(self, *, token_id: Optional[str] = None, token: Optional[str] = None) -> int:
+        if (token_id is None) == (token is None):
+            raise UsageError("revoke exactly one of a token id or a token")
+        own = {"id": token_id} if token_id is not None else {"token": token}
+        obj = await self._signed("DELETE", f"{API}/token", own)
+        return int(obj.get("revoked", 0))
+
+    @returns_deferred
+    async def fetch(self, limit: Optional[int] = None) -> FetchResult:
+        """GET /message, its envelope opened with our key -> the server message objects."""
+        assert self.identity is not None
+        obj = await self._signed("GET", f"{API}/message", {"limit": limit} if limit else None)
+        try:
+            plaintext = open_envelope([self.identity.private_key], obj, allowed=(AES_GCM,))
+            messages = parse_json(plaintext, errno=103, what="fetch response plaintext")
+        except ProtocolError as e:
+            raise RelayUnreachable(self.url, f"the fetch response cannot be opened with this profile's key: {e.message}")
+        if not isinstance(messages, list):
+            raise RelayUnreachable(self.url, "the fetch response plaintext is not a JSON list")
+        remaining = obj.get("remaining")
+        return FetchResult(
+            [m for m in messages if isinstance(m, dict)],
+            remaining if isinstance(remaining, int) and not isinstance(remaining, bool) else 0,
+        )
+
+    @returns_deferred
+    async def acknowledge(self, ids: list[str]) -> int:
+        obj = await self._signed("DELETE", f"{API}/message", {"ids": list(ids)})
+        return int(obj.get("deleted", 0))
+
+    @returns_deferred
+    async def set_push_endpoint(self, endpoint: str) -> None:
+        await self._signed("PUT", f"{API}/user", {"push_endpoint": endpoint})
+
+    @returns_deferred
+    async def delete_user(self) -> None:
+        await self._signed("DELETE", f"{API}/user")
+
+    def close(self) -> Awaitable[None]:
+        """Close kept-alive connections (tests need a clean reactor)."""
+        return self._pool.closeCachedConnections()

@@ -1,0 +1,273 @@
+"""The relay's domain operations (PROTOCOL.md sections 4-6), free of HTTP.
+
+The store, clock and keyring are injected; the web layer only translates. Observers
+hear of each stored message (push) and a forwarder, when set, takes remote packets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import secrets
+from typing import Any, Callable, Optional, Protocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from . import __version__
+from .serverkey import ServerKeyring
+from .settings import Settings
+from .store.interface import (
+    IStore, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, UserRecord,
+)
+from .wire.canonical import parse_json_object
+from .wire.dates import format_date
+from .wire.envelope import AES_GCM, ALGORITHMS, open_envelope, seal
+from .wire.errors import ProtocolError, malformed
+from .wire.keys import fingerprint, is_user_id, load_public_key, public_key_pem, user_id_for_key
+from .wire.packet import Packet, parse_packet
+from .wire.signing import SignedRequest, check_time_window, verify_signature
+
+log = Logger()
+
+#: The longest token lifetime a client may ask for (ten years), beyond which `expires_in` is refused.
+MAX_TOKEN_SECONDS = 10 * 365 * 86400
+MAX_LABEL_CHARS = 200
+MAX_ACK_IDS = 1000
+MAX_PUSH_URL_CHARS = 2048
+
+
+class Forwarder(Protocol):
+    """Takes packets for users of other relays (federation, PROTOCOL.md section 7)."""
+
+    def forward(self, packet: Packet, received: int, expires: int, forwarded_by: Optional[str]) -> Any:
+        """Queue durably; fire the message id. Raise ProtocolError(122) for a refused destination."""
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def check_push_endpoint(value: str) -> Optional[str]:
+    """`None` for "" (clear), else the https URL; errno 100 for anything else."""
+    if value == "":
+        return None
+    if len(value) > MAX_PUSH_URL_CHARS or not value.startswith("https://") or len(value) <= len("https://"):
+        raise malformed(f"push_endpoint must be an https:// URL of at most {MAX_PUSH_URL_CHARS} characters, or \"\"")
+    return value
+
+
+async def _guard(deferred: Any) -> Any:
+    """Await a store call, turning a store outage into errno 180."""
+    try:
+        return await deferred
+    except StoreUnavailable as e:
+        raise ProtocolError(180, f"storage unavailable: {e}")
+
+
+class RelayCore:
+    def __init__(self, settings: Settings, store: IStore, keyring: ServerKeyring, clock: IReactorTime):
+        self.settings = settings
+        self.store = store
+        self.keyring = keyring
+        self.clock = clock
+        self.forwarder: Optional[Forwarder] = None
+        self.message_observers: list[Callable[[UserRecord, str], None]] = []
+
+    @property
+    def name(self) -> str:
+        return self.settings.server.name
+
+    def now(self) -> int:
+        return int(self.clock.seconds())
+
+    # -- server ---------------------------------------------------------------
+
+    def server_info(self) -> dict[str, Any]:
+        limits = self.settings.limits
+        now = self.clock.seconds()
+        return {
+            "name": self.name,
+            "key": self.keyring.public_pem,
+            "fingerprint": self.keyring.fingerprint,
+            "algorithms": list(ALGORITHMS),
+            "max_body_bytes": limits.max_body_bytes,
+            "default_ttl": limits.default_ttl,
+            "max_ttl": limits.max_ttl,
+            "max_validity": limits.max_validity,
+            "version": __version__,
+            "previous_keys": [
+                {
+                    "key": public_key_pem(p.key.public_key()),
+                    "fingerprint": fingerprint(p.key.public_key()),
+                    "until": format_date(p.until),
+                }
+                for p in self.keyring.previous
+                if now < p.until
+            ],
+        }
+
+    async def health(self) -> dict[str, str]:
+        await _guard(self.store.check_writable())
+        return {"status": "ok"}
+
+    # -- users ----------------------------------------------------------------
+
+    async def register(self, body: dict[str, Any]) -> dict[str, str]:
+        for name in body:
+            if name not in ("key", "push_endpoint", "registration_token"):
+                raise malformed(f"unknown parameter {name!r}")
+        for name in body:
+            if not isinstance(body[name], str):
+                raise malformed(f"{name} must be a string")
+        if "key" not in body:
+            raise malformed("key is missing")
+        push = check_push_endpoint(body.get("push_endpoint", ""))
+        key = load_public_key(body["key"])
+        user_id = user_id_for_key(key)
+        if await _guard(self.store.get_user(user_id)) is not None:
+            return {"user_id": user_id}
+        self._check_registration_allowed(body.get("registration_token"))
+        record = UserRecord(user_id, public_key_pem(key), push, self.now())
+        added = await _guard(self.store.add_user(record))
+        if added:
+            log.info("registered user {user_id}", user_id=user_id)
+        return {"user_id": user_id}
+
+    def _check_registration_allowed(self, offered: Optional[str]) -> None:
+        mode = self.settings.registration.mode
+        if mode == "closed":
+            raise ProtocolError(121, "registration is closed on this relay")
+        if mode == "token":
+            if offered is None:
+                raise ProtocolError(121, "registration_token is required on this relay")
+            offered_bytes = offered.encode("utf-8")
+            if not any(hmac.compare_digest(offered_bytes, t.encode("utf-8")) for t in self.settings.registration.tokens):
+                raise ProtocolError(121, "registration_token is not valid")
+
+    async def lookup_user(self, user_id: str) -> dict[str, str]:
+        if not is_user_id(user_id):
+            raise ProtocolError(106, "user id in the path must be a bare 32-character id of [a-z2-7]")
+        user = await _guard(self.store.get_user(user_id))
+        if user is None:
+            raise ProtocolError(130, f"no user {user_id} on this relay")
+        return {"user_id": user.user_id, "key": user.key_pem}
+
+    async def authenticate(self, request: SignedRequest, method: str, path: str) -> UserRecord:
+        """Time window (105, 111), user (130), signature (110), replay (112), in that order."""
+        limits = self.settings.limits
+        now = self.clock.seconds()
+        check_time_window(request.date, request.validity, now, limits.max_skew, limits.max_validity)
+        user = await _guard(self.store.get_user(request.user_id))
+        if user is None:
+            raise ProtocolError(130, f"no user {request.user_id} on this relay")
+        verify_signature(load_public_key(user.key_pem), request.signature, request.base(method, path, self.name))
+        digest = hashlib.sha256(request.signature.encode("ascii")).digest()
+        until = math.ceil(request.date + request.validity + limits.max_skew)
+        if not await _guard(self.store.remember_signature(digest, until, int(now))):
+            raise ProtocolError(112, "this signed request was already used; sign every request afresh")
+        return user
+
+    async def set_push_endpoint(self, user: UserRecord, value: str) -> dict[str, Any]:
+        endpoint = check_push_endpoint(value)
+        await _guard(self.store.set_push_endpoint(user.user_id, endpoint))
+        return {}
+
+    async def delete_user(self, user: UserRecord) -> dict[str, Any]:
+        await _guard(self.store.delete_user(user.user_id))
+        log.info("user {user_id} erased their account", user_id=user.user_id)
+        return {}
+
+    # -- tokens ---------------------------------------------------------------
+
+    def check_token_request(self, expires_in: Optional[int], label: Optional[str]) -> None:
+        """Shape checks of POST /token parameters (errno 100), done before authentication."""
+        if expires_in is not None:
+            if expires_in < 0 or expires_in > MAX_TOKEN_SECONDS:
+                raise malformed(f"expires_in must be between 0 and {MAX_TOKEN_SECONDS} seconds")
+            if expires_in == 0 and not self.settings.limits.allow_permanent_tokens:
+                raise malformed("expires_in 0 (never expires) is not allowed on this relay")
+        if label is not None and len(label) > MAX_LABEL_CHARS:
+            raise malformed(f"label is longer than {MAX_LABEL_CHARS} characters")
+
+    async def mint_token(self, user: UserRecord, expires_in: Optional[int], label: Optional[str]) -> dict[str, Any]:
+        lifetime = self.settings.limits.token_lifetime if expires_in is None else expires_in
+        now = self.now()
+        token = secrets.token_urlsafe(32)
+        digest = token_digest(token)
+        expires = None if lifetime == 0 else now + lifetime
+        record = TokenRecord(digest[:16], digest, label, now, expires)
+        await _guard(self.store.add_token(user.user_id, record))
+        return {"token": token, "id": record.id, "expires": None if expires is None else format_date(expires)}
+
+    async def list_tokens(self, user: UserRecord) -> dict[str, Any]:
+        tokens = await _guard(self.store.list_tokens(user.user_id))
+        return {"tokens": [t.to_json() for t in tokens]}
+
+    async def revoke_token(self, user: UserRecord, token: Optional[str], token_id: Optional[str]) -> dict[str, Any]:
+        wanted = token_digest(token)[:16] if token is not None else token_id
+        assert wanted is not None
+        if not await _guard(self.store.revoke_token(user.user_id, wanted)):
+            raise ProtocolError(131, "no such token for this user")
+        return {"revoked": 1}
+
+    async def _valid_token(self, user_id: str, token: str) -> TokenRecord:
+        digest = token_digest(token)
+        record = await _guard(self.store.get_token(user_id, digest[:16]))
+        if record is None or not hmac.compare_digest(record.digest, digest) or not record.is_valid(self.clock.seconds()):
+            raise ProtocolError(120, "access token is invalid, expired or revoked")
+        return record
+
+    # -- messages -------------------------------------------------------------
+
+    def open_packet(self, envelope: dict[str, Any]) -> Packet:
+        """Decrypt the outer envelope (100, 102, 103) and check the packet (104, 102, 106)."""
+        plaintext = open_envelope(self.keyring.decryption_keys(self.clock.seconds()), envelope)
+        return parse_packet(parse_json_object(plaintext, errno=104, what="packet"))
+
+    async def accept_message(self, envelope: dict[str, Any], forwarded_by: Optional[str] = None) -> dict[str, Any]:
+        packet = self.open_packet(envelope)
+        now = self.now()
+        limits = self.settings.limits
+        ttl = min(packet.ttl if packet.ttl is not None else limits.default_ttl, limits.max_ttl)
+        expires = now + ttl
+        if not packet.address.is_local_to(self.name):
+            if forwarded_by is not None:
+                raise ProtocolError(122, "a forwarded packet is never forwarded again")
+            if self.forwarder is None:
+                raise ProtocolError(122, f"federation is off; {packet.address.server_name} is not this relay")
+            message_id = await self.forwarder.forward(packet, now, expires, forwarded_by)
+            return {"message_id": message_id, "expires": format_date(expires)}
+        user = await _guard(self.store.get_user(packet.address.user_id))
+        if user is None:
+            raise ProtocolError(130, f"no user {packet.address.user_id} on this relay")
+        token = await self._valid_token(user.user_id, packet.token)
+        message = NewMessage(token.id, packet.data, packet.algorithm, packet.password, packet.signature, now, expires)
+        quota = Quota(limits.quota_messages, limits.quota_bytes)
+        try:
+            delivery = await _guard(self.store.deliver(user.user_id, f"{token.digest}:{packet.id}", message, quota, now))
+        except QuotaExceeded as e:
+            raise ProtocolError(160, f"the recipient's mailbox is full: {e}")
+        if not delivery.duplicate:
+            for observer in self.message_observers:
+                try:
+                    observer(user, delivery.message_id)
+                except Exception:
+                    log.failure("message observer failed")
+        return {"message_id": delivery.message_id, "expires": format_date(delivery.expires)}
+
+    async def fetch(self, user: UserRecord, limit: Optional[int]) -> dict[str, Any]:
+        count = self.settings.limits.fetch_default if limit is None else limit
+        messages, remaining = await _guard(self.store.fetch(user.user_id, self.now(), count))
+        plaintext = json.dumps([m.to_json() for m in messages], separators=(",", ":")).encode("utf-8")
+        sealed = seal(load_public_key(user.key_pem), plaintext, AES_GCM)
+        return {**sealed, "count": len(messages), "remaining": remaining}
+
+    async def acknowledge(self, user: UserRecord, ids: list[str]) -> dict[str, int]:
+        deleted = await _guard(self.store.acknowledge(user.user_id, ids))
+        return {"deleted": deleted}
+
+    async def expire(self) -> int:
+        return await self.store.expire(self.now())

@@ -1,0 +1,164 @@
+"""Every operator setting in one table: defaults, validation and the TOML layout.
+
+Options come from defaults, then the TOML file, then the command line; each value is
+checked here, in one place, and a bad one is reported as `SettingError` naming it.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
+
+from .wire.addresses import is_server_name
+
+
+class SettingError(Exception):
+    """A bad setting; `str()` is one line naming the setting and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    kind: type  # int, str, bool or list (of str)
+    default: Any
+    check: Optional[Callable[[Any], Optional[str]]] = None  # returns a problem or None
+    reloadable: bool = False  # may change on SIGHUP without a restart
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+def _positive(value: int) -> Optional[str]:
+    return None if value > 0 else "must be a positive integer"
+
+
+def _non_negative(value: int) -> Optional[str]:
+    return None if value >= 0 else "must be zero or a positive integer"
+
+
+def _one_of(*choices: str) -> Callable[[str], Optional[str]]:
+    def check(value: str) -> Optional[str]:
+        return None if value in choices else f"must be one of {', '.join(choices)}, not {value!r}"
+    return check
+
+
+def _server_name(value: str) -> Optional[str]:
+    return None if is_server_name(value) else f"{value!r} is not a DNS name with an optional :port"
+
+
+def _non_empty_list(value: list) -> Optional[str]:
+    return None if value else "needs at least one entry"
+
+
+SETTINGS: list[Setting] = [
+    Setting("server", "name", str, "", _server_name),
+    Setting("server", "listen", list, ["tcp:8080:interface=127.0.0.1"], _non_empty_list),
+    Setting("server", "state_dir", str, "./msgrelay-data"),
+    Setting("server", "key_file", str, ""),
+    Setting("server", "errors_url", str, ""),
+    Setting("store", "backend", str, "maildir", _one_of("maildir", "postgresql")),
+    Setting("store", "postgres_dsn", str, ""),
+    Setting("store", "expire_interval", int, 60, _positive),
+    Setting("registration", "mode", str, "open", _one_of("open", "token", "closed"), reloadable=True),
+    Setting("registration", "tokens", list, [], reloadable=True),
+    Setting("limits", "max_body_bytes", int, 1048576, _positive, reloadable=True),
+    Setting("limits", "default_ttl", int, 604800, _positive, reloadable=True),
+    Setting("limits", "max_ttl", int, 2592000, _positive, reloadable=True),
+    Setting("limits", "max_validity", int, 300, _positive, reloadable=True),
+    Setting("limits", "max_skew", int, 120, _non_negative, reloadable=True),
+    Setting("limits", "token_lifetime", int, 7776000, _non_negative, reloadable=True),
+    Setting("limits", "allow_permanent_tokens", bool, True, reloadable=True),
+    Setting("limits", "quota_messages", int, 10000, _positive, reloadable=True),
+    Setting("limits", "quota_bytes", int, 104857600, _positive, reloadable=True),
+    Setting("limits", "fetch_default", int, 100, None, reloadable=True),
+]
+
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def _typed(setting: Setting, value: Any) -> Any:
+    kind = setting.kind
+    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise SettingError(f"{setting.name}: must be an integer, not {value!r}")
+    if kind is bool and not isinstance(value, bool):
+        raise SettingError(f"{setting.name}: must be true or false, not {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise SettingError(f"{setting.name}: must be a string, not {value!r}")
+    if kind is list and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+        raise SettingError(f"{setting.name}: must be a list of strings, not {value!r}")
+    return value
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """Flatten a TOML config to {"section.key": value}, refusing unknown names."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise SettingError(f"--config: cannot read {path}: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        raise SettingError(f"--config: {path} is not valid TOML: {e}")
+    flat: dict[str, Any] = {}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise SettingError(f"{section}: expected a [{section}] table in {path}")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                flat.update({f"{section}.{key}.{k}": v for k, v in value.items()})
+            else:
+                flat[f"{section}.{key}"] = value
+    return flat
+
+
+def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings":
+    """Defaults < file < command line; every value typed and checked."""
+    values: dict[str, Any] = {}
+    merged = {**file_values, **overrides}
+    for name in merged:
+        if name not in BY_NAME:
+            raise SettingError(f"{name}: unknown setting")
+    for setting in SETTINGS:
+        value = merged.get(setting.name, setting.default)
+        value = _typed(setting, value)
+        if setting.name == "server.name" and not value:
+            value = socket.gethostname().lower()
+        if setting.check is not None:
+            problem = setting.check(value)
+            if problem:
+                raise SettingError(f"{setting.name}: {problem}")
+        values[setting.name] = value
+    if values["limits.default_ttl"] > values["limits.max_ttl"]:
+        raise SettingError("limits.default_ttl: must not exceed limits.max_ttl")
+    if values["registration.mode"] == "token" and not values["registration.tokens"]:
+        raise SettingError("registration.tokens: mode 'token' needs at least one registration token")
+    if values["store.backend"] == "postgresql" and not values["store.postgres_dsn"]:
+        raise SettingError("store.postgres_dsn: needed when store.backend is 'postgresql'")
+    if not 1 <= values["limits.fetch_default"] <= 1000:
+        raise SettingError("limits.fetch_default: must be between 1 and 1000")
+    return Settings(values)
+
+
+class Settings:
+    """Resolved settings with attribute access by section: `settings.limits.max_ttl`."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = dict(values)
+        sections: dict[str, dict[str, Any]] = {}
+        for name, value in values.items():
+            section, key = name.split(".", 1)
+            sections.setdefault(section, {})[key] = value
+        for section, table in sections.items():
+            setattr(self, section, SimpleNamespace(**table))
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.server.state_dir)
+
+    def key_path(self) -> Path:
+        return Path(self.server.key_file) if self.server.key_file else self.state_dir / "server_key.pem"

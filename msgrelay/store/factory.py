@@ -1,0 +1,21 @@
+"""Open the store the settings name, at start-up (blocking once, before the reactor runs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..settings import Settings
+from .interface import IStore
+
+
+def open_store(settings: Settings, reactor: Any) -> IStore:
+    """The configured backend, opened; raises StoreUnavailable with a one-line reason."""
+    if settings.store.backend == "postgresql":
+        from .postgres import PostgresStore
+
+        store = PostgresStore(settings.store.postgres_dsn, reactor)
+        store.open_blocking()
+        return store
+    from .maildir import MaildirStore
+
+    return MaildirStore(settings.state_dir, reactor)

@@ -1,0 +1,100 @@
+"""JSON records of the maildir store: how users, tokens, messages and dedup entries look on disk.
+
+Readers treat a vanished file as absent (FileNotFoundError means "acknowledged or removed
+meanwhile"), and never see partial files, since every writer renames complete files into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from twisted.logger import Logger
+
+from .interface import MessageRecord, NewMessage, TokenRecord, UserRecord
+from .maildir_layout import MessageName
+
+log = Logger(namespace="msgrelay.store.maildir")
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def hash_name(value: Union[str, bytes]) -> str:
+    """A fixed-length file name for a key that must not be stored as is (dedup keys, digests)."""
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return hashlib.sha256(raw).hexdigest()
+
+
+def read_user(path: Path) -> Optional[UserRecord]:
+    try:
+        obj = json.loads(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return UserRecord(obj["user_id"], obj["key_pem"], obj["push_endpoint"], obj["created"])
+
+
+def user_json(user: UserRecord) -> dict[str, Any]:
+    return {"user_id": user.user_id, "key_pem": user.key_pem, "push_endpoint": user.push_endpoint, "created": user.created}
+
+
+def token_json(token: TokenRecord) -> dict[str, Any]:
+    return {"id": token.id, "digest": token.digest, "label": token.label, "created": token.created, "expires": token.expires}
+
+
+def message_json(message: NewMessage) -> dict[str, Any]:
+    return {
+        "token_id": message.token_id, "data": message.data, "algorithm": message.algorithm,
+        "password": message.password, "signature": message.signature,
+        "received": message.received, "expires": message.expires,
+    }
+
+
+def read_token(path: Path) -> Optional[TokenRecord]:
+    try:
+        obj = json.loads(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return TokenRecord(obj["id"], obj["digest"], obj["label"], obj["created"], obj["expires"])
+
+
+def read_message(path: Path, name: MessageName) -> Optional[MessageRecord]:
+    try:
+        obj = json.loads(path.read_bytes())
+        return MessageRecord(
+            str(name), obj["token_id"], obj["data"], obj["algorithm"], obj["password"],
+            obj["signature"], obj["received"], obj["expires"],
+        )
+    except FileNotFoundError:
+        return None  # acknowledged meanwhile
+    except (ValueError, KeyError, TypeError):
+        log.error("skipping unreadable message file {message_id}", message_id=str(name))
+        return None
+
+
+def read_dedup(path: Path, now: int) -> Optional[tuple[str, int]]:
+    """(message_id, expires) of an unexpired dedup record, else None."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    if now < obj["expires"]:
+        return obj["message_id"], obj["expires"]
+    return None
+
+
+def read_json_field(path: Path, field: str) -> Optional[int]:
+    try:
+        return json.loads(path.read_bytes())[field]
+    except FileNotFoundError:
+        return None
+
+
+def read_until(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_bytes())
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,675 @@
+"""PostgreSQL storage backend, for several relay processes or hosts sharing one store.
+
+`PostgresCore` is the synchronous, blocking implementation (also used directly by
+admin commands on a stopped relay); `PostgresStore` is the IStore the relay uses,
+running every core call in a thread pool so the reactor never waits on the database.
+
+Cross-process correctness rests on PostgreSQL itself: `deliver` locks the recipient's
+users row for the whole transaction, dedup and replay records are unique keys, and a
+write's Deferred fires only after COMMIT returned.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import uuid
+from typing import Any, Callable, Optional, TypeVar
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from .interface import (
+    Delivery,
+    IStore,
+    MessageRecord,
+    NewMessage,
+    Quota,
+    QuotaExceeded,
+    StoreUnavailable,
+    TokenRecord,
+    UserRecord,
+)
+from .postgres_schema import SchemaTooNew, check_schema_name, migrate, search_path
+
+T = TypeVar("T")
+
+_ID_DIGITS = 20  # zero-padded so ids sort as strings exactly as the bigint sequence does
+_MESSAGE_ID = re.compile(r"[0-9]{%d}" % _ID_DIGITS)
+_RETRIES = 3  # for deadlocks and serialization failures, which PostgreSQL asks us to retry
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "58", "XX")  # connection, resources, operator, system
+
+
+def _enc(text: Optional[str]) -> Optional[bytes]:
+    """Opaque strings go to bytea: text columns refuse NUL and lone surrogates."""
+    return None if text is None else text.encode("utf-8", "surrogatepass")
+
+
+def _dec(data: Optional[bytes]) -> Optional[str]:
+    return None if data is None else bytes(data).decode("utf-8", "surrogatepass")
+
+
+def format_message_id(seq: int) -> str:
+    return f"{seq:0{_ID_DIGITS}d}"
+
+
+def parse_message_id(message_id: Any) -> Optional[int]:
+    """The sequence number behind an id we issued, or None for anything else."""
+    if not isinstance(message_id, str) or not _MESSAGE_ID.fullmatch(message_id):
+        return None
+    seq = int(message_id)
+    return seq if seq < 2**63 else None
+
+
+def _is_unavailable(error: psycopg.Error) -> bool:
+    """Whether an error means the database cannot serve now (not a bug in a query)."""
+    if isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)):
+        return True
+    state = getattr(error, "sqlstate", None) or ""
+    return state == "25006" or state[:2] in _UNAVAILABLE_CLASSES  # 25006: read-only
+
+
+class PostgresCore:
+    """Blocking implementation of every IStore operation; thread-safe once open."""
+
+    def __init__(
+        self,
+        dsn: str,
+        schema: Optional[str] = None,
+        *,
+        min_size: int = 1,
+        max_size: int = 8,
+        connect_timeout: Optional[float] = None,
+        pool_timeout: float = 10.0,
+    ) -> None:
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.Error:
+            raise ValueError("malformed PostgreSQL DSN (not shown: it may hold a password)") from None
+        self._dsn = dsn
+        self._password = str(params.get("password") or "")
+        self.schema = check_schema_name(schema)
+        self.target = self._describe(params)
+        self._min_size = min_size
+        self._max_size = max(max_size, min_size, 1)
+        self._pool_timeout = pool_timeout
+        self._kwargs: dict[str, Any] = {"autocommit": True}
+        if connect_timeout is not None or "connect_timeout" not in params:
+            # An unreachable host must fail, not hang: libpq has no timeout by default.
+            self._kwargs["connect_timeout"] = max(2, int(connect_timeout or 5))
+        if "application_name" not in params:
+            self._kwargs["application_name"] = "msgrelay"
+        self._pool: Optional[ConnectionPool] = None
+        self.version: Optional[int] = None
+        self.applied_migrations: list[int] = []
+
+    @staticmethod
+    def _describe(params: dict[str, Any]) -> str:
+        """user@host:port/dbname for messages and logs; never the password."""
+        host = params.get("host") or params.get("hostaddr") or "localhost"
+        port = params.get("port") or "5432"
+        user = f"{params['user']}@" if params.get("user") else ""
+        return f"{user}{host}:{port}/{params.get('dbname') or ''}"
+
+    def _unavailable(self, operation: str, error: BaseException) -> StoreUnavailable:
+        """StoreUnavailable naming the operation and cause, scrubbed of DSN and password."""
+        detail = " ".join(str(error).split()) or type(error).__name__
+        detail = detail.replace(self._dsn, self.target)
+        if self._password:
+            detail = detail.replace(self._password, "***")
+        state = getattr(error, "sqlstate", None)
+        code = f" [{state}]" if state else ""
+        return StoreUnavailable(
+            f"PostgreSQL {self.target}: {operation} failed{code}: {detail[:300]}"
+        )
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def open(self) -> int:
+        """Create or migrate the schema, then fill the pool. Returns the schema version.
+
+        The schema step uses its own short-lived connection so an unreachable server
+        fails at once with the driver's reason rather than after a pool timeout.
+        """
+        if self._pool is not None:
+            return self.version or 0
+        try:
+            with psycopg.connect(self._dsn, **self._kwargs) as conn:
+                self.version, self.applied_migrations = migrate(conn, self.schema)
+            pool = ConnectionPool(
+                self._dsn,
+                kwargs=self._kwargs,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                open=False,
+                configure=self._configure,
+                check=ConnectionPool.check_connection,  # drop sessions a restart killed
+                timeout=self._pool_timeout,
+                name=f"msgrelay-{self.schema or 'default'}",
+            )
+            try:
+                pool.open(wait=True, timeout=self._pool_timeout)
+            except BaseException:
+                pool.close(timeout=0)
+                raise
+        except SchemaTooNew as e:
+            raise StoreUnavailable(f"PostgreSQL {self.target}: {e}") from None
+        except psycopg.Error as e:
+            raise self._unavailable("open", e) from None
+        self._pool = pool
+        return self.version
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        if self.schema is not None:
+            conn.execute(search_path(self.schema))
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(timeout=self._pool_timeout)
+
+    def __enter__(self) -> "PostgresCore":
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, operation: str, work: Callable[[psycopg.Connection], T]) -> T:
+        """Run `work` in one transaction and commit; map outages to StoreUnavailable.
+
+        Deadlocks and serialization failures are retried: PostgreSQL rolled the whole
+        transaction back, so running it again cannot apply anything twice.
+        """
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable(f"PostgreSQL {self.target}: {operation}: store is not open")
+        for attempt in range(_RETRIES):
+            try:
+                with pool.connection(timeout=self._pool_timeout) as conn:
+                    with conn.transaction():
+                        return work(conn)
+            except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
+                if attempt + 1 == _RETRIES:
+                    raise self._unavailable(operation, e) from None
+            except psycopg.Error as e:
+                if _is_unavailable(e):
+                    raise self._unavailable(operation, e) from None
+                raise
+        raise AssertionError("unreachable")
+
+    # -- users -------------------------------------------------------------------
+
+    def add_user(self, user: UserRecord) -> bool:
+        def work(conn: psycopg.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT INTO users (user_id, key_pem, push_endpoint, created)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (user_id) DO NOTHING",
+                (user.user_id, user.key_pem, user.push_endpoint, user.created),
+            )
+            return cur.rowcount == 1
+
+        return self._run("add_user", work)
+
+    def get_user(self, user_id: str) -> Optional[UserRecord]:
+        def work(conn: psycopg.Connection) -> Optional[UserRecord]:
+            row = conn.execute(
+                "SELECT user_id, key_pem, push_endpoint, created FROM users WHERE user_id = %s",
+                (user_id,),
+            ).fetchone()
+            return None if row is None else UserRecord(row[0], row[1], row[2], int(row[3]))
+
+        return self._run("get_user", work)
+
+    def set_push_endpoint(self, user_id: str, endpoint: Optional[str]) -> bool:
+        def work(conn: psycopg.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE users SET push_endpoint = %s WHERE user_id = %s", (endpoint, user_id)
+            )
+            return cur.rowcount == 1
+
+        return self._run("set_push_endpoint", work)
+
+    def delete_user(self, user_id: str) -> bool:
+        """Tokens, messages and dedup records go with the row (ON DELETE CASCADE)."""
+
+        def work(conn: psycopg.Connection) -> bool:
+            return conn.execute("DELETE FROM users WHERE user_id = %s", (user_id,)).rowcount == 1
+
+        return self._run("delete_user", work)
+
+    # -- tokens ------------------------------------------------------------------
+
+    def add_token(self, user_id: str, token: TokenRecord) -> None:
+        """Raises KeyError for an unknown user (e.g. deleted a moment ago)."""
+
+        def work(conn: psycopg.Connection) -> None:
+            conn.execute(
+                "INSERT INTO tokens (user_id, token_id, digest, label, created, expires)"
+                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (user_id, token_id) DO NOTHING",
+                (user_id, token.id, token.digest, _enc(token.label), token.created, token.expires),
+            )
+
+        try:
+            self._run("add_token", work)
+        except pgerrors.ForeignKeyViolation:
+            raise KeyError(user_id) from None
+
+    @staticmethod
+    def _token(row: tuple[Any, ...]) -> TokenRecord:
+        return TokenRecord(
+            id=row[0],
+            digest=row[1],
+            label=_dec(row[2]),
+            created=int(row[3]),
+            expires=None if row[4] is None else int(row[4]),
+        )
+
+    def get_token(self, user_id: str, token_id: str) -> Optional[TokenRecord]:
+        def work(conn: psycopg.Connection) -> Optional[TokenRecord]:
+            row = conn.execute(
+                "SELECT token_id, digest, label, created, expires FROM tokens"
+                " WHERE user_id = %s AND token_id = %s",
+                (user_id, token_id),
+            ).fetchone()
+            return None if row is None else self._token(row)
+
+        return self._run("get_token", work)
+
+    def list_tokens(self, user_id: str) -> list[TokenRecord]:
+        def work(conn: psycopg.Connection) -> list[TokenRecord]:
+            rows = conn.execute(
+                "SELECT token_id, digest, label, created, expires FROM tokens"
+                " WHERE user_id = %s ORDER BY created, seq",
+                (user_id,),
+            ).fetchall()
+            return [self._token(row) for row in rows]
+
+        return self._run("list_tokens", work)
+
+    def revoke_token(self, user_id: str, token_id: str) -> bool:
+        def work(conn: psycopg.Connection) -> bool:
+            cur = conn.execute(
+                "DELETE FROM tokens WHERE user_id = %s AND token_id = %s", (user_id, token_id)
+            )
+            return cur.rowcount == 1
+
+        return self._run("revoke_token", work)
+
+    # -- messages ----------------------------------------------------------------
+
+    def deliver(
+        self, user_id: str, dedup_key: str, message: NewMessage, quota: Quota, now: int
+    ) -> Delivery:
+        """Dedup check, quota check and insert under the recipient's row lock.
+
+        FOR NO KEY UPDATE serialises deliveries to one user across every process
+        (so the quota holds exactly and ids follow commit order) without blocking
+        foreign-key checks of unrelated writes such as add_token.
+        Raises KeyError for an unknown user, QuotaExceeded when it does not fit.
+        """
+
+        def work(conn: psycopg.Connection) -> Delivery:
+            if conn.execute(
+                "SELECT 1 FROM users WHERE user_id = %s FOR NO KEY UPDATE", (user_id,)
+            ).fetchone() is None:
+                raise KeyError(user_id)
+            seen = conn.execute(
+                "SELECT message_id, expires FROM dedup"
+                " WHERE user_id = %s AND dedup_key = %s AND expires > %s",
+                (user_id, dedup_key, now),
+            ).fetchone()
+            if seen is not None:
+                return Delivery(seen[0], int(seen[1]), duplicate=True)
+            count, used = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM messages"
+                " WHERE user_id = %s AND expires > %s",
+                (user_id, now),
+            ).fetchone() or (0, 0)
+            size = message.size
+            if int(count) + 1 > quota.max_messages or int(used) + size > quota.max_bytes:
+                raise QuotaExceeded(
+                    f"mailbox holds {count} messages, {used} bytes;"
+                    f" quota {quota.max_messages} messages, {quota.max_bytes} bytes"
+                )
+            row = conn.execute(
+                "INSERT INTO messages (user_id, token_id, data, algorithm, password,"
+                " signature, received, expires, size)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                (
+                    user_id,
+                    message.token_id,
+                    _enc(message.data),
+                    message.algorithm,
+                    _enc(message.password),
+                    _enc(message.signature),
+                    message.received,
+                    message.expires,
+                    size,
+                ),
+            ).fetchone()
+            assert row is not None
+            message_id = format_message_id(int(row[0]))
+            # A conflicting row can only be an expired record: live ones returned above.
+            conn.execute(
+                "INSERT INTO dedup (user_id, dedup_key, message_id, expires)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (user_id, dedup_key) DO UPDATE"
+                " SET message_id = EXCLUDED.message_id, expires = EXCLUDED.expires",
+                (user_id, dedup_key, message_id, message.expires),
+            )
+            return Delivery(message_id, message.expires, duplicate=False)
+
+        return self._run("deliver", work)
+
+    def fetch(self, user_id: str, now: int, limit: int) -> tuple[list[MessageRecord], int]:
+        """One REPEATABLE READ snapshot, so `remaining` agrees with the page."""
+
+        def work(conn: psycopg.Connection) -> tuple[list[MessageRecord], int]:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            rows = conn.execute(
+                "SELECT id, token_id, data, algorithm, password, signature, received, expires"
+                " FROM messages WHERE user_id = %s AND expires > %s ORDER BY id LIMIT %s",
+                (user_id, now, max(0, int(limit))),
+            ).fetchall()
+            total = conn.execute(
+                "SELECT count(*) FROM messages WHERE user_id = %s AND expires > %s",
+                (user_id, now),
+            ).fetchone()
+            messages = [
+                MessageRecord(
+                    message_id=format_message_id(int(r[0])),
+                    token_id=r[1],
+                    data=_dec(r[2]) or "",
+                    algorithm=r[3],
+                    password=_dec(r[4]) or "",
+                    signature=_dec(r[5]),
+                    received=int(r[6]),
+                    expires=int(r[7]),
+                )
+                for r in rows
+            ]
+            return messages, max(0, int(total[0] if total else 0) - len(messages))
+
+        return self._run("fetch", work)
+
+    def acknowledge(self, user_id: str, message_ids: list[str]) -> int:
+        seqs = sorted({s for s in map(parse_message_id, message_ids) if s is not None})
+        if not seqs:
+            return 0
+
+        def work(conn: psycopg.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM messages WHERE user_id = %s AND id = ANY(%s::bigint[])",
+                (user_id, seqs),
+            ).rowcount
+
+        return self._run("acknowledge", work)
+
+    # -- housekeeping ------------------------------------------------------------
+
+    def expire_counts(self, now: int) -> dict[str, int]:
+        """Rows reclaimed per table; DELETE by the expiry columns only, no body is read.
+
+        An expiry instant is already expired (as TokenRecord.is_valid has it); a replay
+        entry still counts at its `until` instant and goes strictly after.
+        """
+
+        def work(conn: psycopg.Connection) -> dict[str, int]:
+            return {
+                "messages": conn.execute(
+                    "DELETE FROM messages WHERE expires <= %s", (now,)
+                ).rowcount,
+                "dedup": conn.execute("DELETE FROM dedup WHERE expires <= %s", (now,)).rowcount,
+                "tokens": conn.execute(
+                    "DELETE FROM tokens WHERE expires IS NOT NULL AND expires <= %s", (now,)
+                ).rowcount,
+                "replay": conn.execute("DELETE FROM replay WHERE until < %s", (now,)).rowcount,
+            }
+
+        return self._run("expire", work)
+
+    def expire(self, now: int) -> int:
+        return self.expire_counts(now)["messages"]
+
+    def remember_signature(self, digest: bytes, until: int, now: int) -> bool:
+        """One statement: the unique key decides between concurrent first uses, and the
+        conditional update revives an entry that lapsed but was not yet reclaimed."""
+
+        def work(conn: psycopg.Connection) -> bool:
+            row = conn.execute(
+                "INSERT INTO replay (digest, until) VALUES (%s, %s)"
+                " ON CONFLICT (digest) DO UPDATE SET until = EXCLUDED.until"
+                " WHERE replay.until < %s RETURNING 1",
+                (bytes(digest), until, now),
+            ).fetchone()
+            return row is not None
+
+        return self._run("remember_signature", work)
+
+    def check_writable(self) -> None:
+        """Insert and delete a row in one committed transaction: a real WAL flush."""
+        marker = f"{socket.gethostname()}:{uuid.uuid4().hex}"
+
+        def work(conn: psycopg.Connection) -> None:
+            conn.execute(
+                "INSERT INTO health (id, written)"
+                " VALUES (%s, extract(epoch FROM now())::bigint)",
+                (marker,),
+            )
+            conn.execute("DELETE FROM health WHERE id = %s", (marker,))
+
+        self._run("check_writable", work)
+
+    def stats(self, now: int) -> dict[str, Any]:
+        """Counts pending unexpired messages, as the quota does."""
+
+        def work(conn: psycopg.Connection) -> dict[str, Any]:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM users), count(*), coalesce(sum(size), 0),"
+                " min(received) FROM messages WHERE expires > %s",
+                (now,),
+            ).fetchone()
+            assert row is not None
+            return {
+                "users": int(row[0]),
+                "messages": int(row[1]),
+                "bytes": int(row[2]),
+                "oldest_received": None if row[3] is None else int(row[3]),
+            }
+
+        return self._run("stats", work)
+
+
+@implementer(IStore)
+class PostgresStore:
+    """The relay's IStore on PostgreSQL: PostgresCore calls run in a thread pool.
+
+    Without a `threadpool` argument the store runs its own, sized to the connection
+    pool (more threads would only queue for connections), started by `open()` and
+    stopped by `close()` or at reactor shutdown.
+    """
+
+    name = "postgresql"
+    log = Logger(namespace="msgrelay.store.postgres")
+
+    def __init__(
+        self,
+        dsn: str,
+        reactor: Any = None,
+        threadpool: Optional[ThreadPool] = None,
+        schema: Optional[str] = None,
+        *,
+        min_size: int = 1,
+        max_size: int = 8,
+        connect_timeout: Optional[float] = None,
+        pool_timeout: float = 10.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.core = PostgresCore(
+            dsn,
+            schema,
+            min_size=min_size,
+            max_size=max_size,
+            connect_timeout=connect_timeout,
+            pool_timeout=pool_timeout,
+        )
+        self._reactor = reactor
+        self._given_threadpool = threadpool
+        self._threadpool: Optional[ThreadPool] = threadpool
+        self._max_threads = max(max_size, 1)
+        self._shutdown_trigger: Any = None
+        self._open = False
+
+    def open(self) -> "Deferred[int]":
+        """Create/migrate the schema and fill the pool; fires the schema version."""
+        if self._given_threadpool is None and self._threadpool is None:
+            self._threadpool = ThreadPool(0, self._max_threads, name="msgrelay-postgres")
+            self._threadpool.start()
+            self._shutdown_trigger = self._reactor.addSystemEventTrigger(
+                "during", "shutdown", self._on_shutdown
+            )
+        assert self._threadpool is not None
+        d: Deferred[int] = deferToThreadPool(self._reactor, self._threadpool, self.core.open)
+
+        def opened(version: int) -> int:
+            self._open = True
+            self.log.info(
+                "PostgreSQL store {target} open (schema {schema}, version {version},"
+                " migrations applied {applied})",
+                target=self.core.target,
+                schema=self.core.schema or "default",
+                version=version,
+                applied=self.core.applied_migrations,
+            )
+            return version
+
+        def failed(f: Failure) -> Failure:
+            self.log.error(
+                "PostgreSQL store {target} failed to open: {error}",
+                target=self.core.target,
+                error=f.getErrorMessage(),
+            )
+            self._stop_threadpool()
+            return f
+
+        return d.addCallbacks(opened, failed)
+
+    def close(self) -> "Deferred[None]":
+        """Close the pool (waiting for running queries), then our own thread pool."""
+        if self._shutdown_trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+        if self._threadpool is None:
+            return succeed(None)
+        self._open = False
+        d: Deferred[None] = deferToThreadPool(self._reactor, self._threadpool, self.core.close)
+
+        def done(result: Any) -> Any:
+            self._stop_threadpool()
+            self.log.info("PostgreSQL store {target} closed", target=self.core.target)
+            return result
+
+        return d.addBoth(done)
+
+    def _on_shutdown(self) -> "Deferred[None]":
+        self._shutdown_trigger = None
+        return self.close()
+
+    def _stop_threadpool(self) -> None:
+        if self._given_threadpool is None and self._threadpool is not None:
+            pool, self._threadpool = self._threadpool, None
+            pool.stop()
+        if self._shutdown_trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+
+    def _call(self, operation: str, fn: Callable[..., T], *args: Any) -> "Deferred[T]":
+        """Run a core call off the reactor thread; log outages here, in the reactor."""
+        if not self._open or self._threadpool is None:
+            return fail(
+                StoreUnavailable(f"PostgreSQL {self.core.target}: {operation}: store is not open")
+            )
+        d: Deferred[T] = deferToThreadPool(self._reactor, self._threadpool, fn, *args)
+
+        def unavailable(f: Failure) -> Failure:
+            if f.check(StoreUnavailable):
+                self.log.warn(
+                    "PostgreSQL store unavailable during {operation}: {error}",
+                    operation=operation,
+                    error=f.getErrorMessage(),
+                    target=self.core.target,
+                )
+            return f
+
+        return d.addErrback(unavailable)
+
+    def add_user(self, user: UserRecord) -> "Deferred[bool]":
+        return self._call("add_user", self.core.add_user, user)
+
+    def get_user(self, user_id: str) -> "Deferred[Optional[UserRecord]]":
+        return self._call("get_user", self.core.get_user, user_id)
+
+    def set_push_endpoint(self, user_id: str, endpoint: Optional[str]) -> "Deferred[bool]":
+        return self._call("set_push_endpoint", self.core.set_push_endpoint, user_id, endpoint)
+
+    def delete_user(self, user_id: str) -> "Deferred[bool]":
+        return self._call("delete_user", self.core.delete_user, user_id)
+
+    def add_token(self, user_id: str, token: TokenRecord) -> "Deferred[None]":
+        return self._call("add_token", self.core.add_token, user_id, token)
+
+    def get_token(self, user_id: str, token_id: str) -> "Deferred[Optional[TokenRecord]]":
+        return self._call("get_token", self.core.get_token, user_id, token_id)
+
+    def list_tokens(self, user_id: str) -> "Deferred[list[TokenRecord]]":
+        return self._call("list_tokens", self.core.list_tokens, user_id)
+
+    def revoke_token(self, user_id: str, token_id: str) -> "Deferred[bool]":
+        return self._call("revoke_token", self.core.revoke_token, user_id, token_id)
+
+    def deliver(
+        self, user_id: str, dedup_key: str, message: NewMessage, quota: Quota, now: int
+    ) -> "Deferred[Delivery]":
+        return self._call("deliver", self.core.deliver, user_id, dedup_key, message, quota, now)
+
+    def fetch(
+        self, user_id: str, now: int, limit: int
+    ) -> "Deferred[tuple[list[MessageRecord], int]]":
+        return self._call("fetch", self.core.fetch, user_id, now, limit)
+
+    def acknowledge(self, user_id: str, message_ids: list[str]) -> "Deferred[int]":
+        return self._call("acknowledge", self.core.acknowledge, user_id, list(message_ids))
+
+    def expire(self, now: int) -> "Deferred[int]":
+        d = self._call("expire", self.core.expire_counts, now)
+
+        def report(counts: dict[str, int]) -> int:
+            if any(counts.values()):
+                self.log.info(
+                    "PostgreSQL expiry reclaimed {messages} messages, {dedup} dedup records,"
+                    " {tokens} tokens, {replay} replay entries",
+                    **counts,
+                )
+            return counts["messages"]
+
+        return d.addCallback(report)
+
+    def remember_signature(self, digest: bytes, until: int, now: int) -> "Deferred[bool]":
+        return self._call("remember_signature", self.core.remember_signature, digest, until, now)
+
+    def check_writable(self) -> "Deferred[None]":
+        return self._call("check_writable", self.core.check_writable)
+
+    def stats(self, now: int) -> "Deferred[dict[str, Any]]":
+        return self._call("stats", self.core.stats, now)

@@ -1,0 +1,182 @@
+"""The HTTP API of PROTOCOL.md section 5: a thin Klein layer over `RelayCore`.
+
+Handlers parse parameters, call one core operation and answer JSON; every failure goes
+through `handle_errors` into the section 9 error body.
+"""
+
+from __future__ import annotations
+
+
+from typing import Any, Mapping
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from ..relay import RelayCore
+from ..store.interface import UserRecord
+from ..wire.canonical import parse_json_object
+from ..wire.errors import ProtocolError, malformed
+from ..wire.signing import INT, STR, STR_LIST, SignedRequest, parse_signed_body, parse_signed_query
+from .errors_page import ERRORS_PAGE
+from .responses import info_base, write_error, write_json
+
+log = Logger()
+
+Spec = Mapping[str, tuple[str, bool]]
+
+
+def _query(request: IRequest) -> dict[str, list[str]]:
+    try:
+        return {k.decode("utf-8"): [v.decode("utf-8") for v in vs] for k, vs in (request.args or {}).items()}
+    except UnicodeDecodeError:
+        raise malformed("query string is not valid UTF-8")
+
+
+def _body(request: IRequest) -> dict[str, Any]:
+    """The JSON object body of a POST, PUT or DELETE; parameters never travel in its query."""
+    if request.args:
+        raise malformed(f"{request.method.decode()} parameters belong in a JSON body, not in the query string")
+    request.content.seek(0)
+    return parse_json_object(request.content.read())
+
+
+class RelayAPI:
+    """The `/api/v1` endpoints of one relay."""
+
+    app = Klein()
+
+    def __init__(self, core: RelayCore):
+        self.core = core
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _parse_signed(self, request: IRequest, spec: Spec) -> SignedRequest:
+        if request.method == b"GET":
+            return parse_signed_query(_query(request), spec)
+        return parse_signed_body(_body(request), spec)
+
+    async def _authenticate(self, request: IRequest, signed: SignedRequest) -> UserRecord:
+        return await self.core.authenticate(signed, request.method.decode("ascii"), request.path.decode("utf-8"))
+
+    async def _signed(self, request: IRequest, spec: Spec) -> tuple[SignedRequest, UserRecord]:
+        signed = self._parse_signed(request, spec)
+        return signed, await self._authenticate(request, signed)
+
+    @app.handle_errors(ProtocolError)
+    def _protocol_error(self, request: IRequest, failure: Any) -> bytes:
+        return write_error(request, failure.value, info_base(request, self.core.settings.server.errors_url))
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: IRequest, failure: Any) -> bytes:
+        error = ProtocolError(132, f"no endpoint {request.path.decode('utf-8', 'replace')} on this relay")
+        return write_error(request, error, info_base(request, self.core.settings.server.errors_url))
+
+    @app.handle_errors(MethodNotAllowed)
+    def _bad_method(self, request: IRequest, failure: Any) -> bytes:
+        allowed = sorted(set(failure.value.valid_methods or []) | {"OPTIONS"})
+        request.setHeader("Allow", ", ".join(allowed))
+        error = ProtocolError(133, f"{request.method.decode()} is not allowed here; use {', '.join(allowed)}")
+        return write_error(request, error, info_base(request, self.core.settings.server.errors_url))
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Any) -> bytes:
+        log.failure("unexpected error on {method} {path}", failure,
+                    method=request.method.decode(), path=request.path.decode("utf-8", "replace"))
+        error = ProtocolError(999, "the relay failed unexpectedly; the operator's log has the details")
+        return write_error(request, error, info_base(request, self.core.settings.server.errors_url))
+
+    # -- server ------------------------------------------------------------------
+
+    @app.route("/api/v1/server", methods=["GET"])
+    def server(self, request: IRequest) -> bytes:
+        return write_json(request, self.core.server_info())
+
+    @app.route("/api/v1/health", methods=["GET"])
+    async def health(self, request: IRequest) -> bytes:
+        return write_json(request, await self.core.health())
+
+    @app.route("/errors", methods=["GET"])
+    def errors_page(self, request: IRequest) -> bytes:
+        request.setHeader("Content-Type", "text/markdown; charset=utf-8")
+        return ERRORS_PAGE
+
+    # -- users -------------------------------------------------------------------
+
+    @app.route("/api/v1/user", methods=["POST"])
+    async def register(self, request: IRequest) -> bytes:
+        return write_json(request, await self.core.register(_body(request)))
+
+    @app.route("/api/v1/user", methods=["PUT"])
+    async def update_user(self, request: IRequest) -> bytes:
+        signed, user = await self._signed(request, {"push_endpoint": (STR, True)})
+        return write_json(request, await self.core.set_push_endpoint(user, signed.own["push_endpoint"]))
+
+    @app.route("/api/v1/user", methods=["DELETE"])
+    async def delete_user(self, request: IRequest) -> bytes:
+        _, user = await self._signed(request, {})
+        return write_json(request, await self.core.delete_user(user))
+
+    @app.route("/api/v1/user/<user_id>", methods=["GET"])
+    async def lookup_user(self, request: IRequest, user_id: str) -> bytes:
+        return write_json(request, await self.core.lookup_user(user_id))
+
+    # -- tokens ------------------------------------------------------------------
+
+    @app.route("/api/v1/token", methods=["POST"])
+    async def mint_token(self, request: IRequest) -> bytes:
+        signed = self._parse_signed(request, {"expires_in": (INT, False), "label": (STR, False)})
+        expires_in, label = signed.own.get("expires_in"), signed.own.get("label")
+        self.core.check_token_request(expires_in, label)
+        user = await self._authenticate(request, signed)
+        return write_json(request, await self.core.mint_token(user, expires_in, label))
+
+    @app.route("/api/v1/token", methods=["GET"])
+    async def list_tokens(self, request: IRequest) -> bytes:
+        _, user = await self._signed(request, {})
+        return write_json(request, await self.core.list_tokens(user))
+
+    @app.route("/api/v1/token", methods=["DELETE"])
+    async def revoke_token(self, request: IRequest) -> bytes:
+        signed = self._parse_signed(request, {"token": (STR, False), "id": (STR, False)})
+        if ("token" in signed.own) == ("id" in signed.own):
+            raise malformed("give exactly one of token or id")
+        user = await self._authenticate(request, signed)
+        return write_json(request, await self.core.revoke_token(user, signed.own.get("token"), signed.own.get("id")))
+
+    # -- messages ----------------------------------------------------------------
+
+    @app.route("/api/v1/message", methods=["POST"])
+    async def send_message(self, request: IRequest) -> bytes:
+        forwarded_by = request.getHeader("MsgRelay-Forwarded-By")
+        return write_json(request, await self.core.accept_message(_body(request), forwarded_by))
+
+    @app.route("/api/v1/message", methods=["GET"])
+    async def fetch_messages(self, request: IRequest) -> bytes:
+        signed = self._parse_signed(request, {"limit": (INT, False)})
+        limit = signed.own.get("limit")
+        if limit is not None and not 1 <= limit <= 1000:
+            raise malformed("limit must be between 1 and 1000")
+        user = await self._authenticate(request, signed)
+        return write_json(request, await self.core.fetch(user, limit))
+
+    @app.route("/api/v1/message", methods=["DELETE"])
+    async def acknowledge(self, request: IRequest) -> bytes:
+        signed = self._parse_signed(request, {"ids": (STR_LIST, True)})
+        if len(signed.own["ids"]) > 1000:
+            raise malformed("ids holds more than 1000 message ids; acknowledge in batches")
+        user = await self._authenticate(request, signed)
+        return write_json(request, await self.core.acknowledge(user, signed.own["ids"]))
+
+
+def allowed_methods(api: RelayAPI, path: str) -> list[str]:
+    """Methods routed for `path` (for OPTIONS preflights); empty for an unknown path."""
+    adapter = api.app.url_map.bind("relay")
+    try:
+        return sorted(adapter.allowed_methods(path))
+    except Exception:
+        return []
+
+
+

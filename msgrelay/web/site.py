@@ -1,0 +1,156 @@
+"""The HTTP server side: body limits before reading, CORS, Timestamp and the access log."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import IResource
+
+from ..wire.errors import ProtocolError
+from .responses import JSON_TYPE, encode_json, info_base
+
+log = Logger(namespace="msgrelay.access")
+
+CORS_HEADERS = {
+    b"Access-Control-Allow-Origin": b"*",
+    b"Access-Control-Expose-Headers": b"Timestamp, Retry-After",
+}
+
+
+class RelayRequest(server.Request):
+    """A request that refuses an oversized body from its headers, never buffering it."""
+
+    errno: Optional[int] = None
+    _refused = False
+    _received = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._started = time.monotonic()
+
+    @property
+    def relay_site(self) -> "RelaySite":
+        return self.channel.site
+
+    def gotLength(self, length: Optional[int]) -> None:
+        limit = self.relay_site.max_body_bytes()
+        if length is not None and length > limit:
+            self._refuse(f"request body of {length} bytes is over the limit of {limit} bytes (max_body_bytes)")
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        limit = self.relay_site.max_body_bytes()
+        if self._received > limit:
+            self._refuse(f"request body is over the limit of {limit} bytes (max_body_bytes)")
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self, message: str) -> None:
+        """Answer 413 at once and close: the body is never read into memory or disk."""
+        self._refused = True
+        self.requestHeaders.removeHeader(b"expect")
+        error = ProtocolError(140, message)
+        self.errno = error.errno
+        body = encode_json(error.body(info_base(self, self.relay_site.errors_url())))
+        headers = [
+            b"HTTP/1.1 413 Request Entity Too Large",
+            b"Content-Type: " + JSON_TYPE.encode(),
+            b"Content-Length: " + str(len(body)).encode(),
+            b"Connection: close",
+            b"Timestamp: " + str(int(self.relay_site.clock.seconds())).encode(),
+        ] + [name + b": " + value for name, value in CORS_HEADERS.items()]
+        self.channel.transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
+        self.channel.transport.loseConnection()
+        self.code = 413
+        self.method = getattr(self.channel, "_command", None) or b"?"
+        raw_path = getattr(self.channel, "_path", None) or b"?"
+        self.relay_site.log_request(self, path=raw_path.split(b"?", 1)[0])
+
+    def process(self) -> None:
+        for name, value in CORS_HEADERS.items():
+            self.setHeader(name, value)
+        self.setHeader(b"Timestamp", str(int(self.relay_site.clock.seconds())).encode())
+        if self.method == b"OPTIONS":
+            self._preflight()
+            return
+        super().process()
+
+    def _preflight(self) -> None:
+        self.site = self.relay_site
+        methods = self.relay_site.allowed_methods(self.path.decode("utf-8", "replace"))
+        if not methods:
+            self.setResponseCode(404)
+            self.errno = 132
+            self.setHeader(b"Content-Type", JSON_TYPE.encode())
+            error = ProtocolError(132, "no endpoint at this path")
+            self.write(encode_json(error.body(info_base(self, self.relay_site.errors_url()))))
+        else:
+            self.setResponseCode(204)
+            allowed = ", ".join(sorted(set(methods) | {"OPTIONS"}))
+            self.setHeader(b"Access-Control-Allow-Methods", allowed.encode())
+            self.setHeader(b"Access-Control-Allow-Headers", b"Content-Type")
+            self.setHeader(b"Access-Control-Max-Age", b"86400")
+        self.finish()
+
+    def processingFailed(self, reason):
+        """Last resort: never an HTML traceback to a client."""
+        log.failure("request processing failed", reason)
+        error = ProtocolError(999, "the relay failed unexpectedly; the operator's log has the details")
+        body = encode_json(error.body(info_base(self, self.relay_site.errors_url())))
+        self.errno = 999
+        self.setResponseCode(500)
+        self.setHeader(b"Content-Type", JSON_TYPE.encode())
+        self.setHeader(b"Content-Length", str(len(body)).encode())
+        self.write(body)
+        self.finish()
+        return reason
+
+
+class RelaySite(server.Site):
+    """A Site whose requests are RelayRequests, with one structured log line per request."""
+
+    requestFactory = RelayRequest
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: IResource,
+        clock: IReactorTime,
+        max_body_bytes: Callable[[], int],
+        errors_url: Callable[[], str],
+        allowed_methods: Callable[[str], list[str]],
+    ):
+        super().__init__(resource)
+        self.clock = clock
+        self.max_body_bytes = max_body_bytes
+        self.errors_url = errors_url
+        self.allowed_methods = allowed_methods
+
+    def log(self, request: RelayRequest) -> None:
+        self.log_request(request, path=request.path)
+
+    def log_request(self, request: RelayRequest, path: bytes) -> None:
+        """Method, path (never the query: it carries signatures), status, errno, time taken."""
+        elapsed_ms = round((time.monotonic() - request._started) * 1000, 1)
+        peer = request.getClientAddress()
+        log.info(
+            "{method} {path} {status} errno={errno} {duration_ms}ms",
+            method=request.method.decode("ascii", "replace"),
+            path=path.decode("utf-8", "replace"),
+            status=request.code,
+            errno=request.errno,
+            duration_ms=elapsed_ms,
+            client=getattr(peer, "host", None),
+        )

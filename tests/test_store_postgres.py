@@ -1,0 +1,472 @@
+"""PostgreSQL store: the shared contract plus what only a shared database can show.
+
+Runs against a real server (MSGRELAY_TEST_POSTGRES_DSN, default the local test
+database). An unreachable server fails these tests; it never skips them.
+Each test gets its own schema, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from typing import Any, Callable, Iterator
+
+import psycopg
+import pytest
+import pytest_twisted
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from store_contract import StoreContract
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.protocols.portforward import ProxyFactory
+from zope.interface.verify import verifyObject
+
+from msgrelay.store.interface import (
+    IStore,
+    NewMessage,
+    Quota,
+    QuotaExceeded,
+    StoreUnavailable,
+    TokenRecord,
+    UserRecord,
+)
+from msgrelay.store.postgres import PostgresCore, PostgresStore
+from msgrelay.store.postgres_schema import SCHEMA_VERSION
+
+DSN = os.environ.get("MSGRELAY_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+NOW = 1_800_000_000
+
+
+def admin_connect() -> psycopg.Connection:
+    """A plain connection for setup and inspection; a dead server fails the test."""
+    try:
+        return psycopg.connect(DSN, autocommit=True, connect_timeout=5)
+    except psycopg.Error as e:
+        pytest.fail(
+            f"PostgreSQL test server unreachable ({type(e).__name__}); start it or set"
+            " MSGRELAY_TEST_POSTGRES_DSN",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    admin_connect().close()
+    name = f"msgrelay_test_{secrets.token_hex(6)}"
+    yield name
+    with admin_connect() as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def make_store(pg_schema: str) -> Iterator[Callable[..., PostgresStore]]:
+    """Unopened PostgresStores on the test schema; each is one 'relay process'."""
+    stores: list[PostgresStore] = []
+
+    def make(dsn: str = DSN, **kwargs: Any) -> PostgresStore:
+        kwargs.setdefault("schema", pg_schema)
+        store = PostgresStore(dsn, **kwargs)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        pytest_twisted.blockon(store.close())
+
+
+def opened(store: PostgresStore) -> PostgresStore:
+    pytest_twisted.blockon(store.open())
+    return store
+
+
+async def started(store: PostgresStore) -> PostgresStore:
+    await store.open()
+    return store
+
+
+def query(schema: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Inspect the tables from outside the store, as a separate session would."""
+    with admin_connect() as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        return conn.execute(statement, params).fetchall()  # type: ignore[arg-type]
+
+
+def message(n: int = 0, expires: int = NOW + 3600, data: str = "payload") -> NewMessage:
+    return NewMessage("tok1", f"{data}{n}", "aes-256-gcm", "pw", None, NOW, expires)
+
+
+def user(user_id: str = "alice") -> UserRecord:
+    return UserRecord(user_id, "-----BEGIN PUBLIC KEY-----\n...", None, NOW)
+
+
+class TestPostgresStore(StoreContract):
+    """The backend-neutral contract, on a fresh schema per test."""
+
+    @pytest.fixture
+    def store(self, make_store: Callable[..., PostgresStore]) -> PostgresStore:
+        return opened(make_store())
+
+
+# -- schema ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_provides_istore_and_records_schema_version(make_store, pg_schema):
+    store = make_store()
+    assert await store.open() == SCHEMA_VERSION
+    assert verifyObject(IStore, store)
+    assert store.name == "postgresql"
+    assert query(pg_schema, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+    tables = {r[0] for r in query(
+        pg_schema, "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+        (pg_schema,),
+    )}
+    assert {"users", "tokens", "messages", "dedup", "replay", "health", "schema_version"} <= tables
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_is_idempotent_and_concurrent_opens_agree(make_store, pg_schema):
+    first, second = make_store(), make_store()
+    versions = await defer.gatherResults([first.open(), second.open()])
+    assert versions == [SCHEMA_VERSION, SCHEMA_VERSION]
+    assert first.core.applied_migrations + second.core.applied_migrations == [SCHEMA_VERSION]
+    assert await make_store().open() == SCHEMA_VERSION
+    assert query(pg_schema, "SELECT count(*) FROM schema_version") == [(1,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_newer_schema_is_refused(make_store, pg_schema):
+    await make_store().open()
+    query(pg_schema, "INSERT INTO schema_version VALUES (%s, 0) RETURNING 1", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreUnavailable, match="newer than this software"):
+        await make_store().open()
+
+
+def test_schema_name_must_be_a_plain_identifier():
+    with pytest.raises(ValueError):
+        PostgresStore(DSN, schema='x"; DROP TABLE users; --')
+
+
+# -- concurrency across two stores (two pools, like two relay processes) ----------
+
+
+@pytest.mark.parametrize("quota, stored", [(Quota(5, 10**9), 5), (Quota(100, 3 * message().size), 3)])
+@pytest_twisted.ensureDeferred
+async def test_concurrent_deliveries_respect_quota_exactly(make_store, pg_schema, quota, stored):
+    a, b = await started(make_store()), await started(make_store())
+    await a.add_user(user())
+    calls = [
+        (a if i % 2 else b).deliver("alice", f"key{i}", message(i % 10), quota, NOW)
+        for i in range(20)
+    ]
+    results = await defer.DeferredList(calls, consumeErrors=True)
+    delivered = [r for ok, r in results if ok]
+    refused = [r for ok, r in results if not ok]
+    assert len(delivered) == stored
+    assert all(f.check(QuotaExceeded) for f in refused)
+    assert query(pg_schema, "SELECT count(*) FROM messages") == [(stored,)]
+    messages, remaining = await b.fetch("alice", NOW, 100)
+    assert (len(messages), remaining) == (stored, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_same_packet_is_stored_once(make_store, pg_schema):
+    a, b = await started(make_store()), await started(make_store())
+    await a.add_user(user())
+    calls = [
+        (a if i % 2 else b).deliver("alice", "same-key", message(i), Quota(100, 10**9), NOW)
+        for i in range(20)
+    ]
+    deliveries = await defer.gatherResults(calls)
+    assert sum(not d.duplicate for d in deliveries) == 1
+    assert len({d.message_id for d in deliveries}) == 1
+    assert query(pg_schema, "SELECT count(*) FROM messages") == [(1,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_signature_is_accepted_exactly_once(make_store):
+    a, b = await started(make_store()), await started(make_store())
+    digest = secrets.token_bytes(32)
+    calls = [(a if i % 2 else b).remember_signature(digest, NOW + 300, NOW) for i in range(20)]
+    assert sorted(await defer.gatherResults(calls)) == [False] * 19 + [True]
+    # A lapsed entry counts as absent, exactly once again, even before expire() runs.
+    later = [(a if i % 2 else b).remember_signature(digest, NOW + 900, NOW + 301) for i in range(10)]
+    assert sorted(await defer.gatherResults(later)) == [False] * 9 + [True]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ids_from_two_stores_sort_in_arrival_order(make_store):
+    a, b = await started(make_store()), await started(make_store())
+    await a.add_user(user())
+    ids = []
+    for i in range(10):  # strictly alternating, each one committed before the next
+        delivery = await (a if i % 2 else b).deliver("alice", f"k{i}", message(i), Quota(999, 10**9), NOW)
+        ids.append(delivery.message_id)
+    assert ids == sorted(ids) and len(set(ids)) == 10
+    messages, _ = await a.fetch("alice", NOW, 100)
+    assert [m.message_id for m in messages] == ids
+    assert [m.data for m in messages] == [f"payload{i}" for i in range(10)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_ids_never_appear_behind_visible_ones(make_store):
+    """A reader must never see a later commit slot in below an id it already saw,
+    or a client acknowledging what it fetched would skip it in arrival order."""
+    a, b, reader = await started(make_store()), await started(make_store()), await started(make_store())
+    await a.add_user(user())
+    calls = [
+        (a if i % 2 else b).deliver("alice", f"k{i}", message(i), Quota(999, 10**9), NOW)
+        for i in range(60)
+    ]
+    done = defer.gatherResults(calls)
+    seen: list[str] = []
+    while True:
+        finished = done.called
+        messages, _ = await reader.fetch("alice", NOW, 1000)
+        ids = [m.message_id for m in messages]
+        assert ids == sorted(ids)
+        assert ids[: len(seen)] == seen, "a message appeared below one already visible"
+        seen = ids
+        if finished:
+            break
+    deliveries = await done
+    assert sorted(d.message_id for d in deliveries) == seen and len(seen) == 60
+
+
+# -- durability, erasure, housekeeping ---------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivery_is_committed_when_it_fires(make_store, pg_schema):
+    store = await started(make_store())
+    await store.add_user(user())
+    delivery = await store.deliver("alice", "k", message(), Quota(9, 10**9), NOW)
+    assert query(pg_schema, "SELECT lpad(id::text, 20, '0') FROM messages") == [(delivery.message_id,)]
+    assert query(pg_schema, "SELECT message_id FROM dedup") == [(delivery.message_id,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_user_erases_every_row_of_the_user(make_store, pg_schema):
+    store = await started(make_store())
+    for name in ("alice", "bob"):
+        await store.add_user(user(name))
+        await store.add_token(name, TokenRecord("0123456789abcdef", "ab" * 32, "l", NOW, None))
+        await store.deliver(name, "k", message(), Quota(9, 10**9), NOW)
+    assert await store.delete_user("alice") is True
+    for table in ("users", "tokens", "messages", "dedup"):
+        rows = query(pg_schema, f"SELECT DISTINCT user_id FROM {table}")
+        assert rows == [("bob",)], table
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_table_keeps_only_the_digest_record(make_store, pg_schema):
+    store = await started(make_store())
+    await store.add_user(user())
+    token = TokenRecord("0123456789abcdef", "cd" * 32, "phone\x00\ud800", NOW, NOW + 60)
+    await store.add_token("alice", token)
+    assert await store.get_token("alice", token.id) == token  # even odd label text survives
+    columns = {r[0] for r in query(
+        pg_schema,
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = %s"
+        " AND table_name = 'tokens'",
+        (pg_schema,),
+    )}
+    assert columns == {"user_id", "token_id", "digest", "label", "created", "expires", "seq"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_token_and_deliver_for_unknown_user_raise_keyerror(make_store):
+    store = await started(make_store())
+    with pytest.raises(KeyError):
+        await store.add_token("ghost", TokenRecord("0123456789abcdef", "ab" * 32, None, NOW, None))
+    with pytest.raises(KeyError):
+        await store.deliver("ghost", "k", message(), Quota(9, 10**9), NOW)
+
+
+@pytest_twisted.ensureDeferred
+async def test_expire_reclaims_dedup_tokens_and_replay_rows(make_store, pg_schema):
+    store = await started(make_store())
+    await store.add_user(user())
+    await store.add_token("alice", TokenRecord("0000000000000001", "a" * 64, None, NOW, NOW + 10))
+    await store.add_token("alice", TokenRecord("0000000000000002", "b" * 64, None, NOW, None))
+    await store.deliver("alice", "old", message(1, expires=NOW + 10), Quota(9, 10**9), NOW)
+    await store.deliver("alice", "new", message(2, expires=NOW + 99), Quota(9, 10**9), NOW)
+    await store.remember_signature(b"old", NOW + 10, NOW)
+    await store.remember_signature(b"new", NOW + 99, NOW)
+    assert await store.expire(NOW + 20) == 1
+    assert query(pg_schema, "SELECT dedup_key FROM dedup") == [("new",)]
+    assert query(pg_schema, "SELECT token_id FROM tokens") == [("0000000000000002",)]
+    assert query(pg_schema, "SELECT digest FROM replay") == [(b"new",)]
+    assert query(pg_schema, "SELECT count(*) FROM messages") == [(1,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_writable_leaves_no_row_behind(make_store, pg_schema):
+    store = await started(make_store())
+    assert await store.check_writable() is None
+    assert query(pg_schema, "SELECT count(*) FROM health") == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_acknowledge_ignores_malformed_and_foreign_ids(make_store):
+    store = await started(make_store())
+    await store.add_user(user("alice"))
+    await store.add_user(user("bob"))
+    mine = await store.deliver("alice", "k", message(), Quota(9, 10**9), NOW)
+    theirs = await store.deliver("bob", "k", message(), Quota(9, 10**9), NOW)
+    junk = ["", "1", "x" * 20, "9" * 20, "٣" * 20, theirs.message_id, mine.message_id, mine.message_id]
+    assert await store.acknowledge("alice", junk) == 1
+    assert (await store.fetch("bob", NOW, 10))[0][0].message_id == theirs.message_id
+
+
+def test_sync_core_works_without_a_reactor(pg_schema):
+    """What an admin command does on a stopped relay."""
+    with PostgresCore(DSN, pg_schema) as core:
+        assert core.add_user(user()) is True
+        core.deliver("alice", "k", message(expires=NOW + 5), Quota(9, 10**9), NOW)
+        assert core.stats(NOW) == {"users": 1, "messages": 1, "bytes": message().size,
+                                   "oldest_received": NOW}
+        assert core.expire_counts(NOW + 5) == {"messages": 1, "dedup": 1, "tokens": 0, "replay": 0}
+    with pytest.raises(StoreUnavailable, match="not open"):
+        core.stats(NOW)
+
+
+# -- failures ------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_port_is_store_unavailable_without_password(make_store):
+    password = "pw-must-not-leak-7781"
+    dsn = make_conninfo(DSN, host="127.0.0.1", port=str(closed_port()), password=password)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            await make_store(dsn, connect_timeout=2).open()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert time.monotonic() - t0 < 5
+    text = str(caught.value)
+    assert "open failed" in text and "127.0.0.1" in text
+    assert password not in text
+    logged = " ".join(f"{formatEvent(e)} {e!r}" for e in events)
+    assert "failed to open" in logged and password not in logged
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_server_times_out_instead_of_hanging(make_store):
+    """A host that accepts TCP but never answers (a hung or half-dead server)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        dsn = make_conninfo(DSN, host="127.0.0.1", port=str(silent.getsockname()[1]))
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="open failed"):
+            await make_store(dsn, connect_timeout=2).open()
+        assert time.monotonic() - t0 < 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_after_open_is_store_unavailable_then_recovers(make_store):
+    """Route the store through a TCP proxy on the reactor, then cut it. This also shows
+    the queries run off the reactor thread: the proxy could not forward otherwise."""
+    target = psycopg.conninfo.conninfo_to_dict(DSN)
+    proxies: list[Any] = []
+
+    class Factory(ProxyFactory):
+        def buildProtocol(self, addr):
+            proto = super().buildProtocol(addr)
+            proxies.append(proto)
+            return proto
+
+    factory = Factory(str(target.get("host") or "127.0.0.1"), int(target.get("port") or 5432))
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    port = listening.getHost().port
+    store = await started(make_store(make_conninfo(DSN, host="127.0.0.1", port=str(port)),
+                              connect_timeout=2, pool_timeout=2))
+    await store.add_user(user())
+
+    await listening.stopListening()
+    for proto in proxies:
+        proto.transport.abortConnection()
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="get_user failed"):
+        await store.get_user("alice")
+    assert time.monotonic() - t0 < 8
+
+    listening = reactor.listenTCP(port, factory, interface="127.0.0.1")
+    try:
+        for _ in range(20):
+            try:
+                assert (await store.get_user("alice")).user_id == "alice"
+                break
+            except StoreUnavailable:
+                await deferLater(reactor, 0.5, lambda: None)
+        else:
+            pytest.fail("store did not recover after the server came back")
+    finally:
+        await listening.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sessions_killed_by_a_server_restart_are_replaced(make_store):
+    name = f"msgrelay-test-{secrets.token_hex(4)}"
+    store = await started(make_store(make_conninfo(DSN, application_name=name)))
+    await store.add_user(user())
+    with admin_connect() as conn:
+        killed = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+            (name,),
+        ).fetchone()
+    assert killed and killed[0] >= 1
+    await deferLater(reactor, 0.2, lambda: None)
+    assert (await store.get_user("alice")).user_id == "alice"
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_only_database_is_store_unavailable(make_store):
+    await make_store().open()
+    read_only = make_store(make_conninfo(DSN, options="-c default_transaction_read_only=on"))
+    with pytest.raises(StoreUnavailable, match="25006"):
+        await read_only.open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_calls_before_open_or_after_close_fail_cleanly(make_store):
+    store = make_store()
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await store.get_user("alice")
+    await store.open()
+    await store.close()
+    with pytest.raises(StoreUnavailable, match="not open"):
+        await store.get_user("alice")
+
+
+@pytest_twisted.ensureDeferred
+async def test_blocked_query_leaves_the_reactor_running(make_store, pg_schema):
+    """Hold alice's row lock from outside: deliver waits in its thread while the
+    reactor keeps serving timers and other store calls."""
+    store = await started(make_store())
+    await store.add_user(user())
+    with admin_connect() as blocker:
+        blocker.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(pg_schema)))
+        with blocker.transaction():
+            blocker.execute("SELECT 1 FROM users WHERE user_id = 'alice' FOR UPDATE")
+            pending = store.deliver("alice", "k", message(), Quota(9, 10**9), NOW)
+            await deferLater(reactor, 0.5, lambda: None)
+            assert not pending.called
+            assert (await store.get_user("alice")).user_id == "alice"
+            assert not pending.called
+        delivery = await pending
+    assert delivery.duplicate is False
