@@ -35,19 +35,14 @@ class User:
         self.pem = public_key_pem(key.public_key())
 
 
-class ApiClient:
-    """Speaks to one relay at `url`; `clock` gives the `date` of signed requests."""
+class RequestBuilder:
+    """Builds signed parameters and sealed packets for one relay; no I/O."""
 
     def __init__(self, url: str, server_name: str, server_key_pem: str, clock=None):
         self.url = url
         self.server_name = server_name
         self.server_key = load_public_key(server_key_pem)
         self.clock = clock
-
-    @classmethod
-    async def connect(cls, url: str, clock=None) -> "ApiClient":
-        info = await request("GET", url + "/api/v1/server")
-        return cls(url, info.body["name"], info.body["key"], clock)
 
     def now(self) -> float:
         import time
@@ -58,11 +53,28 @@ class ApiClient:
         base = {"user_id": user.user_id, "date": date or format_date(self.now()), "validity": validity, **params}
         return sign_params(user.key, base, method, path, self.server_name)
 
+    def packet_envelope(self, recipient: User, token: str, body: bytes = b'{"text":"hi"}',
+                        packet_id: Optional[str] = None, **extra: Any) -> dict[str, str]:
+        inner = seal(recipient.key.public_key(), body)
+        packet = {"id": packet_id or uuid.uuid4().hex, "user_id": recipient.user_id, "token": token, **inner, **extra}
+        return seal(self.server_key, json.dumps(packet).encode())
+
+    def target(self, path: str, query: Optional[dict] = None) -> str:
+        return self.url + path + ("?" + urlencode(query) if query else "")
+
+
+class ApiClient(RequestBuilder):
+    """Speaks to one relay at `url` with treq; `clock` gives the `date` of signed requests."""
+
+    @classmethod
+    async def connect(cls, url: str, clock=None) -> "ApiClient":
+        info = await request("GET", url + "/api/v1/server")
+        return cls(url, info.body["name"], info.body["key"], clock)
+
     async def call(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
                    headers: Optional[dict] = None, raw: Optional[bytes] = None) -> Answer:
-        url = self.url + path + ("?" + urlencode(query) if query else "")
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        return await request(method, url, data, headers)
+        return await request(method, self.target(path, query), data, headers)
 
     async def signed(self, user: User, method: str, path: str, **params: Any) -> Answer:
         params = self.signed_params(user, method, path, **params)
@@ -77,12 +89,6 @@ class ApiClient:
         answer = await self.signed(user, "POST", "/api/v1/token", **params)
         assert answer.status == 200, answer.body
         return answer.body["token"]
-
-    def packet_envelope(self, recipient: User, token: str, body: bytes = b'{"text":"hi"}',
-                        packet_id: Optional[str] = None, **extra: Any) -> dict[str, str]:
-        inner = seal(recipient.key.public_key(), body)
-        packet = {"id": packet_id or uuid.uuid4().hex, "user_id": recipient.user_id, "token": token, **inner, **extra}
-        return seal(self.server_key, json.dumps(packet).encode())
 
     async def send(self, recipient: User, token: str, **kwargs: Any) -> Answer:
         return await self.call("POST", "/api/v1/message", self.packet_envelope(recipient, token, **kwargs))
@@ -102,3 +108,50 @@ async def request(method: str, url: str, data: Optional[bytes] = None, headers: 
     except ValueError:
         body = content
     return Answer(response.code, body, response.headers)
+
+
+class SyncClient(RequestBuilder):
+    """The same requests with urllib, for tests that drive subprocess relays without a reactor."""
+
+    @classmethod
+    def connect(cls, url: str) -> "SyncClient":
+        info = sync_request("GET", url + "/api/v1/server")
+        return cls(url, info.body["name"], info.body["key"])
+
+    def call(self, method: str, path: str, body: Any = None, query: Optional[dict] = None, timeout: float = 10) -> Answer:
+        data = None if body is None else json.dumps(body).encode()
+        return sync_request(method, self.target(path, query), data, timeout)
+
+    def signed(self, user: User, method: str, path: str, **params: Any) -> Answer:
+        params = self.signed_params(user, method, path, **params)
+        if method == "GET":
+            return self.call(method, path, query=params)
+        return self.call(method, path, params)
+
+    def mint(self, user: User, **params: Any) -> str:
+        answer = self.signed(user, "POST", "/api/v1/token", **params)
+        assert answer.status == 200, answer.body
+        return answer.body["token"]
+
+    def fetch(self, user: User, **params: Any) -> tuple[Answer, list[dict[str, Any]]]:
+        answer = self.signed(user, "GET", "/api/v1/message", **params)
+        if answer.status != 200:
+            return answer, []
+        return answer, json.loads(open_envelope([user.key], answer.body))
+
+
+def sync_request(method: str, url: str, data: Optional[bytes] = None, timeout: float = 10) -> Answer:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            content, status, headers = response.read(), response.status, response.headers
+    except urllib.error.HTTPError as e:
+        content, status, headers = e.read(), e.code, e.headers
+    try:
+        body = json.loads(content) if content else None
+    except ValueError:
+        body = content
+    return Answer(status, body, headers)

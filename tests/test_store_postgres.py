@@ -470,3 +470,14 @@ async def test_blocked_query_leaves_the_reactor_running(make_store, pg_schema):
             assert not pending.called
         delivery = await pending
     assert delivery.duplicate is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_blocking_for_start_up(make_store):
+    """What the store factory does before the reactor runs."""
+    store = make_store()
+    assert store.open_blocking() == SCHEMA_VERSION
+    assert await store.add_user(user()) is True
+    down = make_store(make_conninfo(DSN, host="127.0.0.1", port=str(closed_port())), connect_timeout=2)
+    with pytest.raises(StoreUnavailable, match="open failed"):
+        down.open_blocking()

@@ -10,19 +10,20 @@ from typing import Optional
 
 # Exit codes of `msgrelay-client` (docs/client.md lists them too).
 EXIT_OK = 0
-EXIT_INTERNAL = 1  # a bug: the only case that prints a traceback
+EXIT_ABORTED = 1  # a confirmation prompt was declined: nothing was done
 EXIT_USAGE = 2  # bad arguments, bad invite, unknown contact, profile missing or already there
 EXIT_UNREACHABLE = 3  # network error, timeout, TLS verification failure, not a relay
 EXIT_REFUSED = 4  # the relay answered with a JSON error body (errno shown)
 EXIT_TRUST = 5  # a pinned key changed: the relay's key or a contact's key
 EXIT_REJECTED = 6  # fetch: at least one message was rejected (tampered, bad signature, wrong key)
 EXIT_PROFILE = 7  # local profile unreadable: wrong passphrase, corrupt file, permissions
+EXIT_BUG = 70  # EX_SOFTWARE: an unexpected error, the only case that prints a traceback
 
 
 class ClientError(Exception):
     """Base of every expected failure; `str()` is the one line shown to the person."""
 
-    exit_code = EXIT_INTERNAL
+    exit_code = EXIT_BUG  # subclasses say what kind of failure it is
 
 
 class UsageError(ClientError):

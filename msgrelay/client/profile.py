@@ -117,6 +117,7 @@ class Contact:
     token: Optional[str] = None  # the access token they minted for us (from their invite or type 3)
     relay_url: Optional[str] = None  # where to look their key up, when not https://<server_name>
     my_token_id: Optional[str] = None  # id of the token we minted for them (sent in a type 3)
+    my_token: Optional[str] = None  # that token, to send it again if the first type 3 was refused
     intro_sent: bool = False  # a type 3 token request has been queued for them
     has_written: bool = False  # they wrote to us, so they already hold a token of ours
     last_id: Optional[str] = None  # reference of the last message of the conversation

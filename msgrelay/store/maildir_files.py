@@ -191,7 +191,8 @@ class MaildirFiles:
             if not exists:
                 raise UnknownUser(user_id)
             hint = NEVER if token.expires is None else token.expires
-            write_durably(udir / "tmp", udir / "tokens" / f"{token.id}.json", records.encode(records.token_json(token)), hint)
+            body = records.encode(records.token_json(token))
+            write_durably(udir / "tmp", udir / "tokens" / f"{token.id}.json", body, hint)
 
     @disk_operation("read a token")
     def get_token(self, user_id: str, token_id: str) -> Optional[TokenRecord]:
@@ -249,14 +250,17 @@ class MaildirFiles:
                 raise QuotaExceeded(f"quota of {quota.max_messages} messages or {quota.max_bytes} bytes reached")
             latest = max((m.arrival_ns for m in stored), default=0)
             name = str(self._clock.message_name(message.received, message.expires, message.size, latest))
-            write_durably(udir / "tmp", udir / "new" / name, records.encode(records.message_json(message)), tmp_name=name)
+            body = records.encode(records.message_json(message))
+            write_durably(udir / "tmp", udir / "new" / name, body, tmp_name=name)
             try:
                 record = records.encode({"message_id": name, "expires": message.expires})
                 write_durably(udir / "tmp", dedup_path, record, message.expires)
             except OSError:
                 # Answering 503 must mean "not stored": take the message back so a retry
-                # does not leave the recipient two copies.
+                # does not leave the recipient two copies (the record first, in case its
+                # rename got through: it must never name a message that is not there).
                 try:
+                    unlink_quietly(dedup_path)
                     remove_durably(udir / "new" / name)
                 except OSError:
                     log.error("message stored without its dedup record; a resend may store a second copy")

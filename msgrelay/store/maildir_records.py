@@ -38,11 +38,17 @@ def read_user(path: Path) -> Optional[UserRecord]:
 
 
 def user_json(user: UserRecord) -> dict[str, Any]:
-    return {"user_id": user.user_id, "key_pem": user.key_pem, "push_endpoint": user.push_endpoint, "created": user.created}
+    return {
+        "user_id": user.user_id, "key_pem": user.key_pem, "push_endpoint": user.push_endpoint,
+        "created": user.created,
+    }
 
 
 def token_json(token: TokenRecord) -> dict[str, Any]:
-    return {"id": token.id, "digest": token.digest, "label": token.label, "created": token.created, "expires": token.expires}
+    return {
+        "id": token.id, "digest": token.digest, "label": token.label, "created": token.created,
+        "expires": token.expires,
+    }
 
 
 def message_json(message: NewMessage) -> dict[str, Any]:

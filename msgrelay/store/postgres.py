@@ -418,8 +418,8 @@ class PostgresCore:
     def expire_counts(self, now: int) -> dict[str, int]:
         """Rows reclaimed per table; DELETE by the expiry columns only, no body is read.
 
-        An expiry instant is already expired (as TokenRecord.is_valid has it); a replay
-        entry still counts at its `until` instant and goes strictly after.
+        At its `expires` (or `until`) instant a row has already expired, as
+        TokenRecord.is_valid has it.
         """
 
         def work(conn: psycopg.Connection) -> dict[str, int]:
@@ -431,7 +431,7 @@ class PostgresCore:
                 "tokens": conn.execute(
                     "DELETE FROM tokens WHERE expires IS NOT NULL AND expires <= %s", (now,)
                 ).rowcount,
-                "replay": conn.execute("DELETE FROM replay WHERE until < %s", (now,)).rowcount,
+                "replay": conn.execute("DELETE FROM replay WHERE until <= %s", (now,)).rowcount,
             }
 
         return self._run("expire", work)
@@ -441,13 +441,14 @@ class PostgresCore:
 
     def remember_signature(self, digest: bytes, until: int, now: int) -> bool:
         """One statement: the unique key decides between concurrent first uses, and the
-        conditional update revives an entry that lapsed but was not yet reclaimed."""
+        conditional update revives an entry that lapsed (now >= until) but was not yet
+        reclaimed."""
 
         def work(conn: psycopg.Connection) -> bool:
             row = conn.execute(
                 "INSERT INTO replay (digest, until) VALUES (%s, %s)"
                 " ON CONFLICT (digest) DO UPDATE SET until = EXCLUDED.until"
-                " WHERE replay.until < %s RETURNING 1",
+                " WHERE replay.until <= %s RETURNING 1",
                 (bytes(digest), until, now),
             ).fetchone()
             return row is not None
@@ -533,6 +534,22 @@ class PostgresStore:
 
     def open(self) -> "Deferred[int]":
         """Create/migrate the schema and fill the pool; fires the schema version."""
+        threadpool = self._start_threadpool()
+        d: Deferred[int] = deferToThreadPool(self._reactor, threadpool, self.core.open)
+        return d.addCallbacks(self._opened, self._open_failed)
+
+    def open_blocking(self) -> int:
+        """Open in the calling thread, for start-up before the reactor runs: a relay
+        whose database is down should refuse to start, with the reason, at once."""
+        self._start_threadpool()
+        try:
+            version = self.core.open()
+        except BaseException:
+            self._open_failed(Failure())
+            raise
+        return self._opened(version)
+
+    def _start_threadpool(self) -> ThreadPool:
         if self._given_threadpool is None and self._threadpool is None:
             self._threadpool = ThreadPool(0, self._max_threads, name="msgrelay-postgres")
             self._threadpool.start()
@@ -540,30 +557,28 @@ class PostgresStore:
                 "during", "shutdown", self._on_shutdown
             )
         assert self._threadpool is not None
-        d: Deferred[int] = deferToThreadPool(self._reactor, self._threadpool, self.core.open)
+        return self._threadpool
 
-        def opened(version: int) -> int:
-            self._open = True
-            self.log.info(
-                "PostgreSQL store {target} open (schema {schema}, version {version},"
-                " migrations applied {applied})",
-                target=self.core.target,
-                schema=self.core.schema or "default",
-                version=version,
-                applied=self.core.applied_migrations,
-            )
-            return version
+    def _opened(self, version: int) -> int:
+        self._open = True
+        self.log.info(
+            "PostgreSQL store {target} open (schema {schema}, version {version},"
+            " migrations applied {applied})",
+            target=self.core.target,
+            schema=self.core.schema or "default",
+            version=version,
+            applied=self.core.applied_migrations,
+        )
+        return version
 
-        def failed(f: Failure) -> Failure:
-            self.log.error(
-                "PostgreSQL store {target} failed to open: {error}",
-                target=self.core.target,
-                error=f.getErrorMessage(),
-            )
-            self._stop_threadpool()
-            return f
-
-        return d.addCallbacks(opened, failed)
+    def _open_failed(self, f: Failure) -> Failure:
+        self.log.error(
+            "PostgreSQL store {target} failed to open: {error}",
+            target=self.core.target,
+            error=f.getErrorMessage(),
+        )
+        self._stop_threadpool()
+        return f
 
     def close(self) -> "Deferred[None]":
         """Close the pool (waiting for running queries), then our own thread pool."""

@@ -132,7 +132,9 @@ class RelaySite(server.Site):
         errors_url: Callable[[], str],
         allowed_methods: Callable[[str], list[str]],
     ):
-        super().__init__(resource)
+        # Bodies are JSON whatever their Content-Type says: never parse them as form data,
+        # so request.args holds the query string alone.
+        super().__init__(resource, parsePOSTFormSubmission=False)
         self.clock = clock
         self.max_body_bytes = max_body_bytes
         self.errors_url = errors_url
