@@ -165,7 +165,8 @@ class RelayCore:
             raise ProtocolError(130, f"no user {request.user_id} on this relay")
         verify_signature(load_public_key(user.key_pem), request.signature, request.base(method, path, self.name))
         digest = hashlib.sha256(request.signature.encode("ascii")).digest()
-        until = math.ceil(request.date + request.validity + limits.max_skew)
+        # Live while now < until: strictly past the last instant the request is valid.
+        until = math.floor(request.date + request.validity + limits.max_skew) + 1
         if not await _guard(self.store.remember_signature(digest, until, int(now))):
             raise ProtocolError(112, "this signed request was already used; sign every request afresh")
         return user
@@ -199,7 +200,10 @@ class RelayCore:
         digest = token_digest(token)
         expires = None if lifetime == 0 else now + lifetime
         record = TokenRecord(digest[:16], digest, label, now, expires)
-        await _guard(self.store.add_token(user.user_id, record))
+        try:
+            await _guard(self.store.add_token(user.user_id, record))
+        except LookupError:
+            raise ProtocolError(130, f"no user {user.user_id} on this relay")
         return {"token": token, "id": record.id, "expires": None if expires is None else format_date(expires)}
 
     async def list_tokens(self, user: UserRecord) -> dict[str, Any]:
@@ -250,6 +254,8 @@ class RelayCore:
             delivery = await _guard(self.store.deliver(user.user_id, f"{token.digest}:{packet.id}", message, quota, now))
         except QuotaExceeded as e:
             raise ProtocolError(160, f"the recipient's mailbox is full: {e}")
+        except LookupError:  # erased between the lookup and the delivery
+            raise ProtocolError(130, f"no user {user.user_id} on this relay")
         if not delivery.duplicate:
             for observer in self.message_observers:
                 try:

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import error as net_error
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.defer import TimeoutError as DeferTimeoutError
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http import RESPONSES
 
@@ -93,10 +92,10 @@ def make_http_client(reactor: Any, ca_file: Optional[str] = None) -> tuple[treq.
     return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool)), pool
 
 
-def describe_failure(exc: BaseException, timeout: float) -> str:
+def describe_failure(exc: BaseException) -> str:
     """One readable reason for a transport failure (TLS errors are buried in `reasons`)."""
-    if isinstance(exc, (CancelledError, DeferTimeoutError, net_error.TimeoutError)):
-        return f"no answer within {timeout:g} s"
+    if isinstance(exc, (CancelledError, net_error.TimeoutError)):
+        return "timed out"
     if isinstance(exc, net_error.ConnectionRefusedError):
         return "connection refused (is the relay running?)"
     if isinstance(exc, net_error.DNSLookupError):
@@ -235,11 +234,16 @@ class RelayAPI:
             return response, await response.content()
 
         attempt = Deferred.fromCoroutine(exchange())
-        attempt.addTimeout(self.timeout, self._reactor)  # covers the body too, not only the headers
+        # One deadline for the whole exchange, body included (treq's covers only the headers).
+        timer = self._reactor.callLater(self.timeout, attempt.cancel)
         try:
             response, raw = await attempt
         except Exception as e:  # every transport failure, whatever Twisted calls it
-            raise RelayUnreachable(self.url, describe_failure(e, self.timeout)) from e
+            reason = f"no answer within {self.timeout:g} s" if not timer.active() else describe_failure(e)
+            raise RelayUnreachable(self.url, reason) from e
+        finally:
+            if timer.active():
+                timer.cancel()
         status = response.code
         try:
             obj = parse_json_object(raw, what="response body")

@@ -18,4 +18,5 @@ def open_store(settings: Settings, reactor: Any) -> IStore:
         return store
     from .maildir import MaildirStore
 
-    return MaildirStore(settings.state_dir, reactor)
+    # Its own folder: the maildir sweeps its tmp/ and trash/, which nothing else may share.
+    return MaildirStore(settings.state_dir / "maildir", reactor)

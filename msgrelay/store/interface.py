@@ -1,6 +1,8 @@
 """The store interface every backend implements, and the records it speaks in.
 
 Every method returns a Deferred and does its blocking work off the reactor thread.
+A record is live while `now < expires` (or `now < until`); at `expires` it has expired.
+`deliver` and `add_token` for a user that does not exist fail with a LookupError.
 A Deferred from a writing method fires only once the write is durable (fsync or commit).
 OS and database failures surface as `StoreUnavailable` (errno 180 for the client).
 """
