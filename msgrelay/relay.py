@@ -43,7 +43,8 @@ class Forwarder(Protocol):
     """Takes packets for users of other relays (federation, PROTOCOL.md section 7)."""
 
     def forward(self, packet: Packet, received: int, expires: int, forwarded_by: Optional[str]) -> Any:
-        """Queue durably; fire the message id. Raise ProtocolError(122) for a refused destination."""
+        """Queue durably; fire the message id, or (message id, expires) when a duplicate of an
+        earlier packet answers that packet's. Raise ProtocolError(122) for a refused destination."""
 
 
 def token_digest(token: str) -> str:
@@ -75,6 +76,10 @@ class RelayCore:
         self.clock = clock
         self.forwarder: Optional[Forwarder] = None
         self.message_observers: list[Callable[[UserRecord, str], None]] = []
+        #: Told each newly stored message (not duplicates), e.g. for metrics.
+        self.stored_observers: list[Callable[[NewMessage], None]] = []
+        #: Told how many messages each expiry sweep removed.
+        self.expired_observers: list[Callable[[int], None]] = []
 
     @property
     def name(self) -> str:
@@ -242,8 +247,10 @@ class RelayCore:
                 raise ProtocolError(122, "a forwarded packet is never forwarded again")
             if self.forwarder is None:
                 raise ProtocolError(122, f"federation is off; {packet.address.server_name} is not this relay")
-            message_id = await self.forwarder.forward(packet, now, expires, forwarded_by)
-            return {"message_id": message_id, "expires": format_date(expires)}
+            queued = await self.forwarder.forward(packet, now, expires, forwarded_by)
+            if isinstance(queued, tuple):  # (message id, expires) of a packet queued earlier
+                queued, expires = queued
+            return {"message_id": queued, "expires": format_date(expires)}
         user = await _guard(self.store.get_user(packet.address.user_id))
         if user is None:
             raise ProtocolError(130, f"no user {packet.address.user_id} on this relay")
@@ -257,6 +264,11 @@ class RelayCore:
         except LookupError:  # erased between the lookup and the delivery
             raise ProtocolError(130, f"no user {user.user_id} on this relay")
         if not delivery.duplicate:
+            for stored in self.stored_observers:
+                try:
+                    stored(message)
+                except Exception:
+                    log.failure("stored-message observer failed")
             for observer in self.message_observers:
                 try:
                     observer(user, delivery.message_id)
@@ -276,4 +288,10 @@ class RelayCore:
         return {"deleted": deleted}
 
     async def expire(self) -> int:
-        return await self.store.expire(self.now())
+        removed = await self.store.expire(self.now())
+        for observer in self.expired_observers:
+            try:
+                observer(removed)
+            except Exception:
+                log.failure("expiry observer failed")
+        return removed

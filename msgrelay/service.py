@@ -12,12 +12,19 @@ from typing import Any, Optional
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from . import __version__
+from .logs import TwistdLogOptions, build_observer
+from .metrics import MetricsPage, MetricsSite, RelayMetrics, StoreStats
+from .ratelimit import RateLimits
+from .reload import ReloadService
+from .timeouts import raise_open_file_limit
 from .relay import RelayCore
-from .serverkey import ServerKeyError, ServerKeyring, load_or_create
+from .keyrotation import KeyringWatcher, load_keyring, previous_keys_dir
+from .serverkey import ServerKeyError
 from .settings import SettingError, Settings, read_toml, resolve
 from .store.factory import open_store
 from .store.interface import StoreUnavailable
@@ -35,7 +42,8 @@ def fail(message: str, status: int = 2) -> None:
 
 
 class Options(usage.Options):
-    synopsis = "[--config PATH] [--listen ENDPOINT ...] [--state-dir DIR] [--server-name NAME]"
+    synopsis = ("[--config PATH] [--listen ENDPOINT ...] [--state-dir DIR] [--server-name NAME] "
+                "[--peer NAME=URL[#FINGERPRINT] ...]")
     longdesc = (
         "Run a msgrelay relay. With no options it serves http://127.0.0.1:8080 from a maildir "
         "store in ./msgrelay-data. Command-line values override the config file."
@@ -44,11 +52,16 @@ class Options(usage.Options):
         ["config", "c", None, "TOML config file (see etc/msgrelay.toml)."],
         ["state-dir", "d", None, "State directory: server key and maildir store. [default: ./msgrelay-data]"],
         ["server-name", "n", None, "Public DNS name (with optional :port) of this relay. [default: host name]"],
+        ["log-format", None, None, "Log as 'text' or 'json' (one JSON object per line); overrides log.format. "
+                                   "[default: text]"],
+        ["log-level", None, None, "Least severe level logged: debug, info, warn, error or critical; "
+                                  "overrides log.level. [default: info]"],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["peer"] = []
         self.settings: Optional[Settings] = None
 
     def opt_listen(self, endpoint: str) -> None:
@@ -56,6 +69,10 @@ class Options(usage.Options):
         (e.g. tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem).
         [default: tcp:8080:interface=127.0.0.1]"""
         self["listen"].append(endpoint)
+
+    def opt_peer(self, entry: str) -> None:
+        """Federation peer NAME=URL[#fingerprint], repeatable (replaces federation.peers); see docs/federation.md."""
+        self["peer"].append(entry)
 
     def opt_version(self) -> None:
         """Print the msgrelay version and exit."""
@@ -76,23 +93,42 @@ class Options(usage.Options):
             overrides["server.state_dir"] = self["state-dir"]
         if self["server-name"] is not None:
             overrides["server.name"] = self["server-name"]
+        if self["peer"]:
+            overrides["federation.peers"] = list(self["peer"])
+        if self["log-format"] is not None:
+            overrides["log.format"] = self["log-format"]
+        if self["log-level"] is not None:
+            overrides["log.level"] = self["log-level"]
+        self.overrides = overrides
+        # Where twistd would send logs (--logfile, --nodaemon, --syslog, --logger): msgrelay
+        # builds that observer itself, in log.format and filtered by log.level (logs.py).
+        self.twistd_logging = TwistdLogOptions(getattr(self, "parent", None))
         try:
-            file_values = read_toml(self["config"]) if self["config"] else {}
-            self.settings = resolve(file_values, overrides)
+            self.settings = self.load_settings()
         except SettingError as e:
             fail(str(e))
         for description in self.settings.server.listen:
             _check_endpoint(description)
+        for description in self.settings.metrics.listen:
+            _check_endpoint(description, "metrics.listen")
+
+    def load_settings(self) -> Settings:
+        """Config file (read now) and command-line overrides, resolved; SettingError if bad.
+        Used at start-up and again on each SIGHUP."""
+        file_values = read_toml(self["config"]) if self["config"] else {}
+        return resolve(file_values, getattr(self, "overrides", {}))
 
 
-def _check_endpoint(description: str) -> None:
+def _check_endpoint(description: str, setting: str = "server.listen / --listen") -> None:
     """Parse an endpoint string now, so a typo stops start-up with its name."""
     from twisted.internet import reactor
 
     try:
         serverFromString(reactor, description)
+    except IndexError:  # systemd:...:index=N with fewer sockets passed
+        fail(f"{setting}: {description!r}: no such socket was passed by systemd (is the .socket unit active?)")
     except (ValueError, TypeError, KeyError, OSError) as e:
-        fail(f"server.listen / --listen: {description!r} is not a usable endpoint: {e}")
+        fail(f"{setting}: {description!r} is not a usable endpoint: {e}")
 
 
 class ListeningService(StreamServerEndpointService):
@@ -116,7 +152,7 @@ def build_core(settings: Settings, reactor: Any) -> RelayCore:
     """Store, key and domain core for these settings (start-up errors are one line)."""
     try:
         store = open_store(settings, reactor)
-        keyring = ServerKeyring(load_or_create(settings.key_path()))
+        keyring = load_keyring(settings, reactor.seconds())
     except (StoreUnavailable, ServerKeyError) as e:
         fail(str(e), status=1)
     return RelayCore(settings, store, keyring, reactor)
@@ -128,25 +164,111 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     settings = options.settings
     assert settings is not None
     core = build_core(settings, reactor)
-    api = RelayAPI(core)
+    limits = RateLimits(settings, reactor)
+    api = RelayAPI(core, limits)
     site = RelaySite(
         api.app.resource(),
         reactor,
         max_body_bytes=lambda: settings.limits.max_body_bytes,
         errors_url=lambda: settings.server.errors_url,
         allowed_methods=lambda path: allowed_methods(api, path),
+        idle_timeout=lambda: settings.timeouts.idle,
+        header_timeout=lambda: settings.timeouts.headers,
+        body_timeout=lambda: settings.timeouts.body,
+        trusted_proxies=lambda: settings.server.trusted_proxies,
     )
-    top = MultiService()
+    top = RelayService()
     top.core = core  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
+    top.limits = limits  # type: ignore[attr-defined]
+    _add_operations(top, options, settings, core, api, site, limits, reactor)
+    _add_federation(top, core, settings, reactor)
     for description in settings.server.listen:
         ListeningService(serverFromString(reactor, description), site, description).setServiceParent(top)
     expiry = TimerService(settings.store.expire_interval, _expire, core)
     expiry.clock = reactor
     expiry.setServiceParent(top)
+    # Picks up `msgrelay-admin rotate-key` and drops retired keys after their grace period.
+    watcher = KeyringWatcher(core.keyring, settings.key_path(), previous_keys_dir(settings), reactor)
+    top.keyring_watcher = watcher  # type: ignore[attr-defined]
+    reloader = getattr(top, "reloader", None)
+    if reloader is not None:  # SIGHUP re-reads the key files at once, too
+        reloader.on_reload.append(lambda applied: _check_keys(watcher))
+    key_watch = TimerService(settings.server.key_check_interval, _check_keys, watcher)
+    key_watch.clock = reactor
+    key_watch.setServiceParent(top)
     log.info("msgrelay {version} serving {name} from {backend} store",
              version=__version__, name=core.name, backend=core.store.name)
     return top
+
+
+class RelayService(MultiService):
+    """The service tree. Under twistd it also hands twistd msgrelay's log observer: twistd
+    uses an `ILogObserver` component of the application unless given `--logger`."""
+
+    log_observer: Any = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if (self.log_observer is not None and isinstance(parent, Componentized)
+                and parent.getComponent(ILogObserver, None) is None):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
+
+
+def _add_operations(top: RelayService, options: Options, settings: Settings, core: RelayCore, api: RelayAPI,
+                    site: RelaySite, limits: RateLimits, reactor: Any) -> None:
+    """Open-file limit, metrics, SIGHUP reload and log output (docs/operations.md)."""
+    soft, hard = raise_open_file_limit()
+    log.info("open-file limit {soft} (hard limit {hard})", soft=soft, hard=hard)
+
+    metrics = RelayMetrics(__version__, core.store.name)
+    metrics.attach(site, core, limits, api.app.url_map, lambda: getattr(top, "federation", None))
+    stats = StoreStats(metrics, core.store, reactor, lambda: settings.metrics.stats_interval)
+    top.metrics = metrics  # type: ignore[attr-defined]
+    site.routes[b"/metrics"] = MetricsPage(metrics, lambda: settings.metrics.token, public=True,
+                                           errors_url=lambda: settings.server.errors_url, stats=stats)
+    for description in settings.metrics.listen:
+        page = MetricsPage(metrics, lambda: settings.metrics.token, public=False, stats=stats)
+        metrics_site = MetricsSite(page, reactor, idle_timeout=lambda: settings.timeouts.idle,
+                                   header_timeout=lambda: settings.timeouts.headers,
+                                   body_timeout=lambda: settings.timeouts.body)
+        ListeningService(serverFromString(reactor, description), metrics_site,
+                         f"{description} (metrics)").setServiceParent(top)
+
+    reloader = ReloadService(settings, options.load_settings, reactor, source=options["config"] or "")
+    reloader.setServiceParent(top)
+    top.reloader = reloader  # type: ignore[attr-defined]
+
+    twistd = getattr(options, "twistd_logging", None)
+    if twistd is not None and twistd.ours:
+        top.log_observer = build_observer(twistd, settings.log.format, lambda: settings.log.level,
+                                          warn=lambda message: log.warn(message))
+    elif twistd is not None and twistd.under_twistd:
+        log.warn("twistd --logger is given: log.format and log.level do not apply")
+
+
+def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reactor: Any) -> None:
+    """Federation sender (PROTOCOL.md section 7) and push notifier (section 8).
+
+    Added before the listeners, so it is started first and stopped last.
+    """
+    from .federation.factory import build_push, build_sender
+    from .federation.outbox import OutboxBusy, OutboxUnavailable
+
+    try:
+        sender = build_sender(settings, reactor)
+        sender.acquire_lock()
+        push = build_push(settings, core.store, reactor)
+    except OutboxBusy as e:
+        fail(f"federation outbox: {e}; is another relay using state_dir {settings.state_dir}?", status=1)
+    except (OutboxUnavailable, OSError, ValueError) as e:
+        fail(f"federation: {e}", status=1)
+    core.forwarder = sender
+    core.message_observers.append(push)
+    sender.setServiceParent(top)
+    push.setServiceParent(top)
+    top.federation = sender  # type: ignore[attr-defined]
+    top.push = push  # type: ignore[attr-defined]
 
 
 async def _expire_once(core: RelayCore) -> None:
@@ -157,6 +279,13 @@ async def _expire_once(core: RelayCore) -> None:
         return
     if removed:
         log.info("expired {count} messages", count=removed)
+
+
+def _check_keys(watcher: KeyringWatcher) -> None:
+    try:
+        watcher.check()
+    except Exception:
+        log.failure("server key check failed; will retry at the next interval")
 
 
 def _expire(core: RelayCore) -> Any:

@@ -28,6 +28,7 @@ class Setting:
     default: Any
     check: Optional[Callable[[Any], Optional[str]]] = None  # returns a problem or None
     reloadable: bool = False  # may change on SIGHUP without a restart
+    secret: bool = False  # never shown in logs (a reload says only that it changed)
 
     @property
     def name(self) -> str:
@@ -56,17 +57,64 @@ def _non_empty_list(value: list) -> Optional[str]:
     return None if value else "needs at least one entry"
 
 
+def _rate(value: str) -> Optional[str]:
+    from .ratelimit import Rate
+
+    try:
+        Rate.parse(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _networks(value: list) -> Optional[str]:
+    import ipaddress
+
+    for entry in value:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            return f"{entry!r} is not an IP address or network (e.g. 10.0.0.1 or 10.0.0.0/8)"
+    return None
+
+
+def _between(low: int, high: int) -> Callable[[int], Optional[str]]:
+    def check(value: int) -> Optional[str]:
+        return None if low <= value <= high else f"must be between {low} and {high}"
+    return check
+
+
+
+def _peer_table(value: list) -> Optional[str]:
+    from .federation.peers import PeerError, parse_peer_table
+
+    try:
+        parse_peer_table(value)
+    except PeerError as e:
+        return str(e)
+    return None
+
+
+def _readable_file(value: str) -> Optional[str]:
+    if value and not Path(value).is_file():
+        return f"{value!r} is not a readable file"
+    return None
+
+
 SETTINGS: list[Setting] = [
     Setting("server", "name", str, "", _server_name),
     Setting("server", "listen", list, ["tcp:8080:interface=127.0.0.1"], _non_empty_list),
     Setting("server", "state_dir", str, "./msgrelay-data"),
     Setting("server", "key_file", str, ""),
+    # Read by `msgrelay-admin rotate-key` when it retires a key; the deadline is then fixed.
+    Setting("server", "key_grace_period", int, 604800, _non_negative, reloadable=True),
+    Setting("server", "key_check_interval", int, 5, _positive),
     Setting("server", "errors_url", str, ""),
     Setting("store", "backend", str, "maildir", _one_of("maildir", "postgresql")),
     Setting("store", "postgres_dsn", str, ""),
     Setting("store", "expire_interval", int, 60, _positive),
     Setting("registration", "mode", str, "open", _one_of("open", "token", "closed"), reloadable=True),
-    Setting("registration", "tokens", list, [], reloadable=True),
+    Setting("registration", "tokens", list, [], reloadable=True, secret=True),
     Setting("limits", "max_body_bytes", int, 1048576, _positive, reloadable=True),
     Setting("limits", "default_ttl", int, 604800, _positive, reloadable=True),
     Setting("limits", "max_ttl", int, 2592000, _positive, reloadable=True),
@@ -77,6 +125,36 @@ SETTINGS: list[Setting] = [
     Setting("limits", "quota_messages", int, 10000, _positive, reloadable=True),
     Setting("limits", "quota_bytes", int, 104857600, _positive, reloadable=True),
     Setting("limits", "fetch_default", int, 100, None, reloadable=True),
+    # Operations (issue 5): proxies, rate limits, timeouts, metrics, logs.
+    Setting("server", "trusted_proxies", list, [], _networks, reloadable=True),
+    Setting("rate_limits", "register_per_address", str, "20/3600", _rate, reloadable=True),
+    Setting("rate_limits", "send_per_address", str, "300/60", _rate, reloadable=True),
+    Setting("rate_limits", "fetch_per_user", str, "120/60", _rate, reloadable=True),
+    Setting("rate_limits", "token_per_user", str, "60/3600", _rate, reloadable=True),
+    Setting("rate_limits", "exempt", list, [], _networks, reloadable=True),
+    Setting("rate_limits", "ipv6_prefix", int, 64, _between(16, 128), reloadable=True),
+    Setting("rate_limits", "max_tracked", int, 50000, _positive, reloadable=True),
+    Setting("timeouts", "idle", int, 60, _positive, reloadable=True),
+    Setting("timeouts", "headers", int, 20, _positive, reloadable=True),
+    Setting("timeouts", "body", int, 120, _positive, reloadable=True),
+    Setting("metrics", "listen", list, []),
+    Setting("metrics", "token", str, "", reloadable=True, secret=True),
+    Setting("metrics", "stats_interval", int, 60, _positive, reloadable=True),
+    Setting("log", "format", str, "text", _one_of("text", "json")),
+    Setting("log", "level", str, "info", _one_of("debug", "info", "warn", "error", "critical"), reloadable=True),
+    # Federation and push (issue 4): PROTOCOL.md sections 7 and 8; see docs/federation.md.
+    Setting("federation", "mode", str, "off", _one_of("off", "allowlist", "open")),
+    Setting("federation", "peers", list, [], _peer_table),
+    Setting("federation", "ca_file", str, "", _readable_file),
+    Setting("federation", "backoff_min", int, 1, _positive),
+    Setting("federation", "backoff_max", int, 3600, _positive),
+    Setting("federation", "timeout", int, 30, _positive),
+    Setting("federation", "key_refresh", int, 3600, _positive),
+    Setting("federation", "max_queue", int, 100000, _positive),
+    Setting("push", "allow_private", bool, False),
+    Setting("push", "ca_file", str, "", _readable_file),
+    Setting("push", "retries", int, 3, _between(0, 10)),
+    Setting("push", "timeout", int, 10, _positive),
 ]
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -141,7 +219,20 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings
         raise SettingError("store.postgres_dsn: needed when store.backend is 'postgresql'")
     if not 1 <= values["limits.fetch_default"] <= 1000:
         raise SettingError("limits.fetch_default: must be between 1 and 1000")
+    _check_federation(values)
     return Settings(values)
+
+
+def _check_federation(values: dict[str, Any]) -> None:
+    """Cross-checks of the federation settings (each one alone was checked above)."""
+    if values["federation.backoff_min"] > values["federation.backoff_max"]:
+        raise SettingError("federation.backoff_min: must not exceed federation.backoff_max")
+    if values["federation.mode"] == "allowlist" and not values["federation.peers"]:
+        raise SettingError("federation.peers: mode 'allowlist' needs at least one peer (--peer NAME=URL)")
+    own = values["server.name"].lower()
+    for entry in values["federation.peers"]:
+        if entry.partition("=")[0].strip().lower() == own:
+            raise SettingError(f"federation.peers: {own} is this relay's own name, not a peer")
 
 
 class Settings:
@@ -162,3 +253,32 @@ class Settings:
 
     def key_path(self) -> Path:
         return Path(self.server.key_file) if self.server.key_file else self.state_dir / "server_key.pem"
+
+    def reload_from(self, new: "Settings") -> tuple[list[str], list[str]]:
+        """Apply `new`'s reloadable values to THIS object in place (SIGHUP).
+
+        The running code reads settings on every use, so a changed value takes effect for
+        the next request. A changed setting that is not reloadable keeps its running value
+        and is logged as needing a restart. Returns (applied, needing_restart) names.
+        """
+        from twisted.logger import Logger
+
+        log = Logger(namespace="msgrelay.settings")
+        applied: list[str] = []
+        needs_restart: list[str] = []
+        for setting in SETTINGS:
+            name = setting.name
+            old, value = self.values.get(name), new.values.get(name)
+            if old == value:
+                continue
+            shown_old, shown_new = ("(hidden)", "(hidden)") if setting.secret else (repr(old), repr(value))
+            if setting.reloadable:
+                self.values[name] = value
+                setattr(getattr(self, setting.section), setting.key, value)
+                applied.append(name)
+                log.info("reload: {setting} changed from {old} to {new}", setting=name, old=shown_old, new=shown_new)
+            else:
+                needs_restart.append(name)
+                log.warn("reload: {setting} changed in the configuration ({old} to {new}) but needs a restart; "
+                         "still using {old}", setting=name, old=shown_old, new=shown_new)
+        return applied, needs_restart

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import uuid
 
@@ -125,3 +126,17 @@ def _tmp_files(state):
     for dirpath, dirnames, filenames in os.walk(state):
         if os.path.basename(dirpath) == "tmp":
             yield from filenames
+
+
+@ensure
+async def test_keep_alive_serves_several_requests_on_one_connection(relay, users):
+    body = json.dumps({"key": users[0].pem}).encode()
+    requests = (
+        b"GET /api/v1/server HTTP/1.1\r\nHost: x\r\n\r\n"
+        + b"POST /api/v1/user HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        + b"GET /api/v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n"
+        + b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    answer = await raw_exchange(relay.port, requests)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+    assert statuses == [b"200", b"200", b"404", b"200"]

@@ -29,7 +29,7 @@ import treq.client
 from ..wire.addresses import is_server_name
 from ..wire.canonical import parse_json, parse_json_object
 from ..wire.dates import format_date
-from ..wire.envelope import AES_GCM, open_envelope, seal
+from ..wire.envelope import AES_GCM, NONCE_BYTES, TAG_BYTES, open_envelope, seal
 from ..wire.errors import ProtocolError
 from ..wire.keys import fingerprint, is_user_id, load_public_key, user_id_for_key
 from ..wire.signing import sign_params
@@ -121,6 +121,11 @@ def _tls_reason(value: BaseException) -> Optional[str]:
     return None
 
 
+def packet_bytes(packet: Mapping[str, Any]) -> bytes:
+    """The plaintext of a POST /message envelope."""
+    return json.dumps(packet, ensure_ascii=False).encode("utf-8")
+
+
 @dataclass(frozen=True)
 class ServerInfo:
     """The parts of GET /api/v1/server a client relies on."""
@@ -170,6 +175,17 @@ class ServerInfo:
             clock_offset=clock_offset,
             raw=dict(obj),
         )
+
+    @property
+    def outer_algorithm(self) -> str:
+        """What envelopes to this relay use: AES-256-GCM unless the relay does not list it."""
+        return AES_GCM if AES_GCM in self.algorithms or not self.algorithms else self.algorithms[0]
+
+    def sealed_body_size(self, plaintext_bytes: int) -> int:
+        """Exact size of the request body `send_packet` makes from a plaintext of this size."""
+        data = 4 * -(-(NONCE_BYTES + plaintext_bytes + TAG_BYTES) // 3)
+        password = 4 * -(-((self.key.key_size + 7) // 8) // 3)
+        return len(json.dumps({"algorithm": self.outer_algorithm, "password": "p" * password, "data": "d" * data}))
 
     def previous_key_until(self, pinned: str) -> Optional[str]:
         """When `pinned` is a key the relay rotated away from, the end of its grace period."""
@@ -356,8 +372,7 @@ class RelayAPI:
     async def send_packet(self, packet: Mapping[str, Any]) -> dict[str, Any]:
         """POST /message: the packet sealed to the relay's (pinned) key -> {message_id, expires}."""
         info = await self.server_info()
-        algorithm = AES_GCM if AES_GCM in info.algorithms or not info.algorithms else info.algorithms[0]
-        body = seal(info.key, json.dumps(packet, ensure_ascii=False).encode("utf-8"), algorithm)
+        body = seal(info.key, packet_bytes(packet), info.outer_algorithm)
         obj, _ = await self._call("POST", f"{API}/message", body=body)
         if not isinstance(obj.get("message_id"), str):
             raise RelayUnreachable(self.url, "POST /message answered without a message_id")

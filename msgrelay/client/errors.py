@@ -80,7 +80,7 @@ class RelayError(ClientError):
     def _line(self) -> str:
         code = f"errno {self.errno}" if self.errno is not None else "no errno"
         line = f"{self.where} refused the request ({code}, HTTP {self.status}): {self.message}"
-        if self.retry_after is not None:
+        if self.retry_after is not None and "retry" not in self.message.lower():
             line += f"; retry after {self.retry_after} s"
         if self.info:
             line += f" [{self.info}]"

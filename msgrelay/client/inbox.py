@@ -34,8 +34,20 @@ class Inbox:
         name = file_stem(message_id) + ".json"
         return (self.inbox / name).exists() or (self.rejected / name).exists()
 
+    def has_content(self, ref: str) -> bool:
+        """The same signed message already stored under another relay id (a relay that
+        crashed between storing a packet and recording its id may store a retry twice)."""
+        return (self.inbox / "refs" / ref).exists()
+
     def store(self, record: Mapping[str, Any]) -> Path:
-        return self._keep(self.inbox, record)
+        path = self._keep(self.inbox, record)
+        refs = self.inbox / "refs"
+        refs.mkdir(mode=0o700, exist_ok=True)
+        try:
+            create_exclusive(refs / file_stem(str(record["ref"])), str(record["id"]).encode("utf-8"))
+        except FileExistsError:
+            pass
+        return path
 
     def reject(self, server_message: Mapping[str, Any], record: Mapping[str, Any]) -> Path:
         """Keep what failed the checks (with the reason) for inspection; it is never shown."""

@@ -47,24 +47,24 @@ def parse_invite(text: str) -> Invite:
     """Parse an invite line; InviteError says what is wrong and what one looks like."""
     line = text.strip()
     if not line.lower().startswith(SCHEME):
-        raise InviteError(f"not an invite (it must start with {SCHEME!r}); an invite looks like {EXAMPLE}")
+        raise InviteError(f"bad invite: not an invite (it must start with {SCHEME!r}); an invite looks like {EXAMPLE}")
     rest = line[len(SCHEME):]
     address_text, sep, query = rest.partition("?")
     if not sep:
-        raise InviteError(f"invite has no ?token=...; an invite looks like {EXAMPLE}")
+        raise InviteError(f"bad invite: no ?token=...; an invite looks like {EXAMPLE}")
     try:
         address = parse_address(address_text, field="invite address")
     except ProtocolError as e:
         raise InviteError(f"bad invite: {e.message}")
     if address.server_name is None:
-        raise InviteError(f"invite address {address_text!r} names no relay; an invite looks like {EXAMPLE}")
+        raise InviteError(f"bad invite: {address_text!r} names no relay; an invite looks like {EXAMPLE}")
     try:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=True)
     except ValueError as e:
-        raise InviteError(f"bad invite query {query!r}: {e}")
+        raise InviteError(f"bad invite: the query {query!r} does not parse: {e}")
     tokens = params.get("token", [])
     if len(tokens) != 1:
-        raise InviteError("invite must carry exactly one token=")
+        raise InviteError("bad invite: it must carry exactly one token=")
     if not TOKEN_RE.match(tokens[0]):
-        raise InviteError("invite token must be 16 or more URL-safe characters")
+        raise InviteError("bad invite: the token must be 16 or more URL-safe characters")
     return Invite(address, tokens[0])

@@ -6,7 +6,9 @@ import json
 import re
 from typing import Any, Iterable, Optional, Sequence
 
-from .errors import ClientError
+import click
+
+from .errors import EXIT_REFUSED, ClientError
 from .sending import Delivery
 
 _DURATION = re.compile(r"^(\d+)\s*([smhdw]?)$")
@@ -69,10 +71,12 @@ def describe_delivery(delivery: Delivery) -> str:
         expires = f", expires {delivery.expires}" if delivery.expires else ""
         return f"sent {entry.summary} (message id {delivery.message_id}{expires})"
     if delivery.status == "failed":
-        return f"NOT DELIVERED: {entry.summary}: {delivery.error}"
-    reason = f": {delivery.error}" if delivery.error else ""
+        hint = ""
+        if getattr(delivery.error, "errno", None) == 120:
+            hint = f"; ask {entry.contact} for a new invite, then: contact add {entry.contact} INVITE"
+        return f"NOT DELIVERED: {entry.summary}: {delivery.error}{hint}"
     return (
-        f"queued, not yet sent: {entry.summary} (packet {entry.packet_id}){reason}; it stays in the outbox "
+        f"queued, not yet sent: {entry.summary} (packet {entry.packet_id}); it stays in the outbox "
         "and goes out, with the same packet id, on the next send or `outbox flush`"
     )
 
@@ -85,3 +89,25 @@ def table(rows: Sequence[Sequence[Optional[str]]], headers: Sequence[str]) -> st
 
 def lines(items: Iterable[str]) -> str:
     return "\n".join(items)
+
+
+def out(text: str = "") -> None:
+    click.echo(text)
+
+
+def warn(text: str) -> None:
+    click.echo(text, err=True)
+
+
+def report_deliveries(deliveries: list[Delivery], mine: Optional[Delivery] = None) -> int:
+    """Print what a flush did; the exit code is that of `mine` (else of the worst packet)."""
+    for delivery in deliveries:
+        (out if delivery.status == "sent" else warn)(describe_delivery(delivery))
+    reasons = {str(d.error): d.error for d in deliveries if d.status == "pending" and d.error is not None}
+    for error in reasons.values():
+        warn(error_line(error))
+    concerned = [mine] if mine is not None else deliveries
+    if all(d.status == "sent" for d in concerned):
+        return 0
+    errors = [d.error for d in concerned if d.error is not None] or list(reasons.values())
+    return errors[0].exit_code if errors else EXIT_REFUSED

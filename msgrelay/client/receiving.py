@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 
 from ..wire.addresses import parse_address
 from .api import returns_deferred
-from .errors import MessageRejected, RelayError, RelayUnreachable
+from .errors import MessageRejected, ProfileError, RelayError, RelayUnreachable
 from .inbox import Inbox, compact_date, write_received_file
 from .messages import RAW_DATA, RAW_MESSAGE, TOKEN_REQUEST, VerifiedMessage, open_message
 from .profile import CONTACT_NAME_RE, Contact, find_by_user_id, new_contact
@@ -72,7 +72,9 @@ def _accept(
             name = _pick_name(session, contacts, token_id, v.sender_user_id)
             contacts[name] = contact = new_contact(name, answer_to, v.key, intro_sent=True)
             new = True
-        contact.token, contact.address = v.data["token"], answer_to
+        if contact.address != answer_to:  # they moved: look them up where they are now
+            contact.address, contact.relay_url = answer_to, None
+        contact.token = v.data["token"]
     if contact is not None:
         contact.has_written = True
     record: dict[str, Any] = {
@@ -109,6 +111,8 @@ def process(session: Session, inbox: Inbox, sm: Mapping[str, Any], output: Path)
         return None
     try:
         verified = open_message(sm, session.identity)
+        if inbox.has_content(verified.ref):
+            return None
         with session.profile.editing_contacts() as contacts:
             record = _accept(session, contacts, sm, verified, output)
             inbox.store(record)
@@ -137,7 +141,12 @@ async def fetch(session: Session, output: Optional[Path] = None, limit: Optional
             if not isinstance(sm.get("id"), str):
                 records.append({"id": None, "status": "rejected", "error": "the relay sent a message without an id"})
                 continue
-            record = process(session, inbox, sm, output)
+            try:
+                record = process(session, inbox, sm, output)
+            except OSError as e:  # disk full, permissions: keep it at the relay, say why
+                if handled:
+                    await session.api.acknowledge(handled)
+                raise ProfileError(f"cannot store message {sm['id']} locally, left at the relay: {e}")
             if record is not None:
                 records.append(record)
             handled.append(sm["id"])

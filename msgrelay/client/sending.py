@@ -7,14 +7,12 @@ another invite.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from twisted.internet.task import deferLater
 
-from ..wire.envelope import seal
-from .api import ServerInfo, returns_deferred
+from .api import ServerInfo, packet_bytes, returns_deferred
 from .errors import ClientError, RelayError, RelayUnreachable, UsageError
 from .messages import RAW_DATA, RAW_MESSAGE, TOKEN_REQUEST, build_message, file_data, message_ref
 from .messages import seal_message, text_data, token_request_data
@@ -35,14 +33,18 @@ class Delivery:
     error: Optional[ClientError] = None
 
 
-def build_packet(session: Session, contact: Contact, message: dict[str, Any], ttl: Optional[int]) -> dict[str, Any]:
-    """The packet for our relay: recipient, their token, and the message sealed to their key."""
+def require_token(contact: Contact) -> str:
     if not contact.token:
         raise UsageError(
             f"you have no access token for {contact.name}: they must invite you "
             f"(msgrelay-client contact add {contact.name} INVITE) or write to you first"
         )
-    packet: dict[str, Any] = {"id": new_packet_id(), "user_id": contact.address, "token": contact.token}
+    return contact.token
+
+
+def build_packet(session: Session, contact: Contact, message: dict[str, Any], ttl: Optional[int]) -> dict[str, Any]:
+    """The packet for our relay: recipient, their token, and the message sealed to their key."""
+    packet: dict[str, Any] = {"id": new_packet_id(), "user_id": contact.address, "token": require_token(contact)}
     packet.update(seal_message(contact.public_key(), message))
     if ttl is not None:
         packet["ttl"] = ttl
@@ -53,10 +55,10 @@ def check_size(info: ServerInfo, packet: dict[str, Any]) -> None:
     """Refuse now, not at every retry, a packet whose request body the relay would refuse (413)."""
     if not info.max_body_bytes:
         return
-    body = json.dumps(seal(info.key, json.dumps(packet, ensure_ascii=False).encode("utf-8")))
-    if len(body) > info.max_body_bytes:
+    size = info.sealed_body_size(len(packet_bytes(packet)))
+    if size > info.max_body_bytes:
         raise UsageError(
-            f"too large for relay {info.name}: the request would be {len(body)} bytes and it accepts "
+            f"too large for relay {info.name}: the request would be {size} bytes and it accepts "
             f"at most {info.max_body_bytes} (files travel base64-encoded three times)"
         )
 
@@ -93,27 +95,37 @@ async def _mint_for(session: Session, name: str) -> dict[str, Any]:
 
 
 async def _queue(session: Session, name: str, kind: str, content: bytes, ttl: Optional[int]) -> OutboxEntry:
-    info = await session.connect()
-    session.profile.contact(name)  # UsageError for an unknown name, before anything is minted
+    """Put the message in the outbox (or find it there from an earlier, failed attempt).
+
+    With the relay unreachable the message is still queued, unless a token must first be
+    minted for a type 3 introduction; the size check then waits for the flush.
+    """
+    contact = session.profile.contact(name)  # UsageError for an unknown name, before anything is minted
+    require_token(contact)
     digest = content_digest(name, kind, content)
     retry = session.outbox.find(digest)
     if retry is not None:
         return retry
-    await _introduce(session, info, name, ttl)
+    info: Optional[ServerInfo]
+    try:
+        info = await session.connect()
+    except RelayUnreachable:
+        if not (contact.intro_sent or contact.has_written):
+            raise
+        info = None
+    if kind == "text":
+        data: Any = text_data(content.decode("utf-8"), contact.last_id, session.config.get("display_name", ""))
+        message = build_message(session.identity, contact.address, RAW_MESSAGE, data)
+    else:
+        message = build_message(session.identity, contact.address, RAW_DATA, file_data(content))
+    packet = build_packet(session, contact, message, ttl)
+    if info is not None:
+        check_size(info, packet)  # before a token request is queued for a message that cannot go
+        await _introduce(session, info, name, ttl)
+    ref = message_ref(message)
     with session.profile.editing_contacts() as contacts:
-        contact = contacts[name]
-        if kind == "text":
-            data: Any = text_data(content.decode("utf-8"), contact.last_id, session.config.get("display_name", ""))
-            message = build_message(session.identity, contact.address, RAW_MESSAGE, data)
-            summary = f"text to {name} ({len(content)} bytes)"
-        else:
-            message = build_message(session.identity, contact.address, RAW_DATA, file_data(content))
-            summary = f"file to {name} ({len(content)} bytes)"
-        packet = build_packet(session, contact, message, ttl)
-        check_size(info, packet)
-        ref = message_ref(message)
-        entry = session.outbox.add(name, kind, packet, summary, digest=digest, ref=ref)
-        contact.remember(ref)
+        entry = session.outbox.add(name, kind, packet, f"{kind} to {name} ({len(content)} bytes)", digest=digest, ref=ref)
+        contacts[name].remember(ref)
     return entry
 
 
@@ -162,13 +174,22 @@ async def flush(session: Session) -> list[Delivery]:
     server error holds back that contact's later packets, preserving their order. Any
     other refusal is final for that packet: it moves to outbox-failed/ with the reason.
     """
-    await session.connect()
+    pending = session.outbox.pending()
+    try:
+        info = await session.connect()
+    except RelayUnreachable as e:
+        return [Delivery(entry, "pending", error=e) for entry in pending]
     deliveries: list[Delivery] = []
     held: set[str] = set()
-    pending = session.outbox.pending()
     for index, entry in enumerate(pending):
         if entry.contact in held:
             deliveries.append(Delivery(entry, "pending"))
+            continue
+        try:
+            check_size(info, entry.packet)  # queued while the relay was unreachable
+        except UsageError as e:
+            session.outbox.fail(entry, str(e))
+            deliveries.append(Delivery(entry, "failed", error=e))
             continue
         try:
             answer = await _post(session, entry.packet)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..settings import Settings
 from .interface import IStore
+
+
+def maildir_root(settings: Settings) -> Path:
+    """The maildir's own folder: it sweeps its tmp/ and trash/, which nothing else may share."""
+    return settings.state_dir / "maildir"
 
 
 def open_store(settings: Settings, reactor: Any) -> IStore:
@@ -18,5 +24,4 @@ def open_store(settings: Settings, reactor: Any) -> IStore:
         return store
     from .maildir import MaildirStore
 
-    # Its own folder: the maildir sweeps its tmp/ and trash/, which nothing else may share.
-    return MaildirStore(settings.state_dir / "maildir", reactor)
+    return MaildirStore(maildir_root(settings), reactor)

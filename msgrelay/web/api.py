@@ -7,13 +7,14 @@ through `handle_errors` into the section 9 error body.
 from __future__ import annotations
 
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from ..ratelimit import RateLimits
 from ..relay import RelayCore
 from ..store.interface import UserRecord
 from ..wire.canonical import parse_json_object
@@ -47,8 +48,19 @@ class RelayAPI:
 
     app = Klein()
 
-    def __init__(self, core: RelayCore):
+    def __init__(self, core: RelayCore, limits: Optional[RateLimits] = None):
         self.core = core
+        self.limits = limits  # None: no rate limits (msgrelay/ratelimit.py)
+
+    def _limit_address(self, name: str, request: IRequest) -> None:
+        """Per-address limit, checked before any expensive work (RSA decryption, storage)."""
+        if self.limits is not None:
+            self.limits.check_address(name, request.client_host())
+
+    def _limit_user(self, name: str, user: UserRecord) -> None:
+        """Per-user limit, checked after authentication."""
+        if self.limits is not None:
+            self.limits.check_user(name, user.user_id)
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -106,6 +118,7 @@ class RelayAPI:
 
     @app.route("/api/v1/user", methods=["POST"])
     async def register(self, request: IRequest) -> bytes:
+        self._limit_address("register", request)
         return write_json(request, await self.core.register(_body(request)))
 
     @app.route("/api/v1/user", methods=["PUT"])
@@ -130,6 +143,7 @@ class RelayAPI:
         expires_in, label = signed.own.get("expires_in"), signed.own.get("label")
         self.core.check_token_request(expires_in, label)
         user = await self._authenticate(request, signed)
+        self._limit_user("token", user)
         return write_json(request, await self.core.mint_token(user, expires_in, label))
 
     @app.route("/api/v1/token", methods=["GET"])
@@ -149,6 +163,7 @@ class RelayAPI:
 
     @app.route("/api/v1/message", methods=["POST"])
     async def send_message(self, request: IRequest) -> bytes:
+        self._limit_address("send", request)
         forwarded_by = request.getHeader("MsgRelay-Forwarded-By")
         return write_json(request, await self.core.accept_message(_body(request), forwarded_by))
 
@@ -159,6 +174,7 @@ class RelayAPI:
         if limit is not None and not 1 <= limit <= 1000:
             raise malformed("limit must be between 1 and 1000")
         user = await self._authenticate(request, signed)
+        self._limit_user("fetch", user)
         return write_json(request, await self.core.fetch(user, limit))
 
     @app.route("/api/v1/message", methods=["DELETE"])

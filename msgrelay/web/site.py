@@ -10,6 +10,8 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import IResource
 
+from ..ratelimit import client_host, parse_networks
+from ..timeouts import RelayChannel
 from ..wire.errors import ProtocolError
 from .responses import JSON_TYPE, encode_json, info_base
 
@@ -35,6 +37,16 @@ class RelayRequest(server.Request):
     @property
     def relay_site(self) -> "RelaySite":
         return self.channel.site
+
+    def client_host(self) -> str:
+        """The client's address: the peer's, or from X-Forwarded-For behind a trusted proxy."""
+        cached = getattr(self, "_client_host", None)
+        if cached is None:
+            peer = getattr(self.getClientAddress(), "host", None)
+            trusted = parse_networks(self.relay_site.trusted_proxies())
+            forwarded = (self.requestHeaders.getRawHeaders("X-Forwarded-For") or []) if trusted else []
+            cached = self._client_host = client_host(peer, forwarded, trusted)
+        return cached
 
     def gotLength(self, length: Optional[int]) -> None:
         limit = self.relay_site.max_body_bytes()
@@ -122,6 +134,7 @@ class RelaySite(server.Site):
     """A Site whose requests are RelayRequests, with one structured log line per request."""
 
     requestFactory = RelayRequest
+    protocol = RelayChannel  # HTTP/1.1 with header and body deadlines (msgrelay/timeouts.py)
     displayTracebacks = False
 
     def __init__(
@@ -131,28 +144,66 @@ class RelaySite(server.Site):
         max_body_bytes: Callable[[], int],
         errors_url: Callable[[], str],
         allowed_methods: Callable[[str], list[str]],
+        idle_timeout: Callable[[], Optional[float]] = lambda: 60,
+        header_timeout: Callable[[], Optional[float]] = lambda: 20,
+        body_timeout: Callable[[], Optional[float]] = lambda: 120,
+        trusted_proxies: Callable[[], list[str]] = lambda: [],
     ):
         # Bodies are JSON whatever their Content-Type says: never parse them as form data,
         # so request.args holds the query string alone.
-        super().__init__(resource, parsePOSTFormSubmission=False)
+        super().__init__(resource, parsePOSTFormSubmission=False, reactor=clock)
         self.clock = clock
         self.max_body_bytes = max_body_bytes
         self.errors_url = errors_url
         self.allowed_methods = allowed_methods
+        self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.trusted_proxies = trusted_proxies
+        #: Extra resources by exact path, served before the API (e.g. b"/metrics").
+        self.routes: dict[bytes, IResource] = {}
+        #: Told (request, path, seconds) after each answered request (metrics).
+        self.request_observers: list[Callable[[RelayRequest, bytes, float], None]] = []
+        #: Told the phase ("idle", "headers", "body") of each connection cut off (metrics).
+        self.timeout_observers: list[Callable[[str], None]] = []
+        self.open_connections = 0
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        channel.timeOut = self.idle_timeout()  # read per connection: a reload applies to new ones
+        return channel
+
+    def connection_opened(self, channel: RelayChannel) -> None:
+        self.open_connections += 1
+
+    def connection_closed(self, channel: RelayChannel) -> None:
+        self.open_connections -= 1
+
+    def getResourceFor(self, request):
+        extra = self.routes.get(request.path)
+        if extra is not None:
+            request.site = self
+            request.sitepath = request.prepath[:]
+            return extra
+        return super().getResourceFor(request)
 
     def log(self, request: RelayRequest) -> None:
         self.log_request(request, path=request.path)
 
     def log_request(self, request: RelayRequest, path: bytes) -> None:
         """Method, path (never the query: it carries signatures), status, errno, time taken."""
-        elapsed_ms = round((time.monotonic() - request._started) * 1000, 1)
-        peer = request.getClientAddress()
+        elapsed = time.monotonic() - request._started
         log.info(
             "{method} {path} {status} errno={errno} {duration_ms}ms",
             method=request.method.decode("ascii", "replace"),
             path=path.decode("utf-8", "replace"),
             status=request.code,
             errno=request.errno,
-            duration_ms=elapsed_ms,
-            client=getattr(peer, "host", None),
+            duration_ms=round(elapsed * 1000, 1),
+            client=request.client_host(),
         )
+        for observer in self.request_observers:
+            try:
+                observer(request, path, elapsed)
+            except Exception:
+                log.failure("request observer failed")

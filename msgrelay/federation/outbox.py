@@ -1,0 +1,295 @@
+"""The durable outbox: packets accepted for other relays, one queue per destination.
+
+Synchronous file operations; the sender runs them in a thread, `msgrelay-admin` calls them
+directly. Layout under `<state_dir>/outbox/`:
+
+    .lock                 flock held by the process delivering this outbox
+    .status.json          that process's per-destination state (advisory, for operators)
+    .dedup/<sha256 hex>   idempotency records: "<message id>\\n<expires>" until expiry
+    <destination>/        one queue; the server name with ":" written as "_"
+        <seq>-<received>-<expires>-<random>.json   one packet record (mode 0600)
+        .retry-now        "retry this destination now", written by msgrelay-admin
+
+Every record is written to a temporary file, fsynced, renamed and its folder fsynced, so a
+packet the relay answered `200` for survives a crash. File names sort in arrival order and
+carry the times the queue needs, so loading a queue reads directory listings only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+LOCK_NAME = ".lock"
+STATUS_NAME = ".status.json"
+DEDUP_DIR = ".dedup"
+RETRY_FLAG = ".retry-now"
+_ENTRY = re.compile(r"^(\d{16})-(\d{1,12})-(\d{1,12})-([0-9a-f]{8})\.json$")
+
+
+class OutboxUnavailable(Exception):
+    """The outbox cannot be read or written now (disk full, permissions)."""
+
+
+class OutboxBusy(Exception):
+    """Another process holds the outbox lock."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One queued packet, as its file name describes it."""
+
+    destination: str
+    seq: int
+    received: int
+    expires: int
+    nonce: str
+
+    @property
+    def id(self) -> str:
+        """The message id the sender was given: the file name without `.json`."""
+        return f"{self.seq:016d}-{self.received}-{self.expires}-{self.nonce}"
+
+    @property
+    def file_name(self) -> str:
+        return self.id + ".json"
+
+
+def escape_destination(destination: str) -> str:
+    """Server names are [a-z0-9.-] with an optional :port; ":" becomes "_" (never in a name)."""
+    return destination.lower().replace(":", "_")
+
+
+def unescape_destination(folder: str) -> str:
+    return folder.replace("_", ":")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(folder: Path, name: str, data: bytes) -> None:
+    """tmp file, fsync, rename, fsync the folder: the file exists whole or not at all."""
+    tmp = folder / f".tmp-{name}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, folder / name)
+    _fsync_dir(folder)
+
+
+def _mkdir_durably(path: Path) -> None:
+    if not path.is_dir():
+        path.mkdir(mode=0o700, exist_ok=True)
+        _fsync_dir(path.parent)
+
+
+class OutboxLock:
+    """An exclusive flock on `<outbox>/.lock`: one delivering process per outbox."""
+
+    def __init__(self, fd: int):
+        self._fd: Optional[int] = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Outbox:
+    """The files of one outbox. Thread-safe: any thread may call any method."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._seq_lock = threading.Lock()
+        self._last_seq = 0
+
+    @classmethod
+    def open(cls, root: Path) -> "Outbox":
+        """Create the folder if needed (raises OutboxUnavailable)."""
+        outbox = cls(root)
+        try:
+            outbox.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _mkdir_durably(outbox.root / DEDUP_DIR)
+        except OSError as e:
+            raise OutboxUnavailable(f"{root}: cannot create the outbox: {e.strerror}")
+        return outbox
+
+    # -- locking ----------------------------------------------------------------
+
+    def lock(self) -> OutboxLock:
+        """Take the delivery lock, or raise OutboxBusy if a running relay holds it."""
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutboxBusy(f"{self.root} is in use by a running relay")
+        return OutboxLock(fd)
+
+    def is_locked(self) -> bool:
+        """True while a relay process delivers from this outbox."""
+        try:
+            self.lock().release()
+        except OutboxBusy:
+            return True
+        return False
+
+    # -- reading ----------------------------------------------------------------
+
+    def destinations(self) -> list[str]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(unescape_destination(n) for n in names if not n.startswith(".") and (self.root / n).is_dir())
+
+    def entries(self, destination: str) -> list[Entry]:
+        """The destination's queue in arrival order."""
+        try:
+            names = os.listdir(self.root / escape_destination(destination))
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            match = _ENTRY.match(name)
+            if match:
+                seq, received, expires, nonce = match.groups()
+                found.append(Entry(destination, int(seq), int(received), int(expires), nonce))
+        found.sort(key=lambda e: (e.seq, e.nonce))
+        if found:
+            with self._seq_lock:
+                self._last_seq = max(self._last_seq, found[-1].seq)
+        return found
+
+    def load_all(self) -> dict[str, list[Entry]]:
+        return {d: self.entries(d) for d in self.destinations()}
+
+    def read(self, entry: Entry) -> dict[str, Any]:
+        """The stored packet object (as the sender sent it), or KeyError if gone."""
+        path = self.root / escape_destination(entry.destination) / entry.file_name
+        try:
+            record = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise KeyError(entry.id)
+        except OSError as e:
+            raise OutboxUnavailable(f"cannot read {path}: {e.strerror}")
+        return record["packet"]
+
+    # -- writing ----------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        with self._seq_lock:
+            self._last_seq = max(self._last_seq + 1, time.time_ns() // 1000)
+            return self._last_seq
+
+    def find_duplicate(self, dedup_key: str, now: int) -> Optional[tuple[str, int]]:
+        """(message id, expires) of an earlier packet with this key, if still unexpired."""
+        try:
+            text = (self.root / DEDUP_DIR / dedup_key).read_text()
+            message_id, expires = text.split("\n")[:2]
+        except (OSError, ValueError):
+            return None
+        return (message_id, int(expires)) if int(expires) > now else None
+
+    def add(self, destination: str, packet: dict[str, Any], received: int, expires: int,
+            dedup_key: Optional[str] = None) -> tuple[Entry, bool]:
+        """Queue a packet durably; (entry, False). An unexpired duplicate: (its entry, True)."""
+        try:
+            if dedup_key is not None:
+                earlier = self.find_duplicate(dedup_key, received)
+                if earlier is not None:
+                    seq, old_received, old_expires, nonce = earlier[0].split("-")
+                    return Entry(destination, int(seq), int(old_received), int(old_expires), nonce), True
+            entry = Entry(destination, self._next_seq(), received, expires, secrets.token_hex(4))
+            folder = self.root / escape_destination(destination)
+            _mkdir_durably(folder)
+            record = {"v": 1, "id": entry.id, "destination": destination,
+                      "received": received, "expires": expires, "packet": packet}
+            _write_durably(folder, entry.file_name, json.dumps(record, separators=(",", ":")).encode())
+            if dedup_key is not None:
+                _write_durably(self.root / DEDUP_DIR, dedup_key, f"{entry.id}\n{expires}".encode())
+            return entry, False
+        except OSError as e:
+            raise OutboxUnavailable(f"cannot queue a packet for {destination}: {e.strerror}")
+
+    def remove(self, entry: Entry) -> None:
+        """Forget a delivered, refused or expired packet (durably)."""
+        folder = self.root / escape_destination(entry.destination)
+        try:
+            os.unlink(folder / entry.file_name)
+            _fsync_dir(folder)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise OutboxUnavailable(f"cannot remove {entry.id}: {e.strerror}")
+
+    def sweep_dedup(self, now: int) -> int:
+        """Remove expired idempotency records; the count removed."""
+        removed = 0
+        folder = self.root / DEDUP_DIR
+        for name in os.listdir(folder):
+            if name.startswith("."):
+                continue
+            try:
+                expires = int((folder / name).read_text().split("\n")[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if expires <= now:
+                try:
+                    os.unlink(folder / name)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    # -- operator requests and status -------------------------------------------
+
+    def request_retry(self, destination: str) -> bool:
+        """Ask the delivering process to retry `destination` now; False if it has no queue."""
+        folder = self.root / escape_destination(destination)
+        if not folder.is_dir():
+            return False
+        (folder / RETRY_FLAG).write_bytes(b"")
+        return True
+
+    def take_retry_requests(self) -> list[str]:
+        """Destinations an operator asked to retry now (each request is consumed)."""
+        asked = []
+        for destination in self.destinations():
+            flag = self.root / escape_destination(destination) / RETRY_FLAG
+            try:
+                os.unlink(flag)
+            except FileNotFoundError:
+                continue
+            asked.append(destination)
+        return asked
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        """Replace the advisory status file atomically (no fsync: it is rewritten often)."""
+        tmp = self.root / f".tmp-{STATUS_NAME}"
+        tmp.write_text(json.dumps(status, indent=1, sort_keys=True))
+        os.replace(tmp, self.root / STATUS_NAME)
+
+    def read_status(self) -> Optional[dict[str, Any]]:
+        try:
+            return json.loads((self.root / STATUS_NAME).read_text())
+        except (OSError, ValueError):
+            return None

@@ -1,0 +1,141 @@
+"""Log output for `twistd msgrelay`: text or JSON lines, filtered by level.
+
+twistd owns logging: it begins logging after `makeService`, to the observer it builds
+from its own options (`--logfile`, `--syslog`, `--logger`) unless the application
+carries an `ILogObserver` component. msgrelay gives it one (see `RelayService` in
+service.py), built here from the same twistd options, so `--logfile` and friends keep
+their meaning, plus two settings:
+
+- `log.format` ("text" or "json", or `--log-format`): "json" writes one JSON object per
+  line with `time`, `level`, `namespace`, `message` and the event's own fields; the access
+  log line carries `method`, `path`, `status`, `errno`, `duration_ms` and `client`.
+- `log.level` (or `--log-level`): the least severe level written; read for every event,
+  so a SIGHUP reload applies at once.
+
+An explicit `twistd --logger ...` still wins (then neither setting applies).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional
+
+from twisted.logger import (
+    FileLogObserver, FilteringLogObserver, ILogObserver, LegacyLogObserverWrapper, LogLevel,
+    PredicateResult, formatEvent, textFileLogObserver,
+)
+from twisted.python import logfile
+
+#: Keys of legacy (twisted.python.log) events that repeat what `message` already says.
+_NOISE = {"message", "format", "isError", "system", "time", "why", "failure"}
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def json_line(event: dict[str, Any]) -> str:
+    """One event as one line of JSON (newline-terminated)."""
+    level = event.get("log_level")
+    stamp = event.get("log_time")
+    record: dict[str, Any] = {
+        "time": datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        if stamp is not None else None,
+        "level": getattr(level, "name", "info"),
+        "namespace": event.get("log_namespace"),
+        "message": formatEvent(event),
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in record or key in _NOISE:
+            continue
+        record[key] = _jsonable(value)
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception:
+            record["traceback"] = repr(failure)
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def json_file_observer(out: Any) -> ILogObserver:
+    return FileLogObserver(out, json_line)
+
+
+#: What a reload did is always logged (at info and above), whatever log.level says: the
+#: operator asked for it, and a reload may itself change log.level.
+ALWAYS_INFO = frozenset({"msgrelay.reload", "msgrelay.settings"})
+
+
+class LevelPredicate:
+    """Passes events at or above `level()`, a level name read for every event."""
+
+    def __init__(self, level: Callable[[], str]):
+        self.level = level
+
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        wanted = LogLevel.levelWithName(self.level())
+        level = event.get("log_level", LogLevel.info)
+        if event.get("log_namespace") in ALWAYS_INFO:
+            wanted = min(wanted, LogLevel.info)
+        return PredicateResult.maybe if level >= wanted else PredicateResult.no
+
+
+class TwistdLogOptions:
+    """The twistd options that decide where logs go (captured by `Options.postOptions`)."""
+
+    def __init__(self, parent: Any = None):
+        get = parent.get if parent is not None else (lambda key, default=None: default)
+        self.logfile: str = get("logfile", "") or ""
+        self.nodaemon: bool = bool(get("nodaemon", False))
+        self.syslog: bool = bool(get("syslog", False))
+        self.prefix: str = get("prefix", "") or ""
+        self.logger: Optional[str] = get("logger", None) or None
+        self.under_twistd = parent is not None
+
+    @property
+    def ours(self) -> bool:
+        """Whether msgrelay builds the observer (not when the operator named a --logger)."""
+        return self.under_twistd and self.logger is None
+
+
+def build_observer(twistd: TwistdLogOptions, fmt: str, level: Callable[[], str],
+                   warn: Callable[[str], None] = lambda message: None) -> ILogObserver:
+    """The observer twistd would have built from its options, in `fmt`, filtered by level."""
+    if twistd.syslog:
+        from twisted.python import syslog
+
+        if fmt == "json":
+            warn("log.format = \"json\" does not apply with twistd --syslog; syslog gets text")
+        destination: ILogObserver = LegacyLogObserverWrapper(syslog.SyslogObserver(twistd.prefix).emit)
+    else:
+        if twistd.logfile == "-" or (twistd.nodaemon and not twistd.logfile):
+            out: Any = sys.stdout
+        else:
+            out = logfile.LogFile.fromFullPath(twistd.logfile or "twistd.log")
+            _rotate_on_usr1(out)
+        destination = json_file_observer(out) if fmt == "json" else textFileLogObserver(out)
+    return FilteringLogObserver(destination, [LevelPredicate(level)])
+
+
+def _rotate_on_usr1(out: logfile.LogFile) -> None:
+    """As twistd does for its own log file: SIGUSR1 rotates it."""
+    if signal.getsignal(signal.SIGUSR1):
+        return
+
+    def rotate(signum: int, frame: Any) -> None:
+        from twisted.internet import reactor
+
+        reactor.callFromThread(out.rotate)
+
+    signal.signal(signal.SIGUSR1, rotate)
+

@@ -1,0 +1,534 @@
+"""The real `msgrelay-client` command (a subprocess) against a real `twistd msgrelay` on loopback.
+
+Every CLI run is checked for the absence of a traceback: each failure here is an expected one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from relayproc import RelayProcess, free_port
+
+pytestmark = pytest.mark.slow
+
+CLIENT = str(Path(sys.executable).with_name("msgrelay-client"))
+SERVER_NAME = "relay.test"
+
+
+def start_relay(state: Path, port: Optional[int] = None, **kwargs) -> RelayProcess:
+    """A relay subprocess, or a test failure that says why (never a hang)."""
+    try:
+        import msgrelay.service  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"the relay is not available (import msgrelay.service failed: {e})")
+    if not Path(CLIENT).exists():
+        pytest.fail(f"{CLIENT} is not installed: pip install -e . in the venv")
+    config = state.parent / f"{state.name}.toml"
+    # Many people register from 127.0.0.1 here: exempt loopback from the per-address limits.
+    config.write_text('[rate_limits]\nexempt = ["127.0.0.1"]\n')
+    relay = RelayProcess(state, server_name=SERVER_NAME, port=port, extra_args=["--config", str(config)], **kwargs)
+    try:
+        return relay.start(timeout=30)
+    except RuntimeError as e:
+        pytest.fail(f"the relay did not start: {e}")
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.out.splitlines() if line.strip()]
+
+
+class Person:
+    """One profile, driven only through the command line."""
+
+    def __init__(self, root: Path, name: str):
+        self.root = root
+        self.name = name
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MSGRELAY_")}
+        self.env["XDG_CONFIG_HOME"] = str(root)
+
+    @property
+    def path(self) -> Path:
+        return self.root / "msgrelay" / self.name
+
+    def run(self, *args: str, expect: Optional[int] = 0, stdin: Optional[str] = None,
+            env: Optional[dict] = None, timeout: float = 90) -> Run:
+        command = [CLIENT, "--profile", self.name, *args]
+        done = subprocess.run(
+            command, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+            capture_output=True, text=True, env={**self.env, **(env or {})}, timeout=timeout,
+        )
+        result = Run(done.returncode, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr + done.stdout, f"{command}\n{done.stderr}"
+        if expect is not None:
+            assert done.returncode == expect, (
+                f"{command} exited {done.returncode}, expected {expect}\nstdout: {done.stdout}\nstderr: {done.stderr}"
+            )
+        return result
+
+    def init(self, url: str, *extra: str) -> "Person":
+        self.run("init", "--server", url, *extra)
+        return self
+
+    @property
+    def info(self) -> dict:
+        return json.loads(self.run("whoami", "--json").out)
+
+    @property
+    def address(self) -> str:
+        return self.info["address"]
+
+    @property
+    def user_id(self) -> str:
+        return self.info["user_id"]
+
+    def contacts(self) -> dict:
+        return json.loads((self.path / "contacts.json").read_text())["contacts"]
+
+    def fetch(self, expect: int = 0) -> tuple[list[dict], Run]:
+        run = self.run("fetch", "--json", expect=expect)
+        return run.records(), run
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    process = start_relay(tmp_path_factory.mktemp("relay") / "state")
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def person(tmp_path, relay):
+    def make(name: str, url: Optional[str] = None, *extra: str) -> Person:
+        return Person(tmp_path / "config", name).init(url or relay.url, *extra)
+
+    return make
+
+
+def introduce(alice: Person, bob: Person) -> str:
+    """Bob invites Alice, Alice adds Bob: the only out-of-band step. Returns the invite."""
+    invite = bob.run("invite", "--for", alice.name).out.strip()
+    assert invite.startswith(f"msgrelay:{bob.address}?token=") and "\n" not in invite
+    added = alice.run("contact", "add", bob.name, invite)
+    assert bob.info["fingerprint"] in added.out
+    return invite
+
+
+def stored_messages(relay: RelayProcess, user_id: str) -> list[Path]:
+    """The maildir store's message files of one user, in arrival order (their names sort so)."""
+    found = sorted(relay.state_dir.glob(f"**/users/{user_id}/new/*"), key=lambda p: p.name)
+    assert found, f"no stored messages for {user_id} under {relay.state_dir}"
+    return found
+
+
+# -- the walk through the issue -----------------------------------------------------------
+
+
+def test_two_people_exchange_text_and_files_both_ways_using_only_invites(person, tmp_path):
+    alice, bob = person("alice"), person("bob")
+    assert alice.address.endswith(f"@{SERVER_NAME}")
+    introduce(alice, bob)
+
+    sent = alice.run("send", "bob", "Hello Bob, grüße 🙂")
+    assert "sent token request to bob" in sent.out and "sent text to bob" in sent.out
+
+    records, _ = bob.fetch()
+    intro, hello = records
+    assert intro["type"] == "token_request" and intro["new_contact"] and intro["contact"] == "alice"
+    assert intro["fingerprint"] == alice.info["fingerprint"]
+    assert hello["type"] == "text" and hello["text"] == "Hello Bob, grüße 🙂" and hello["contact"] == "alice"
+    assert hello["from"] == alice.address and hello["last_id"] is None
+    assert bob.contacts()["alice"]["address"] == alice.address
+
+    reply = bob.run("send", "alice", "Hi Alice")
+    assert "token request" not in reply.out  # Alice can already write to Bob
+    (answer,), _ = alice.fetch()
+    assert answer["text"] == "Hi Alice" and answer["contact"] == "bob" and answer["last_id"] == hello["ref"]
+    assert not answer["gap"]
+
+    to_bob, to_alice = tmp_path / "to_bob.bin", tmp_path / "to_alice.bin"
+    to_bob.write_bytes(os.urandom(20000))
+    to_alice.write_bytes(bytes(range(256)) * 3)
+    alice.run("send", "bob", "--file", str(to_bob))
+    bob.run("send", "alice", "--file", str(to_alice))
+    for receiver, original in ((bob, to_bob), (alice, to_alice)):
+        (record,), _ = receiver.fetch()
+        assert record["type"] == "file" and record["size"] == len(original.read_bytes())
+        assert Path(record["file"]).read_bytes() == original.read_bytes()
+        assert stat.S_IMODE(Path(record["file"]).stat().st_mode) == 0o600
+
+    # Human output, and nothing left over.
+    alice.run("send", "bob", "one more")
+    shown = bob.run("fetch")
+    assert "alice: one more" in shown.out
+    assert bob.run("fetch").out.strip() == "no new messages"
+    assert alice.run("outbox", "list").out.strip() == "outbox is empty"
+
+
+def test_same_file_twice_is_two_files_never_overwritten(person, tmp_path):
+    alice, bob = person("alice"), person("bob")
+    introduce(alice, bob)
+    payload = tmp_path / "p.bin"
+    payload.write_bytes(b"same bytes")
+    out_dir = tmp_path / "downloads"
+    alice.run("send", "bob", "--file", str(payload))
+    bob.run("fetch", "--output-dir", str(out_dir))
+    alice.run("outbox", "list")
+    alice.run("send", "bob", "--file", str(payload))  # a new send once the first was delivered
+    bob.run("fetch", "--output-dir", str(out_dir))
+    files = sorted(out_dir.iterdir())
+    assert len(files) == 2 and all(f.read_bytes() == b"same bytes" for f in files)
+
+
+def test_file_too_large_for_the_relay_is_refused_before_queueing(person, tmp_path, relay):
+    alice, bob = person("alice"), person("bob")
+    introduce(alice, bob)
+    limit = json.loads(urllib.request.urlopen(relay.url + "/api/v1/server").read())["max_body_bytes"]
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(limit // 2))  # base64 three times makes it well over the limit
+    refused = alice.run("send", "bob", "--file", str(big), expect=2)
+    assert "too large" in refused.err and str(limit) in refused.err
+    assert not list((alice.path / "outbox").glob("*.json"))
+
+
+def test_revoked_token_stops_delivery_with_a_clear_message(person):
+    alice, bob = person("alice"), person("bob")
+    invite = introduce(alice, bob)
+    bob.run("token", "revoke", invite)
+    refused = alice.run("send", "bob", "are you there?", expect=4)
+    assert "NOT DELIVERED" in refused.err and "errno 120" in refused.err
+    assert "contact add bob INVITE" in refused.err
+    assert alice.run("outbox", "list").out.strip() == "outbox is empty"
+    failed = list((alice.path / "outbox-failed").glob("*.json"))
+    assert len(failed) == 2 and all("errno 120" in f.read_text() for f in failed)
+    # A fresh invite mends it, and the type 3 goes out again with the same minted token.
+    alice.run("contact", "add", "bob", bob.run("invite").out.strip())
+    alice.run("send", "bob", "now?")
+    records, _ = bob.fetch()
+    assert [r["type"] for r in records] == ["token_request", "text"] and records[1]["text"] == "now?"
+
+
+def test_expired_token_is_refused(person):
+    alice, bob = person("alice"), person("bob")
+    invite = bob.run("invite", "--expires", "1s").out.strip()
+    alice.run("contact", "add", "bob", invite)
+    time.sleep(2.2)
+    refused = alice.run("send", "bob", "late", expect=4)
+    assert "errno 120" in refused.err
+
+
+def test_tampered_message_in_storage_is_reported_not_shown(person, relay):
+    alice, bob = person("alice"), person("bob")
+    introduce(alice, bob)
+    alice.run("send", "bob", "the secret plan")
+    intro_file, text_file = stored_messages(relay, bob.user_id)
+    stored = json.loads(text_file.read_text())
+    sealed = bytearray(base64.b64decode(stored["data"]))
+    sealed[len(sealed) // 2] ^= 0x04  # one bit of ciphertext
+    stored["data"] = base64.b64encode(bytes(sealed)).decode()
+    text_file.write_text(json.dumps(stored))
+
+    shown = bob.run("fetch", expect=6)
+    assert "secret plan" not in shown.out + shown.err
+    assert "REJECTED" in shown.err and "tampered" in shown.err
+    assert "new contact alice" in shown.out  # the untouched message still arrives
+    assert len(list((bob.path / "rejected").glob("*.json"))) == 1
+    assert bob.run("fetch").out.strip() == "no new messages"  # acknowledged after being set aside
+
+
+# A script run with the library, as Alice (her profile folder is argv[1], the relay URL argv[2]),
+# for what the command line never does on purpose.
+LIBRARY_PRELUDE = """
+import json, sys
+from cryptography.hazmat.primitives import serialization
+from twisted.internet.task import react
+from msgrelay.client.api import RelayAPI
+from msgrelay.client.errors import RelayError
+from msgrelay.client.identity import Identity
+from msgrelay.client.messages import RAW_MESSAGE, build_message, seal_message, text_data
+from msgrelay.wire.dates import format_date
+from msgrelay.wire.keys import load_public_key
+from msgrelay.wire.signing import sign_params
+
+alice_dir, url = sys.argv[1], sys.argv[2]
+config = json.load(open(alice_dir + "/config.json"))
+bob = json.load(open(alice_dir + "/contacts.json"))["contacts"]["bob"]
+key = serialization.load_pem_private_key(open(alice_dir + "/key.pem", "rb").read(), None)
+me = Identity(key, config["server_name"])
+
+def packet(packet_id, message):
+    return {"id": packet_id, "user_id": bob["address"], "token": bob["token"],
+            **seal_message(load_public_key(bob["key_pem"]), message)}
+"""
+
+
+def run_as_alice(alice: Person, relay: RelayProcess, body: str) -> str:
+    done = subprocess.run([sys.executable, "-c", LIBRARY_PRELUDE + body, str(alice.path), relay.url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_forged_signature_is_reported_not_shown(person, relay):
+    """A message that decrypts fine but whose signed content was altered before sealing."""
+    alice, bob = person("alice"), person("bob")
+    introduce(alice, bob)
+    run_as_alice(alice, relay, """
+message = build_message(me, bob["address"], RAW_MESSAGE, text_data("pay 10 EUR", None))
+message["data"]["content"] = "pay 10000 EUR"
+
+async def main(reactor):
+    api = RelayAPI(url, reactor=reactor)
+    await api.send_packet(packet("forged-1", message))
+    await api.close()
+
+react(main)
+""")
+    shown = bob.run("fetch", expect=6)
+    assert "10000" not in shown.out and "REJECTED" in shown.err
+    assert "signature does not verify" in shown.err
+
+
+def test_second_copy_of_a_signed_message_is_shown_once(person, relay):
+    """Two packets (two relay ids) carrying the same signed message: shown and stored once."""
+    alice, bob = person("alice"), person("bob")
+    introduce(alice, bob)
+    run_as_alice(alice, relay, """
+message = build_message(me, bob["address"], RAW_MESSAGE, text_data("only once", None))
+
+async def main(reactor):
+    api = RelayAPI(url, reactor=reactor)
+    await api.send_packet(packet("copy-1", message))
+    await api.send_packet(packet("copy-2", message))
+    await api.close()
+
+react(main)
+""")
+    records, _ = bob.fetch()
+    assert [r["text"] for r in records] == ["only once"]
+    assert bob.run("fetch").out.strip() == "no new messages"
+
+
+def test_a_replayed_signed_request_is_refused(person, relay):
+    """The client signs every request afresh; the same signature twice is errno 112."""
+    alice, bob = person("alice"), person("bob")
+    introduce(alice, bob)
+    out = run_as_alice(alice, relay, """
+async def main(reactor):
+    api = RelayAPI(url, reactor=reactor, identity=me)
+    info = await api.server_info()
+    params = {"user_id": me.user_id, "date": format_date(__import__("time").time()), "validity": 60, "ids": []}
+    signed = sign_params(key, params, "DELETE", "/api/v1/message", info.name)
+    await api._call("DELETE", "/api/v1/message", body=signed)
+    try:
+        await api._call("DELETE", "/api/v1/message", body=signed)
+    except RelayError as e:
+        print(e.errno, e)
+    await api.acknowledge([])
+    await api.acknowledge([])
+    await api.close()
+
+react(main)
+""")
+    assert out.startswith("112 ") and "errno 112" in out
+
+
+def test_changed_contact_key_is_refused(person, tmp_path):
+    alice, bob = person("alice"), person("bob")
+    introduce(alice, bob)
+    pinned = alice.contacts()["bob"]["fingerprint"]
+    # Bob starts over with a new key, and his new invite reaches Alice.
+    bob2 = Person(tmp_path / "elsewhere", "bob").init(alice.info["server_url"])
+    refused = alice.run("contact", "add", "bob", bob2.run("invite").out.strip(), expect=5)
+    assert "CONTACT KEY CHANGED" in refused.err and pinned in refused.err
+    assert alice.contacts()["bob"]["fingerprint"] == pinned
+    replaced = alice.run("contact", "add", "--replace", "bob", bob2.run("invite").out.strip())
+    assert bob2.info["fingerprint"] in replaced.out
+
+
+def test_token_given_to_a_contact_used_by_another_key_is_refused(person):
+    alice, bob, mallory = person("alice"), person("bob"), person("mallory")
+    introduce(alice, bob)
+    alice.run("send", "bob", "hi")
+    bob.fetch()
+    stolen = bob.contacts()["alice"]["token"]  # the token Alice minted for Bob
+    mallory.run("contact", "add", "alice", f"msgrelay:{alice.address}?token={stolen}")
+    mallory.run("send", "alice", "it is me, Bob, on a new phone")
+    shown = alice.run("fetch", expect=6)
+    assert "new phone" not in shown.out
+    assert shown.err.count("KEY MISMATCH") == 2 and "token you gave bob" in shown.err
+    assert set(alice.contacts()) == {"bob"}
+
+
+def test_relay_key_change_is_refused_until_trusted(tmp_path):
+    port = free_port()
+    state = tmp_path / "state"
+    relay = start_relay(state, port=port)
+    try:
+        alice = Person(tmp_path / "config", "alice").init(relay.url)
+        old = alice.info["server_fingerprint"]
+    finally:
+        relay.stop()
+    (state / "server_key.pem").unlink()  # the relay makes a new key at start
+    relay = start_relay(state, port=port)
+    try:
+        refused = alice.run("fetch", expect=5)
+        assert "THE RELAY'S KEY HAS CHANGED" in refused.err and old in refused.err
+        new = refused.err.split("--trust-fingerprint ")[1].split()[0]
+        assert new != old
+        alice.run("--trust-fingerprint", "ab" * 32, "fetch", expect=5)
+        alice.run("--trust-fingerprint", new, "fetch")
+        assert alice.info["server_fingerprint"] == new
+        alice.run("fetch")  # pinned now
+    finally:
+        relay.stop()
+
+
+def test_relay_down_then_retry_never_duplicates(tmp_path):
+    port = free_port()
+    state = tmp_path / "state"
+    relay = start_relay(state, port=port)
+    alice = Person(tmp_path / "config", "alice").init(relay.url)
+    bob = Person(tmp_path / "config", "bob").init(relay.url)
+    introduce(alice, bob)
+    alice.run("send", "bob", "first")
+    relay.stop()
+    try:
+        down = alice.run("send", "bob", "while down", expect=3)
+        assert "cannot reach the relay" in down.err and "queued, not yet sent" in down.err
+        again = alice.run("send", "bob", "while down", expect=3)  # the same send, retried
+        queued = list((alice.path / "outbox").glob("*.json"))
+        assert len(queued) == 1
+        packet_id = json.loads(queued[0].read_text())["packet"]["id"]
+        assert packet_id in down.err and packet_id in again.err
+        relay = start_relay(state, port=port)
+        kept = queued[0].read_bytes()
+        first = alice.run("outbox", "flush")
+        # The relay's answer "was lost": the client still has the packet and sends it again.
+        queued[0].write_bytes(kept)
+        second = alice.run("outbox", "flush")
+        message_id = first.out.split("message id ")[1].split(",")[0]
+        assert message_id in second.out
+        records, _ = bob.fetch()
+        assert [r.get("text") for r in records if r["type"] == "text"] == ["first", "while down"]
+    finally:
+        relay.stop()
+
+
+def test_passphrase_protected_profile(tmp_path, relay):
+    alice = Person(tmp_path / "config", "alice")
+    alice.run("init", "--server", relay.url, "--passphrase", env={"MSGRELAY_PASSPHRASE": "s3cret words"})
+    key = alice.path / "key.pem"
+    assert key.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and stat.S_IMODE(alice.path.stat().st_mode) == 0o700
+    assert alice.info["address"].endswith("@relay.test")  # whoami needs no passphrase
+    missing = alice.run("invite", expect=7)
+    assert "MSGRELAY_PASSPHRASE" in missing.err
+    wrong = alice.run("invite", expect=7, env={"MSGRELAY_PASSPHRASE": "guess"})
+    assert "wrong passphrase" in wrong.err
+    alice.run("invite", env={"MSGRELAY_PASSPHRASE": "s3cret words"})
+
+
+def test_tokens_and_contacts_commands(person):
+    alice, bob = person("alice"), person("bob")
+    minted = alice.run("token", "new", "--label", "for the blog", "--expires", "30d").out
+    token_id = minted.split("id:")[1].split()[0]
+    listed = alice.run("token", "list", "--json").records()
+    assert [(t["id"], t["label"]) for t in listed] == [(token_id, "for the blog")]
+    alice.run("token", "revoke", token_id)
+    assert alice.run("token", "list").out.strip() == "no tokens"
+    unknown = alice.run("token", "revoke", token_id, expect=4)
+    assert "errno 131" in unknown.err
+    introduce(alice, bob)
+    assert [c["name"] for c in alice.run("contact", "list", "--json").records()] == ["bob"]
+    alice.run("contact", "remove", "bob")
+    assert alice.run("contact", "list").out.strip() == "no contacts"
+    bad = alice.run("contact", "add", "bob", "msgrelay:nonsense", expect=2)
+    assert "bad invite" in bad.err
+    nobody = alice.run("send", "carol", "hi", expect=2)
+    assert "no contact named 'carol'" in nobody.err
+
+
+def test_delete_account(person):
+    alice, bob = person("alice"), person("bob")
+    introduce(alice, bob)
+    declined = bob.run("delete-account", stdin="n\n", expect=1)
+    assert "nothing was done" in declined.err and bob.path.exists()
+    deleted = bob.run("delete-account", "--yes")
+    assert "deleted" in deleted.out and not bob.path.exists()
+    gone = alice.run("send", "bob", "hello?", expect=4)
+    assert "errno 130" in gone.err
+
+
+def test_watch_prints_new_messages_and_stops_cleanly(person):
+    alice, bob = person("alice"), person("bob")
+    introduce(alice, bob)
+    watcher = subprocess.Popen(
+        [CLIENT, "--profile", "bob", "fetch", "--watch", "--json", "--interval", "0.2", "--max-interval", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bob.env, stdin=subprocess.DEVNULL,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        alice.run("send", "bob", "watched")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("watched" in line for line in lines):
+            time.sleep(0.1)
+        assert any(json.loads(line).get("text") == "watched" for line in lines), lines
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        code = watcher.wait(timeout=20)
+        err = watcher.stderr.read()
+    assert code == 0 and "Traceback" not in err
+
+
+def test_https_with_a_private_ca(tmp_path):
+    from tlsfiles import make_ca_and_server_cert
+
+    _, key_path, cert_path = make_ca_and_server_cert(tmp_path, "relay.test")
+    port = free_port()
+    relay = start_relay(
+        tmp_path / "state", port=port, scheme="https",
+        listen=f"ssl:{port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}",
+    )
+    try:
+        alice, bob = Person(tmp_path / "config", "alice"), Person(tmp_path / "config", "bob")
+        untrusted = alice.run("init", "--server", relay.url, expect=3)
+        assert "cannot reach the relay" in untrusted.err and "certificate verify failed" in untrusted.err
+        assert not (alice.path / "config.json").exists()
+        wrong_host = alice.run("--ca", str(tmp_path / "ca.pem"), "init", "--server", f"https://localhost:{port}", expect=3)
+        assert "TLS" in wrong_host.err
+        alice.run("--ca", str(tmp_path / "ca.pem"), "init", "--server", relay.url)
+        bob.run("--ca", str(tmp_path / "ca.pem"), "init", "--server", relay.url)
+        introduce(alice, bob)  # the CA file is remembered by the profile
+        alice.run("send", "bob", "over TLS")
+        records, _ = bob.fetch()
+        assert records[-1]["text"] == "over TLS"
+    finally:
+        relay.stop()
+
+
+def test_relay_down_is_one_line(tmp_path):
+    alice = Person(tmp_path / "config", "alice")
+    down = alice.run("init", "--server", f"http://127.0.0.1:{free_port()}", expect=3)
+    assert down.err.strip().count("\n") == 0 and "connection refused" in down.err

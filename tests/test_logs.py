@@ -1,0 +1,138 @@
+"""Logs: one structured line per request; `--log-format json` / `log.format = "json"` writes one
+JSON object per line with the event's fields; `log.level` filters."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+from twisted.logger import LogLevel, PredicateResult
+from twisted.python.failure import Failure
+
+from apiclient import SyncClient, sync_request
+from msgrelay.logs import LevelPredicate, json_line
+from relayproc import RelayProcess, free_port, twistd_path
+
+
+def access_event(**extra):
+    return {
+        "log_format": "{method} {path} {status} errno={errno} {duration_ms}ms",
+        "log_level": LogLevel.info, "log_namespace": "msgrelay.access", "log_time": 1700000000.25,
+        "log_logger": object(), "log_source": None,
+        "method": "POST", "path": "/api/v1/message", "status": 403, "errno": 120, "duration_ms": 3.2,
+        "client": "192.0.2.9", **extra,
+    }
+
+
+def test_json_line_carries_the_structured_fields():
+    line = json_line(access_event())
+    assert line.endswith("\n") and line.count("\n") == 1
+    record = json.loads(line)
+    assert record == {
+        "time": "2023-11-14T22:13:20.250Z", "level": "info", "namespace": "msgrelay.access",
+        "message": "POST /api/v1/message 403 errno=120 3.2ms",
+        "method": "POST", "path": "/api/v1/message", "status": 403, "errno": 120, "duration_ms": 3.2,
+        "client": "192.0.2.9",
+    }
+
+
+def test_json_line_survives_odd_values_failures_and_legacy_events():
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    record = json.loads(json_line({**access_event(peer=object(), lines=["a\nb"]), "log_failure": failure,
+                                   "log_level": LogLevel.error}))
+    assert record["level"] == "error" and "ZeroDivisionError" in record["traceback"]
+    assert record["peer"].startswith("<object") and record["lines"] == ["a\nb"]
+    legacy = {"message": ("hello",), "isError": 0, "system": "-", "time": 1.0, "log_time": 1.0,
+              "log_format": "{log_text}", "log_text": "hello", "log_namespace": "log_legacy",
+              "log_level": LogLevel.info}
+    assert json.loads(json_line(legacy))["message"] == "hello"
+    assert set(json.loads(json_line(legacy))) == {"time", "level", "namespace", "message"}
+
+
+def test_level_predicate_follows_the_setting_on_every_event():
+    level = {"value": "info"}
+    predicate = LevelPredicate(lambda: level["value"])
+    debug = {"log_level": LogLevel.debug, "log_namespace": "x"}
+    info = {"log_level": LogLevel.info, "log_namespace": "x"}
+    warn = {"log_level": LogLevel.warn, "log_namespace": "x"}
+    assert [predicate(e) for e in (debug, info, warn)] == [PredicateResult.no, PredicateResult.maybe,
+                                                           PredicateResult.maybe]
+    level["value"] = "warn"
+    assert predicate(info) == PredicateResult.no and predicate(warn) == PredicateResult.maybe
+    # What a reload did is always shown.
+    assert predicate({"log_level": LogLevel.info, "log_namespace": "msgrelay.settings"}) == PredicateResult.maybe
+    level["value"] = "debug"
+    assert predicate(debug) == PredicateResult.maybe
+
+
+@pytest.mark.slow
+def test_log_format_json_option_writes_json_lines(tmp_path, users):
+    relay = RelayProcess(tmp_path / "state", extra_args=["--log-format", "json"]).start()
+    try:
+        client = SyncClient.connect(relay.url)
+        client.call("POST", "/api/v1/user", {"key": users[0].pem})
+        token = client.mint(users[0])
+        assert client.call("POST", "/api/v1/message", client.packet_envelope(users[0], token)).status == 200
+        client.call("GET", "/api/v1/user/nosuchuser")
+    finally:
+        relay.stop()
+    records = [json.loads(line) for line in relay.log().splitlines()]  # every line is JSON
+    access = [r for r in records if r["namespace"] == "msgrelay.access"]
+    assert {(r["method"], r["path"], r["status"], r["errno"]) for r in access} >= {
+        ("GET", "/api/v1/server", 200, None),
+        ("POST", "/api/v1/user", 200, None),
+        ("POST", "/api/v1/token", 200, None),
+        ("POST", "/api/v1/message", 200, None),
+        ("GET", "/api/v1/user/nosuchuser", 400, 106),
+    }
+    assert all(isinstance(r["duration_ms"], float) and r["client"] == "127.0.0.1" for r in access)
+    assert token not in relay.log() and "signature" not in relay.log()
+
+
+@pytest.mark.slow
+def test_config_json_format_and_level_on_stdout_as_under_systemd(tmp_path):
+    """No --logfile with --nodaemon: logs go to stdout (the journal, under systemd)."""
+    config = tmp_path / "relay.toml"
+    config.write_text('[log]\nformat = "json"\nlevel = "warn"\n')
+    port = free_port()
+    proc = subprocess.Popen(
+        [twistd_path(), "--nodaemon", "--pidfile=", "msgrelay", "--config", str(config),
+         "--listen", f"tcp:{port}:interface=127.0.0.1", "--state-dir", str(tmp_path / "state"),
+         "--server-name", "relay.test"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if sync_request("GET", f"http://127.0.0.1:{port}/api/v1/server", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        assert sync_request("GET", f"http://127.0.0.1:{port}/nothing").status == 404
+        config.write_text('[log]\nformat = "json"\nlevel = "info"\n')
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert sync_request("GET", f"http://127.0.0.1:{port}/again").status == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    records = [json.loads(line) for line in out.splitlines()]
+    paths = [r.get("path") for r in records if r["namespace"] == "msgrelay.access"]
+    assert paths == ["/again"]  # warn hid the earlier ones; the reload to info showed this one
+    assert not [r for r in records[:3] if r["level"] == "info" and r["namespace"] == "msgrelay.service"]
+    assert any("log.level changed from 'warn' to 'info'" in r["message"] for r in records)
+
+
+def test_bad_log_options_stop_with_one_line(tmp_path):
+    for args, named in ((["--log-format", "xml"], "log.format"), (["--log-level", "loud"], "log.level")):
+        result = subprocess.run([twistd_path(), "--nodaemon", "--pidfile=", "msgrelay", *args],
+                                capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        output = (result.stdout + result.stderr).strip()
+        assert result.returncode == 2 and output.count("\n") == 0 and named in output, output
