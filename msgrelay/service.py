@@ -265,6 +265,15 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
         fail(f"federation: {e}", status=1)
     core.forwarder = sender
     core.message_observers.append(push)
+    reloader = getattr(top, "reloader", None)
+    if reloader is not None:  # SIGHUP: a new mode or peer table applies at once
+        from .federation.factory import reload_policy
+
+        def federation_reloaded(applied: list[str]) -> None:
+            if any(name in ("federation.mode", "federation.peers") for name in applied):
+                reload_policy(sender, settings)
+
+        reloader.on_reload.append(federation_reloaded)
     sender.setServiceParent(top)
     push.setServiceParent(top)
     top.federation = sender  # type: ignore[attr-defined]

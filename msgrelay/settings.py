@@ -143,8 +143,8 @@ SETTINGS: list[Setting] = [
     Setting("log", "format", str, "text", _one_of("text", "json")),
     Setting("log", "level", str, "info", _one_of("debug", "info", "warn", "error", "critical"), reloadable=True),
     # Federation and push (issue 4): PROTOCOL.md sections 7 and 8; see docs/federation.md.
-    Setting("federation", "mode", str, "off", _one_of("off", "allowlist", "open")),
-    Setting("federation", "peers", list, [], _peer_table),
+    Setting("federation", "mode", str, "off", _one_of("off", "allowlist", "open"), reloadable=True),
+    Setting("federation", "peers", list, [], _peer_table, reloadable=True),
     Setting("federation", "ca_file", str, "", _readable_file),
     Setting("federation", "backoff_min", int, 1, _positive),
     Setting("federation", "backoff_max", int, 3600, _positive),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import uuid
 from pathlib import Path
 
 from cryptography import x509
@@ -20,8 +21,10 @@ def make_ca_and_server_cert(directory: Path, *hostnames: str) -> tuple[bytes, Pa
     """Returns (CA certificate PEM, server key path, server certificate path)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
+    # A unique subject per CA, so several test CAs can share one trust bundle.
+    ca_name = _name(f"msgrelay test CA {uuid.uuid4().hex[:12]}")
     ca_cert = (
-        x509.CertificateBuilder().subject_name(_name("msgrelay test CA")).issuer_name(_name("msgrelay test CA"))
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
         .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)

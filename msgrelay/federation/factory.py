@@ -30,15 +30,30 @@ def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] =
     destination ("open" mode) goes through the public-address check.
     """
     federation = settings.federation
-    peers = parse_peer_table(federation.peers)
-    policy = FederationPolicy(federation.mode, peers, settings.server.name)
+    policy = _policy(settings)
     outbox = Outbox.open(outbox_path(settings))
+    trusted = {_host_port(p) for p in policy.peers.values()}
     http, pool = make_http_client(
         reactor, federation.ca_file, resolve or thread_resolver(reactor), allow_private=False,
-        trusted=frozenset(_host_port(p) for p in peers.values()), persistent=True, timeout=federation.timeout,
+        trusted=trusted, persistent=True, timeout=federation.timeout,
     )
-    return FederationSender(policy, outbox, settings.server.name, reactor, http,
-                            SenderConfig.from_settings(settings), pool=pool)
+    sender = FederationSender(policy, outbox, settings.server.name, reactor, http,
+                              SenderConfig.from_settings(settings), pool=pool)
+    sender.trusted_hosts = trusted
+    return sender
+
+
+def _policy(settings: Settings) -> FederationPolicy:
+    peers = parse_peer_table(settings.federation.peers)
+    return FederationPolicy(settings.federation.mode, peers, settings.server.name)
+
+
+def reload_policy(sender: FederationSender, settings: Settings) -> None:
+    """Apply a reloaded mode and peer table (SIGHUP) to a running sender."""
+    policy = _policy(settings)
+    sender.trusted_hosts.clear()
+    sender.trusted_hosts.update(_host_port(p) for p in policy.peers.values())
+    sender.set_policy(policy)
 
 
 def build_push(settings: Settings, store: IStore, reactor: Any, resolve: Optional[Resolver] = None) -> PushNotifier:

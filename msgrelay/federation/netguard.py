@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import AbstractSet, Any, Awaitable, Callable, Optional, Sequence
 
 from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
@@ -119,12 +119,14 @@ class GuardedEndpointFactory:
     """Endpoints for an Agent: trusted hosts directly, every other host through the address check."""
 
     def __init__(self, reactor: Any, tls_policy: BrowserLikePolicyForHTTPS, resolve: Resolver,
-                 allow_private: bool, trusted: frozenset[tuple[str, int]] = frozenset(), timeout: float = 30):
+                 allow_private: bool, trusted: AbstractSet[tuple[str, int]] = frozenset(), timeout: float = 30):
         self.reactor = reactor
         self.tls_policy = tls_policy
         self.resolve = resolve
         self.allow_private = allow_private
-        self.trusted = trusted  # (host, port) pairs the operator configured: no address check
+        # (host, port) pairs the operator configured, reached without the address check; the
+        # owner may pass a set and update it in place when the peer table is reloaded.
+        self.trusted = trusted
         self.timeout = timeout
 
     def endpointForURI(self, uri: Any) -> Any:
@@ -154,7 +156,7 @@ def load_trust_root(ca_file: str) -> Any:
 
 
 def make_http_client(reactor: Any, ca_file: str, resolve: Resolver, allow_private: bool,
-                     trusted: frozenset[tuple[str, int]] = frozenset(), persistent: bool = True,
+                     trusted: AbstractSet[tuple[str, int]] = frozenset(), persistent: bool = True,
                      timeout: float = 30) -> tuple[HTTPClient, Optional[HTTPConnectionPool]]:
     """A treq client with verified TLS and the address guard, and its pool (to close at stop)."""
     policy = BrowserLikePolicyForHTTPS(trustRoot=load_trust_root(ca_file))

@@ -104,6 +104,7 @@ class FederationSender(Service):
         self._last_status: Optional[dict[str, Any]] = None
         self.ready: Optional[Deferred] = None  # fires once the outbox is loaded
         self.one_shot = False  # msgrelay-admin: one pass, no timers
+        self.trusted_hosts: set[tuple[str, int]] = set()  # shared with the HTTP client (see factory)
 
     def _in_thread(self, function: Callable[..., Any], *args: Any) -> Deferred:
         """Outbox I/O on our own small pool, so slow DNS lookups elsewhere never hold it up."""
@@ -362,6 +363,21 @@ class FederationSender(Service):
         queue.discard(entry)
 
     # -- operators ------------------------------------------------------------
+
+    def set_policy(self, policy: FederationPolicy) -> None:
+        """Adopt a reloaded mode and peer table. A peer whose URL or pin changed has its cached
+        key dropped and its queue tried at once, as has every queue the old table blocked."""
+        old, self.policy = self.policy, policy
+        changed = {name for name in set(old.peers) | set(policy.peers) if old.peers.get(name) != policy.peers.get(name)}
+        for name in changed:
+            self.keys.invalidate(name)
+        log.info("federation: policy reloaded (mode {mode}, {count} peers, {changed} changed)",
+                 mode=policy.mode, count=len(policy.peers), changed=len(changed))
+        for queue in self.queues.values():
+            if queue.entries and (queue.name in changed or queue.state == "blocked"):
+                queue.cancel_timer()
+                queue.failures, queue.backoff = 0, 0.0
+                self._kick(queue)
 
     def retry_now(self, destination: str) -> bool:
         """Forget the backoff of `destination` and attempt at once; False if nothing is queued."""
