@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..wire.dates import format_date
-from .profile import create_exclusive, json_bytes
+from ..durable import create_durably
+from .profile import json_bytes
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 _SAFE_STEM = re.compile(r"[^A-Za-z0-9._-]")
@@ -44,7 +45,7 @@ class Inbox:
         refs = self.inbox / "refs"
         refs.mkdir(mode=0o700, exist_ok=True)
         try:
-            create_exclusive(refs / file_stem(str(record["ref"])), str(record["id"]).encode("utf-8"))
+            create_durably(refs / file_stem(str(record["ref"])), str(record["id"]).encode("utf-8"))
         except FileExistsError:
             pass
         return path
@@ -57,7 +58,7 @@ class Inbox:
     def _keep(folder: Path, record: Mapping[str, Any]) -> Path:
         path = folder / (file_stem(str(record["id"])) + ".json")
         try:
-            create_exclusive(path, json_bytes(dict(record)))
+            create_durably(path, json_bytes(dict(record)))
         except FileExistsError:
             pass  # a concurrent fetch stored the same message first
         return path
@@ -70,7 +71,7 @@ def write_received_file(folder: Path, stem: str, raw: bytes) -> Path:
     for attempt in range(1000):
         path = folder / (f"{stem}.bin" if attempt == 0 else f"{stem}-{attempt}.bin")
         try:
-            create_exclusive(path, raw)
+            create_durably(path, raw)
             return path
         except FileExistsError:
             continue

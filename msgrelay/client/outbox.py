@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..wire.dates import format_date
-from .profile import create_exclusive, fsync_dir, json_bytes, read_json
+from ..durable import create_durably, fsync_dir
+from .profile import json_bytes, read_json
 
 
 def new_packet_id() -> str:
@@ -75,7 +76,7 @@ class Outbox:
             "queued": format_date(time.time()),
             "ref": ref,
         }
-        create_exclusive(path, json_bytes(record))
+        create_durably(path, json_bytes(record))
         return self._entry(path, record)
 
     @staticmethod
@@ -114,7 +115,7 @@ class Outbox:
         record = read_json(entry.path) or {}
         record["failed"] = {"reason": reason, "at": format_date(time.time())}
         try:
-            create_exclusive(target, json_bytes(record))
+            create_durably(target, json_bytes(record))
         except FileExistsError:
             pass
         self.done(entry)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from ..durable import create_durably, replace_durably
 from ..wire.addresses import parse_address
 from ..wire.dates import format_date
 from ..wire.errors import ProtocolError
@@ -49,38 +50,6 @@ def default_root() -> Path:
     """`$XDG_CONFIG_HOME/msgrelay`, or `~/.config/msgrelay` when it is unset."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "msgrelay"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` durably: temp file, fsync, rename, fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def create_exclusive(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a new file durably; FileExistsError rather than overwriting anything."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(path.parent)
 
 
 def json_bytes(value: Any) -> bytes:
@@ -216,7 +185,7 @@ class Profile:
         return config
 
     def save_config(self, config: dict[str, Any]) -> None:
-        write_atomic(self.config_path, json_bytes(config))
+        replace_durably(self.config_path, json_bytes(config))
 
     def update_config(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         with self.locked():
@@ -231,7 +200,7 @@ class Profile:
         return self.key_path.exists()
 
     def write_key(self, key: rsa.RSAPrivateKey, passphrase: Optional[bytes] = None) -> None:
-        create_exclusive(self.key_path, private_key_to_pem(key, passphrase), 0o600)
+        create_durably(self.key_path, private_key_to_pem(key, passphrase), 0o600)
 
     def key_pem(self) -> bytes:
         """The key file's bytes, refusing a file others can read (as ssh does)."""
@@ -267,7 +236,7 @@ class Profile:
             raise ProfileError(f"{self.contacts_path} is corrupt: {e}")
 
     def save_contacts(self, contacts: dict[str, Contact]) -> None:
-        write_atomic(self.contacts_path, json_bytes({"contacts": {n: asdict(c) for n, c in sorted(contacts.items())}}))
+        replace_durably(self.contacts_path, json_bytes({"contacts": {n: asdict(c) for n, c in sorted(contacts.items())}}))
 
     @contextlib.contextmanager
     def editing_contacts(self) -> Iterator[dict[str, Contact]]:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..durable import fsync_dir, replace_durably
+
 LOCK_NAME = ".lock"
 STATUS_NAME = ".status.json"
 DEDUP_DIR = ".dedup"
@@ -72,33 +74,10 @@ def unescape_destination(folder: str) -> str:
     return folder.replace("_", ":")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(folder: Path, name: str, data: bytes) -> None:
-    """tmp file, fsync, rename, fsync the folder: the file exists whole or not at all."""
-    tmp = folder / f".tmp-{name}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, folder / name)
-    _fsync_dir(folder)
-
-
 def _mkdir_durably(path: Path) -> None:
     if not path.is_dir():
         path.mkdir(mode=0o700, exist_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 class OutboxLock:
@@ -223,9 +202,9 @@ class Outbox:
             _mkdir_durably(folder)
             record = {"v": 1, "id": entry.id, "destination": destination,
                       "received": received, "expires": expires, "packet": packet}
-            _write_durably(folder, entry.file_name, json.dumps(record, separators=(",", ":")).encode())
+            replace_durably(folder / entry.file_name, json.dumps(record, separators=(",", ":")).encode())
             if dedup_key is not None:
-                _write_durably(self.root / DEDUP_DIR, dedup_key, f"{entry.id}\n{expires}".encode())
+                replace_durably(self.root / DEDUP_DIR / dedup_key, f"{entry.id}\n{expires}".encode())
             return entry, False
         except OSError as e:
             raise OutboxUnavailable(f"cannot queue a packet for {destination}: {e.strerror}")
@@ -235,7 +214,7 @@ class Outbox:
         folder = self.root / escape_destination(entry.destination)
         try:
             os.unlink(folder / entry.file_name)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except FileNotFoundError:
             pass
         except OSError as e:

@@ -31,10 +31,10 @@ from .interface import (
     Delivery, MessageRecord, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord,
     UserRecord,
 )
+from ..durable import fsync_dir, link_durably, remove_durably, unlink_quietly, write_durably
 from .maildir_layout import (
-    DIR_MODE, SAFE_NAME, ArrivalClock, MessageName, describe_os_error, disk_operation, fsync_dir,
-    is_older, link_durably, list_dir, locked_directory, remove_durably, remove_tree,
-    unlink_quietly, write_durably,
+    DIR_MODE, SAFE_NAME, ArrivalClock, MessageName, describe_os_error, disk_operation, is_older, list_dir,
+    locked_directory, remove_tree,
 )
 
 log = Logger(namespace="msgrelay.store.maildir")

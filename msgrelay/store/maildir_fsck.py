@@ -27,9 +27,8 @@ from ..wire.errors import ProtocolError
 from ..wire.keys import load_public_key, user_id_for_key
 from .interface import NewMessage
 from .maildir_files import FORMAT, USER_SUBDIRS, MaildirFiles
-from .maildir_layout import (
-    DIR_MODE, SAFE_NAME, MessageName, fsync_dir, list_dir, locked_directory, remove_tree, write_durably,
-)
+from ..durable import fsync_dir, write_durably
+from .maildir_layout import DIR_MODE, SAFE_NAME, MessageName, list_dir, locked_directory, remove_tree
 from .quarantine import Finding, FsckReport, Quarantine
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")

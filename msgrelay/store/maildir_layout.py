@@ -25,7 +25,6 @@ from typing import Callable, Iterator, Optional, TypeVar
 
 from .interface import StoreUnavailable
 
-FILE_MODE = 0o600
 DIR_MODE = 0o700
 
 #: User ids and token ids become path components: no dots (so never "." or ".."), no slashes.
@@ -117,84 +116,6 @@ def disk_operation(action: str) -> Callable[[F], F]:
 
 
 # -- durable writes -------------------------------------------------------------------------
-
-def fsync_dir(path: Path) -> None:
-    """Make the directory's entries (creations, renames, removals) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new_file(path: Path, data: bytes, mtime: Optional[int]) -> None:
-    """Create `path` (which must not exist), write all of `data`, set mtime, fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        if mtime is not None:
-            os.utime(fd, (mtime, mtime))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def write_durably(
-    tmp_dir: Path, final: Path, data: bytes, mtime: Optional[int] = None, tmp_name: Optional[str] = None
-) -> None:
-    """Atomically create or replace `final` with `data`, durably.
-
-    `mtime`, when given, is stored as the file's modification time: a cheap expiry hint
-    that sweepers read with stat() instead of opening the file.
-    """
-    tmp = tmp_dir / (tmp_name or f"{secrets.token_hex(8)}.tmp")
-    try:
-        _write_new_file(tmp, data, mtime)
-        os.rename(tmp, final)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-    fsync_dir(final.parent)
-
-
-def link_durably(tmp_dir: Path, final: Path, data: bytes, mtime: Optional[int] = None) -> bool:
-    """Create `final` with `data` only if no file has that name. True if this call created it.
-
-    The complete file is linked into place (link(2) fails with EEXIST atomically, across
-    processes), so nobody ever sees the name with partial content or an unset mtime.
-    """
-    tmp = tmp_dir / f"{secrets.token_hex(8)}.tmp"
-    try:
-        _write_new_file(tmp, data, mtime)
-        try:
-            os.link(tmp, final)
-        except FileExistsError:
-            return False
-    finally:
-        unlink_quietly(tmp)
-    fsync_dir(final.parent)
-    return True
-
-
-def remove_durably(path: Path) -> bool:
-    """Unlink a file and make the removal durable. False if it was already absent."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    fsync_dir(path.parent)
-    return True
-
 
 def remove_tree(path: Path) -> None:
     """Remove a file or directory tree; entries that vanish meanwhile are fine."""

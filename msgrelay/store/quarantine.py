@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .maildir_layout import DIR_MODE, fsync_dir
+from ..durable import create_durably, fsync_dir
+from .maildir_layout import DIR_MODE
 
 QUARANTINE = "quarantine"
 
@@ -82,11 +83,4 @@ class Quarantine:
         if self.used:
             report.quarantine = self.relative(self.folder)
             data = json.dumps(report.to_json(), indent=2, sort_keys=True).encode("utf-8")
-            path = self.folder / "fsck-report.json"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            fsync_dir(self.folder)
+            create_durably(self.folder / "fsck-report.json", data)
