@@ -43,8 +43,8 @@ class Forwarder(Protocol):
     """Takes packets for users of other relays (federation, PROTOCOL.md section 7)."""
 
     def forward(self, packet: Packet, received: int, expires: int, forwarded_by: Optional[str]) -> Any:
-        """Queue durably; fire the message id, or (message id, expires) when a duplicate of an
-        earlier packet answers that packet's. Raise ProtocolError(122) for a refused destination."""
+        """Queue durably; fire (message id, expires), the first packet's for a duplicate.
+        Raise ProtocolError(122) for a refused destination."""
 
 
 def token_digest(token: str) -> str:
@@ -58,6 +58,15 @@ def check_push_endpoint(value: str) -> Optional[str]:
     if len(value) > MAX_PUSH_URL_CHARS or not value.startswith("https://") or len(value) <= len("https://"):
         raise malformed(f"push_endpoint must be an https:// URL of at most {MAX_PUSH_URL_CHARS} characters, or \"\"")
     return value
+
+
+def _tell(observers: list[Callable[..., None]], *args: Any) -> None:
+    """Call every observer; one that fails is logged and never fails the request."""
+    for observer in observers:
+        try:
+            observer(*args)
+        except Exception:
+            log.failure("observer {observer!r} failed", observer=observer)
 
 
 async def _guard(deferred: Any) -> Any:
@@ -247,10 +256,8 @@ class RelayCore:
                 raise ProtocolError(122, "a forwarded packet is never forwarded again")
             if self.forwarder is None:
                 raise ProtocolError(122, f"federation is off; {packet.address.server_name} is not this relay")
-            queued = await self.forwarder.forward(packet, now, expires, forwarded_by)
-            if isinstance(queued, tuple):  # (message id, expires) of a packet queued earlier
-                queued, expires = queued
-            return {"message_id": queued, "expires": format_date(expires)}
+            message_id, expires = await self.forwarder.forward(packet, now, expires, forwarded_by)
+            return {"message_id": message_id, "expires": format_date(expires)}
         user = await _guard(self.store.get_user(packet.address.user_id))
         if user is None:
             raise ProtocolError(130, f"no user {packet.address.user_id} on this relay")
@@ -264,16 +271,8 @@ class RelayCore:
         except LookupError:  # erased between the lookup and the delivery
             raise ProtocolError(130, f"no user {user.user_id} on this relay")
         if not delivery.duplicate:
-            for stored in self.stored_observers:
-                try:
-                    stored(message)
-                except Exception:
-                    log.failure("stored-message observer failed")
-            for observer in self.message_observers:
-                try:
-                    observer(user, delivery.message_id)
-                except Exception:
-                    log.failure("message observer failed")
+            _tell(self.stored_observers, message)
+            _tell(self.message_observers, user, delivery.message_id)
         return {"message_id": delivery.message_id, "expires": format_date(delivery.expires)}
 
     async def fetch(self, user: UserRecord, limit: Optional[int]) -> dict[str, Any]:
@@ -289,9 +288,5 @@ class RelayCore:
 
     async def expire(self) -> int:
         removed = await self.store.expire(self.now())
-        for observer in self.expired_observers:
-            try:
-                observer(removed)
-            except Exception:
-                log.failure("expiry observer failed")
+        _tell(self.expired_observers, removed)
         return removed
