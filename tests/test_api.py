@@ -294,3 +294,30 @@ async def test_json_body_whatever_its_content_type(relay, users):
     form = {b"Content-Type": [b"application/x-www-form-urlencoded"]}
     answer = await relay.client.call("POST", "/api/v1/user", {"key": users[0].pem}, headers=form)
     assert answer.status == 200 and answer.body == {"user_id": users[0].user_id}
+
+
+GARBAGE_BODIES = [
+    b"", b"\xff\xfe", b"null", b"[]", b'"x"', b"{", b'{"a":1,"a":2}', b"[" * 5000 + b"]" * 5000,
+    b'{"user_id": 5, "date": [], "validity": {}, "signature": null}',
+    b'{"key": "-----BEGIN PUBLIC KEY-----\\nZm9v\\n-----END PUBLIC KEY-----"}',
+    b'{"algorithm": "AES-256-GCM", "password": "", "data": ""}',
+    b'{"algorithm": "AES-256-GCM", "password": "====", "data": "AAAA"}',
+    b'{"ids": "not a list", "user_id": "a", "date": "x", "validity": 1, "signature": "s"}',
+    b'{"validity": 1e400}', b'{"validity": NaN}', b'{"\\ud800": 1}',
+]
+GARBAGE_QUERIES = ["", "?limit=1&limit=2", "?validity=abc", "?user_id=%FF", "?x=1", "?signature=&date=&validity=1&user_id="]
+
+
+@ensure
+async def test_garbage_never_gets_a_traceback_or_a_500(relay):
+    endpoints = ["/api/v1/user", "/api/v1/token", "/api/v1/message", "/api/v1/user/abc", "/api/v1/health"]
+    for path in endpoints:
+        for method in ("POST", "PUT", "DELETE"):
+            for body in GARBAGE_BODIES:
+                answer = await request(method, relay.url + path, body)
+                assert isinstance(answer.body, dict) and answer.body.get("errno") in range(100, 200), (method, path, body[:40], answer.body)
+                assert answer.status < 500
+        for query in GARBAGE_QUERIES:
+            answer = await request("GET", relay.url + path + query)
+            assert isinstance(answer.body, dict), (path, query, answer.body)
+            assert answer.status < 500 and (answer.status == 200 or answer.errno in range(100, 200)), (path, query, answer.body)
