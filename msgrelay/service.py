@@ -181,8 +181,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top.core = core  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     top.limits = limits  # type: ignore[attr-defined]
-    _add_operations(top, options, settings, core, api, site, limits, reactor)
-    _add_federation(top, core, settings, reactor)
+    reloader = _add_operations(top, options, settings, core, api, site, limits, reactor)
+    _add_federation(top, core, settings, reactor, reloader)
     for description in settings.server.listen:
         ListeningService(serverFromString(reactor, description), site, description).setServiceParent(top)
     expiry = TimerService(settings.store.expire_interval, _expire, core)
@@ -191,9 +191,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # Picks up `msgrelay-admin rotate-key` and drops retired keys after their grace period.
     watcher = KeyringWatcher(core.keyring, settings.key_path(), previous_keys_dir(settings), reactor)
     top.keyring_watcher = watcher  # type: ignore[attr-defined]
-    reloader = getattr(top, "reloader", None)
-    if reloader is not None:  # SIGHUP re-reads the key files at once, too
-        reloader.on_reload.append(lambda applied: _check_keys(watcher))
+    reloader.on_reload.append(lambda applied: _check_keys(watcher))  # SIGHUP re-reads the key files too
     key_watch = TimerService(settings.server.key_check_interval, _check_keys, watcher)
     key_watch.clock = reactor
     key_watch.setServiceParent(top)
@@ -216,8 +214,9 @@ class RelayService(MultiService):
 
 
 def _add_operations(top: RelayService, options: Options, settings: Settings, core: RelayCore, api: RelayAPI,
-                    site: RelaySite, limits: RateLimits, reactor: Any) -> None:
-    """Open-file limit, metrics, SIGHUP reload and log output (docs/operations.md)."""
+                    site: RelaySite, limits: RateLimits, reactor: Any) -> ReloadService:
+    """Open-file limit, metrics, SIGHUP reload and log output (docs/operations.md).
+    Returns the SIGHUP reloader, for other parts to hook into."""
     soft, hard = raise_open_file_limit()
     log.info("open-file limit {soft} (hard limit {hard})", soft=soft, hard=hard)
 
@@ -245,9 +244,11 @@ def _add_operations(top: RelayService, options: Options, settings: Settings, cor
                                           warn=lambda message: log.warn(message))
     elif twistd is not None and twistd.under_twistd:
         log.warn("twistd --logger is given: log.format and log.level do not apply")
+    return reloader
 
 
-def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reactor: Any) -> None:
+def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reactor: Any,
+                    reloader: ReloadService) -> None:
     """Federation sender (PROTOCOL.md section 7) and push notifier (section 8).
 
     Added before the listeners, so it is started first and stopped last.
@@ -265,15 +266,13 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
         fail(f"federation: {e}", status=1)
     core.forwarder = sender
     core.message_observers.append(push)
-    reloader = getattr(top, "reloader", None)
-    if reloader is not None:  # SIGHUP: a new mode or peer table applies at once
-        from .federation.factory import reload_policy
+    from .federation.factory import reload_policy
 
-        def federation_reloaded(applied: list[str]) -> None:
-            if any(name in ("federation.mode", "federation.peers") for name in applied):
-                reload_policy(sender, settings)
+    def federation_reloaded(applied: list[str]) -> None:  # SIGHUP: a new mode or peer table applies at once
+        if any(name in ("federation.mode", "federation.peers") for name in applied):
+            reload_policy(sender, settings)
 
-        reloader.on_reload.append(federation_reloaded)
+    reloader.on_reload.append(federation_reloaded)
     sender.setServiceParent(top)
     push.setServiceParent(top)
     top.federation = sender  # type: ignore[attr-defined]
