@@ -41,6 +41,9 @@ class Browser:
         options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
         self.driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
         self.driver.set_script_timeout(WAIT)
+        if width < 500:  # headless windows are at least 500 px wide: emulate a phone's viewport
+            self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": True})
         self.requested: list[str] = []
 
     def quit(self) -> None:
