@@ -4,6 +4,7 @@
 import { Client, UserError } from "./client.js";
 import { RelayError } from "./relay.js";
 import { b64decode } from "./encoding.js";
+import { drawQr } from "./qr.js";
 
 const $ = (id) => document.getElementById(id);
 const VIEWS = ["setup", "messages", "contacts", "invite", "account", "about", "loading"];
@@ -364,6 +365,12 @@ function wire() {
     link.hash = `add=${encodeURIComponent(text)}`;
     $("invite-link").href = link.href;
     $("invite-link").textContent = link.href;
+    try {
+      drawQr($("invite-qr"), text);
+      $("invite-qr-figure").hidden = false;
+    } catch {
+      $("invite-qr-figure").hidden = true; // too long for a QR code: the text and link still work
+    }
     $("invite-result").hidden = false;
     $("invite-text").focus();
     $("invite-text").select();
