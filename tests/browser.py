@@ -43,7 +43,7 @@ class Browser:
         self.driver.set_script_timeout(WAIT)
         if width < 500:  # headless windows are at least 500 px wide: emulate a phone's viewport
             self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                                        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": True})
+                                        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
         self.requested: list[str] = []
 
     def quit(self) -> None:

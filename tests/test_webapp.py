@@ -429,6 +429,14 @@ def test_tokens_push_endpoint_identity_file_and_account_deletion(relay, browsers
 
     key = private_key_from_pem(backup.encode(), PASSPHRASE.encode())
     assert Identity(key, "relay.test").address == address
+    # ... and `msgrelay-client init --key` makes a profile of the same identity from it.
+    path = tmp_path / "identity.pem"
+    path.write_text(backup)
+    same = Person(tmp_path, "same")
+    same.run("init", "--server", relay.url, "--key", str(path), env={"MSGRELAY_PASSPHRASE": PASSPHRASE})
+    assert same.info["address"] == address
+    assert (same.path / "key.pem").read_text() == backup
+    assert same.run("fetch", "--json", env={"MSGRELAY_PASSPHRASE": PASSPHRASE}).records() == []
 
     browser.click("delete-confirm")
     browser.click("delete-submit")
@@ -439,8 +447,6 @@ def test_tokens_push_endpoint_identity_file_and_account_deletion(relay, browsers
     assert caught.value.code == 404
 
     # The same identity file brings the identity back, in another browser profile.
-    path = tmp_path / "identity.pem"
-    path.write_text(backup)
     other = browsers()
     other.open(relay.url + "/app/")
     other.by_id("import-file").send_keys(str(path))
@@ -485,6 +491,11 @@ def test_phone_width_has_no_horizontal_overflow(relay, browsers):
             make_invite(browser)
             browser.screenshot(SCREENSHOTS / "phone-invite.png")
         width = browser.driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        wide = browser.driver.execute_script(
+            "return Array.from(document.querySelectorAll('body *')).filter(e => e.getBoundingClientRect().right > 360.5 || "
+            "(e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1 && getComputedStyle(e).overflowX === 'visible'))"
+            ".map(e => e.tagName + '#' + e.id + '.' + e.className + ' ' + e.getBoundingClientRect().right)")
+        assert not wide, wide
         assert width[1] == 360 and width[0] <= 360, f"{view} is {width[0]} px wide in a {width[1]} px window"
     # Keyboard: every control has a label or an accessible name.
     unlabelled = browser.driver.execute_script("""
@@ -521,3 +532,42 @@ def test_qr_codes_decode_with_zbar(relay, browsers, tmp_path):
         assert done.stdout.decode("utf-8").rstrip("\n") == text, (text, size, done.stderr)
         sizes.add(size)
     assert sizes == {4 * v + 17 for v in range(1, 11)}
+
+
+def test_relay_key_rotation_is_followed_through_signed_transitions(relay, browsers):
+    """PROTOCOL revision 2 `key_transitions`, signed here by Python as a relay would (the relay
+    side is another change): a valid chain moves the pin; a broken one asks the person."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from msgrelay.wire.canonical import canonical_json
+    from msgrelay.wire.keys import fingerprint, public_key_pem
+    from msgrelay.wire.signing import sign_base
+
+    keys = [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(3)]
+    prints = [fingerprint(k.public_key()) for k in keys]
+
+    def transition(old: int, new: int, date: str) -> dict:
+        base = {"type": "msgrelay-key-transition", "server": "relay.test", "from": prints[old], "to": prints[new], "date": date}
+        return {"from": prints[old], "to": prints[new], "from_key": public_key_pem(keys[old].public_key()), "date": date,
+                "signature": sign_base(keys[old], canonical_json(base))}
+
+    chain = [transition(1, 2, "2026-11-28T00:00:00Z"), transition(0, 1, "2026-11-01T00:00:00Z")]
+    info = {"name": "relay.test", "key": public_key_pem(keys[2].public_key()), "fingerprint": prints[2], "key_transitions": chain}
+    forged = dict(chain[0], signature=chain[1]["signature"])
+    browser = browsers()
+    browser.open(relay.url + "/app/")
+    outcome = browser.run_module("""
+        const { Relay } = await import("./js/relay.js");
+        const [info, pinned, forged] = args;
+        const follow = async (obj) => {
+          const relay = new Relay("http://127.0.0.1:9", pinned);
+          let told = null;
+          relay.onRotation = (from, to) => { told = [from, to]; };
+          return relay.followTransitions(obj).then(() => ({ pinned: relay.pinned, told }), (e) => ({ error: e.message, change: e.keyChange }));
+        };
+        return [await follow(info), await follow({ ...info, key_transitions: [forged, info.key_transitions[1]] }),
+                await follow({ ...info, key_transitions: [] })];
+    """, info, prints[0], forged)
+    assert outcome[0] == {"pinned": prints[2], "told": [prints[0], prints[2]]}
+    for refused in outcome[1:]:
+        assert refused["error"].startswith("THE RELAY'S KEY HAS CHANGED") and refused["change"] == {"from": prints[0], "to": prints[2]}
