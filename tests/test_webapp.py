@@ -13,6 +13,7 @@ import http.server
 import json
 import shutil
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -115,7 +116,8 @@ def messages(browser: Browser) -> list[dict]:
         "({text: li.innerText, cls: li.className, status: li.dataset.status, type: li.dataset.type}))")
 
 
-def wait_message(browser: Browser, text: str, direction: str = "in", status: str = "verified") -> dict:
+def wait_message(browser: Browser, text: str, direction: str = "in", status: str = "verified", click: bool = True) -> dict:
+    """Wait for a message in the shown conversation; `click=False` leaves it to the app's polling."""
     def found(_):
         hits = [m for m in messages(browser) if text in m["text"] and direction in m["cls"].split()]
         return hits[0] if hits else None
@@ -123,7 +125,8 @@ def wait_message(browser: Browser, text: str, direction: str = "in", status: str
     if direction == "in":
         if not browser.by_id("view-messages").is_displayed():
             browser.go("messages")
-        browser.click("check-now")
+        if click:
+            browser.click("check-now")
     hit = browser.wait(found, message=f"message {text!r} ({direction}) shown")
     if direction == "in":
         assert hit["status"] == status, hit
@@ -297,7 +300,7 @@ def test_two_browsers_exchange_messages_and_a_reload_keeps_the_identity(relay, b
     choose(alice, "bob")
     wait_message(alice, "Hello Alice, from Bob's browser")
     send_text(alice, "bob", "Hi Bob, Alice here")
-    wait_message(bob, "Hi Bob, Alice here")
+    wait_message(bob, "Hi Bob, Alice here", click=False)  # Bob's page polls by itself
     bob.screenshot(SCREENSHOTS / "messages.png")
 
     # A reload keeps the identity, the contacts and the conversation.
@@ -320,6 +323,7 @@ def test_two_browsers_exchange_messages_and_a_reload_keeps_the_identity(relay, b
     bob.screenshot(SCREENSHOTS / "about.png")
     for browser in (alice, bob):
         assert_only_origins(browser, relay.url)
+        assert not [line for line in browser.console() if "Content Security Policy" in line]
 
 
 def test_browser_and_cli_exchange_messages_both_ways(relay, browsers, tmp_path):
@@ -503,6 +507,21 @@ def test_phone_width_has_no_horizontal_overflow(relay, browsers):
             !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim()).map(e => e.id);
     """)
     assert unlabelled == []
+    # Keyboard alone: Tab reaches the navigation, Enter switches the view, focus is visible.
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    def press(key: str) -> str:
+        ActionChains(browser.driver).send_keys(key).perform()
+        return browser.driver.execute_script("return document.activeElement.id")
+
+    browser.driver.execute_script("document.getElementById('nav-messages').focus()")
+    assert press(Keys.TAB) == "nav-contacts"
+    assert press(Keys.TAB) == "nav-invite"
+    press(Keys.ENTER)
+    browser.wait(lambda d: browser.by_id("view-invite").is_displayed(), message="the invite view by keyboard")
+    outline = browser.driver.execute_script("return getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none"
 
 
 def test_qr_codes_decode_with_zbar(relay, browsers, tmp_path):
@@ -571,3 +590,49 @@ def test_relay_key_rotation_is_followed_through_signed_transitions(relay, browse
     assert outcome[0] == {"pinned": prints[2], "told": [prints[0], prints[2]]}
     for refused in outcome[1:]:
         assert refused["error"].startswith("THE RELAY'S KEY HAS CHANGED") and refused["change"] == {"from": prints[0], "to": prints[2]}
+
+
+def test_relay_key_rotation_on_a_running_relay(browsers, tmp_path):
+    """`msgrelay-admin rotate-key` on a real relay: the app follows a signed transition when
+    the relay publishes one (revision 2), else it stops and asks the person to confirm."""
+    from relayproc import RelayProcess
+
+    config = tmp_path / "rotating.toml"
+    config.write_text('[server]\nkey_check_interval = 1\n\n[rate_limits]\nexempt = ["127.0.0.1"]\n')
+    state = tmp_path / "rotating" / "state"
+    process = RelayProcess(state, extra_args=["--config", str(config)]).start()
+    try:
+        browser = browsers()
+        create_identity(browser, process.url + "/app/")
+        grace = Person(tmp_path, "grace").init(process.url)
+        add_contact(browser, "grace", grace.run("invite").out.strip())
+        admin = str(Path(sys.executable).with_name("msgrelay-admin"))
+        rotated = subprocess.run([admin, "rotate-key", "--config", str(config), "--state-dir", str(state), "--json"],
+                                 capture_output=True, text=True, timeout=120)
+        assert rotated.returncode == 0, rotated.stderr
+        new = json.loads(rotated.stdout)["fingerprint"]
+        browser.wait(lambda d: json.load(urllib.request.urlopen(process.url + "/api/v1/server"))["fingerprint"] == new,
+                     message="the relay serving its new key")
+        info = json.load(urllib.request.urlopen(process.url + "/api/v1/server"))
+        browser.driver.refresh()
+        browser.wait(lambda d: d.execute_script("return document.body.dataset.ready === 'true'"), message="reloaded")
+        browser.go("messages")
+        browser.click("check-now")
+        if info.get("key_transitions"):
+            browser.notice("The relay rotated its key")
+        else:
+            browser.error("THE RELAY'S KEY HAS CHANGED")
+            browser.wait(lambda d: browser.by_id("relay-key").is_displayed(), message="the trust button")
+            browser.screenshot(SCREENSHOTS / "relay-key-changed.png")
+            browser.click("relay-key-trust")
+            browser.notice("The new relay key is now trusted")
+        pinned = browser.run_module("""
+            const store = await import("./js/store.js");
+            return (await store.get("kv", "identity")).serverFingerprint;
+        """)
+        assert pinned == new
+        send_text(browser, "grace", "after the rotation")
+        records = grace.run("--trust-fingerprint", new, "fetch", "--json").records()
+        assert [r.get("text") for r in records if r["type"] == "text"] == ["after the rotation"]
+    finally:
+        process.stop()
