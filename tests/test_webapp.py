@@ -400,6 +400,24 @@ def test_a_changed_contact_key_blocks_sending_until_confirmed(relay, browsers, t
     assert [r.get("text") for r in records if r["type"] == "text"] == ["to the old key"]
 
 
+def test_a_message_that_fails_verification_is_shown_as_not_trusted(relay, browsers):
+    """A correctly signed message addressed to someone else (passed on) arrives through the relay."""
+    browser = browsers()
+    create_identity(browser, relay.url + "/app/")
+    browser.run_module("""
+        const { Client } = await import("./js/client.js");
+        const m = await import("./js/messages.js");
+        const client = await Client.load();
+        const minted = await client.mintToken("to myself");
+        const message = await m.buildMessage(client.me, "aaaabbbbccccddddeeeeffffgggghhhh@relay.test", m.RAW_MESSAGE,
+                                             m.textData("forwarded words", null, ""), client.relay.now());
+        await client.postPacket({ address: client.address, keyPem: client.identity.publicPem, token: minted.token }, message);
+    """)
+    hit = wait_message(browser, "Not trusted", status="rejected")
+    assert "addressed to aaaabbbbccccddddeeeeffffgggghhhh@relay.test, not to you" in hit["text"]
+    assert "forwarded words" not in hit["text"]
+
+
 def test_tokens_push_endpoint_identity_file_and_account_deletion(relay, browsers, tmp_path):
     browser = browsers()
     address = create_identity(browser, relay.url + "/app/")
