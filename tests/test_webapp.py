@@ -361,8 +361,18 @@ def test_browser_and_cli_exchange_messages_both_ways(relay, browsers, tmp_path):
     assert all(r["status"] == "ok" for r in records) and records[1]["contact"] == "webby"
     assert records[1]["text"] == "first words from the browser" and records[1]["name"] == "Web"
     dave.run("send", "webby", "the CLI answers")
+    attachment = tmp_path / "from-cli.bin"
+    attachment.write_bytes(b"\x00\xffbinary from the CLI" * 10)
+    dave.run("send", "webby", "--file", str(attachment))
     choose(browser, "dave")
     wait_message(browser, "the CLI answers")
+    wait_message(browser, "Received file")
+    stored = browser.run_module("""
+        const store = await import("./js/store.js");
+        return (await store.all("messages")).filter((m) => m.type === "file" && m.direction === "in").map((m) => m.fileData);
+    """)
+    assert stored == [base64.b64encode(attachment.read_bytes()).decode()]
+    assert f"({len(attachment.read_bytes())} bytes)" in [m for m in messages(browser) if m["type"] == "file"][0]["text"]
     assert_only_origins(browser, relay.url)
 
 
