@@ -29,6 +29,7 @@ from .settings import SettingError, Settings, read_toml, resolve
 from .store.factory import open_store
 from .store.interface import StoreUnavailable
 from .web.api import RelayAPI, allowed_methods
+from .web.app import web_client_routes
 from .web.site import RelaySite
 
 log = Logger()
@@ -183,6 +184,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top.limits = limits  # type: ignore[attr-defined]
     reloader = _add_operations(top, options, settings, core, api, site, limits, reactor)
     _add_federation(top, core, settings, reactor, reloader)
+    if settings.web_client.enabled:  # the browser client at /app/ (msgrelay/web/app.py)
+        site.routes.update(web_client_routes(settings.server.errors_url or None))
     for description in settings.server.listen:
         ListeningService(serverFromString(reactor, description), site, description).setServiceParent(top)
     expiry = TimerService(settings.store.expire_interval, _expire, core)

@@ -155,6 +155,8 @@ SETTINGS: list[Setting] = [
     Setting("push", "ca_file", str, "", _readable_file),
     Setting("push", "retries", int, 3, _between(0, 10)),
     Setting("push", "timeout", int, 10, _positive),
+    # The browser client at /app/ (issue 12, docs/web-client.md); needs a restart.
+    Setting("web_client", "enabled", bool, True),
 ]
 
 BY_NAME = {s.name: s for s in SETTINGS}

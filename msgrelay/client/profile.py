@@ -202,6 +202,10 @@ class Profile:
     def write_key(self, key: rsa.RSAPrivateKey, passphrase: Optional[bytes] = None) -> None:
         create_durably(self.key_path, private_key_to_pem(key, passphrase), 0o600)
 
+    def write_key_pem(self, pem: bytes) -> None:
+        """An imported key file, kept as it is (encrypted or not), 0600."""
+        create_durably(self.key_path, pem, 0o600)
+
     def key_pem(self) -> bytes:
         """The key file's bytes, refusing a file others can read (as ssh does)."""
         try:
