@@ -15,6 +15,7 @@ setup(
         "msgrelay.client",
         "msgrelay.federation",
         "msgrelay.admin",
+        "msgrelay.net",
         "twisted.plugins",
     ],
     package_data={"msgrelay.web": ["errors.md"], "twisted.plugins": ["msgrelay_plugin.py"]},
