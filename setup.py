@@ -15,6 +15,7 @@ setup(
         "msgrelay.client",
         "msgrelay.federation",
         "msgrelay.admin",
+        "msgrelay.control",
         "msgrelay.net",
         "twisted.plugins",
     ],
