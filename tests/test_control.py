@@ -78,6 +78,8 @@ async def test_retry_now_and_live_queues(start_relay, users, tmp_path):
     await eventually(lambda: len(fake.received) == 1)
     await eventually(lambda: queue.state is QueueState.IDLE and not queue.entries)
     assert (await call(a, "POST", "/v1/queues/b.test/retry"))["retrying"] is False
+    other = await call(a, "POST", "/v1/queues/C.test%3A8443/retry")  # as msgrelay-admin quotes it
+    assert other == {"destination": "c.test:8443", "retrying": False, "queued": 0}
 
 
 @ensure

@@ -435,3 +435,34 @@ def test_open_federation_to_made_up_relays_leaves_nothing_behind(tmp_path):
         assert os.listdir(tmp_path / "outbox" / ".dedup") == []
     finally:
         service.stopService()
+
+
+def test_packets_accepted_while_the_outbox_loads_are_sent_after_the_old_ones(tmp_path):
+    clock = task.Clock()
+    clock.advance(T0)
+    outbox = FederationOutbox.open(tmp_path / "outbox")
+    for n in range(2):  # what a previous process left
+        outbox.add("b.test", packet("b.test", n).to_json(), T0, T0 + 600)
+    peer = FakePeer("b.test", peer_key(0))
+    http = StubTreq(HostRouter({"b.test": peer}))
+    held: list[Deferred] = []
+
+    def run(function: Any, *args: Any) -> Deferred:
+        if getattr(function, "__name__", "") == "_load":  # the outbox load takes its time
+            d: Deferred = Deferred()
+            held.append(d)
+            d.addCallback(lambda _: function(*args))
+            return d
+        return maybeDeferred(function, *args)
+
+    service = FederationService(outbox, Deliverer(http, PeerKeys(http, clock, 3600, 10), clock, "a.test", 10),
+                                Backoff(1, 60), FederationPolicy("allowlist", parse_peer_table(["b.test=https://b.test"]),
+                                                                 "a.test"), clock, 1000, run=run)
+    service.startService()
+    try:
+        fired(Deferred.fromCoroutine(service.forwarder.forward(packet("b.test", 2), T0, T0 + 600, None)))
+        assert peer.packets() == []  # accepted (200) but not sent before the older packets are known
+        held[0].callback(None)
+        assert [p["id"] for p in peer.packets()] == ["p0", "p1", "p2"]
+    finally:
+        service.stopService()

@@ -9,6 +9,7 @@ import stat
 import struct
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import unquote
 
 from twisted.application.service import Service
 from twisted.internet.endpoints import UNIXServerEndpoint
@@ -69,7 +70,7 @@ class ControlResource(Resource):
         if uid is not None and uid not in (0, os.geteuid()):
             return self._answer(request, 403, {"error": "only the relay's own user or root may use this socket"})
         method = request.method.decode("ascii", "replace")
-        parts = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        parts = [unquote(p.decode("utf-8", "replace")) for p in request.postpath if p]
         try:
             code, body = self._route(method, parts)
         except Exception as e:

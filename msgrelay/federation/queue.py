@@ -63,15 +63,21 @@ class DestinationQueue:
 
     # -- contents ------------------------------------------------------------------
 
-    def add(self, entry: Entry) -> None:
-        """Insert in arrival order (writes finishing out of order still queue in order), and send."""
+    def insert(self, entry: Entry) -> bool:
+        """Insert in arrival order (writes finishing out of order still queue in order)."""
         if entry.id in self.ids:
-            return
+            return False
         self.ids.add(entry.id)
         if not self.entries or (entry.seq, entry.nonce) > (self.entries[-1].seq, self.entries[-1].nonce):
             self.entries.append(entry)
         else:
             bisect.insort(self.entries, entry, key=lambda e: (e.seq, e.nonce))
+        return True
+
+    def add(self, entry: Entry) -> None:
+        """A newly accepted packet: queue it, and send unless the queue waits."""
+        if not self.insert(entry):
+            return
         if self.state is QueueState.IDLE:
             self.kick()
         elif self._timer is not None and entry.expires < self._timer.getTime():
@@ -101,7 +107,7 @@ class DestinationQueue:
 
     def kick(self) -> None:
         """Start sending unless already sending or waiting for the next attempt."""
-        if not self.owner.running or self._draining or self._timer is not None:
+        if not self.owner.sending or self._draining or self._timer is not None:
             return
         if not self.entries:
             self._emptied()
@@ -123,13 +129,13 @@ class DestinationQueue:
             settled, self._settled = self._settled, []
             for d in settled:
                 d.callback(self)
-        if self.owner.running and not self.entries and self._timer is None:
+        if self.owner.sending and not self.entries and self._timer is None:
             self._emptied()
 
     async def _deliver_all(self) -> None:
         """Deliver the head of the queue until it is empty or an outcome says to wait."""
         refetched: Optional[str] = None  # the entry whose key was fetched again at once
-        while self.owner.running and self.entries:
+        while self.owner.sending and self.entries:
             entry = self.entries[0]
             if entry.expires <= self.owner.clock.seconds():
                 log.warn("federation: {message_id} for {destination} expired in the queue; dropped",
@@ -154,7 +160,7 @@ class DestinationQueue:
                 await self._wait(str(e), QueueState.BACKING_OFF, None)
                 return
             result = await self.owner.deliverer.attempt(peer, packet, entry.expires)
-            if not self.owner.running:
+            if not self.owner.sending:
                 return
             outcome = result.outcome
             if outcome is Outcome.REFETCH_KEY and refetched != entry.id:
@@ -198,7 +204,7 @@ class DestinationQueue:
             await self.owner.run(self.owner.outbox.save_backoff, self.name, self.backoff)
         except OutboxUnavailable as e:
             log.error("federation: {problem}", problem=str(e))
-        if not self.owner.running:
+        if not self.owner.sending:
             return
         log.info("federation: next attempt for {destination} in {delay:.1f}s ({queued} queued)",
                  destination=self.name, delay=delay, queued=len(self.entries))
@@ -238,7 +244,7 @@ class DestinationQueue:
 
     async def _woken(self) -> None:
         await self._drop_expired()
-        if not self.owner.running or self._timer is not None or self._draining:
+        if not self.owner.sending or self._timer is not None or self._draining:
             return
         if not self.entries:
             self._emptied()
@@ -267,7 +273,7 @@ class DestinationQueue:
             await self.owner.run(self.owner.outbox.clear_backoff, self.name)
         except OutboxUnavailable as e:
             log.error("federation: {problem}", problem=str(e))
-        if self.owner.running and not self._draining:
+        if self.owner.sending and not self._draining:
             self.state = QueueState.IDLE
             self.kick()
         await self.when_settled()

@@ -33,7 +33,8 @@ class Queues:
         self.backoff = backoff
         self.clock = clock
         self.policy = policy
-        self.running = False
+        self.running = False  # packets are accepted (from start to stop)
+        self.sending = False  # queues send (once what a previous process left is loaded)
         self.queues: dict[str, DestinationQueue] = {}
         for name in policy.peers:
             self.get(name)
@@ -58,33 +59,36 @@ class Queues:
             queue = self.queues[destination] = DestinationQueue(destination, self)
         return queue
 
-    def load(self, found: dict[str, tuple[list[Entry], BackoffState]]) -> None:
-        """Queues as a previous process left them; then every queue that may send, sends."""
+    def start(self) -> None:
         self.running = True
+
+    def load(self, found: dict[str, tuple[list[Entry], BackoffState]]) -> None:
+        """Queues as a previous process left them (merged with packets accepted meanwhile);
+        then every queue that may send, sends."""
         total = 0
         for destination, (entries, saved) in found.items():
             queue = self.get(destination)
             for entry in entries:
-                queue.ids.add(entry.id)
-                queue.entries.append(entry)
+                queue.insert(entry)
             total += len(entries)
             queue.restore(saved)
         if total:
             log.info("federation: resuming {count} queued packets for {destinations} destinations",
                      count=total, destinations=sum(1 for entries, _ in found.values() if entries))
+        self.sending = self.running
         for queue in self.values():
             if queue.state is QueueState.IDLE:
                 queue.kick()
 
     def stop(self) -> None:
-        self.running = False
+        self.running = self.sending = False
         for queue in self.values():
             queue.cancel_timer()
 
     def emptied(self, queue: DestinationQueue) -> None:
         """An empty queue of an unlisted destination is forgotten, and its folder removed."""
         if (queue.entries or queue.adding or queue.name in self.policy.peers
-                or self.queues.get(queue.name) is not queue or not self.running):
+                or self.queues.get(queue.name) is not queue or not self.sending):
             return
         del self.queues[queue.name]
         self.run(self.outbox.remove_destination, queue.name).addErrback(

@@ -72,6 +72,7 @@ class FederationService(Service):
         super().startService()
         if self._threads is not None:
             self._threads.start()
+        self.queues.start()  # accepting now; sending once the outbox is loaded
         self.ready = self.queues.run(self._load)
         self.ready.addCallback(self.queues.load)
         self.ready.addErrback(lambda f: log.failure("cannot load the federation outbox", f))
