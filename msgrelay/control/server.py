@@ -44,11 +44,10 @@ def prepare_directory(directory: Path) -> None:
         raise ControlError(f"{directory} has mode {stat.S_IMODE(info.st_mode):04o}; it must be 0700")
 
 
-def peer_uid(request: Any) -> Optional[int]:
-    """The uid of the process at the other end of the UNIX socket (Linux), else None."""
+def peer_uid(sock: Any) -> Optional[int]:
+    """The uid of the process at the other end of a UNIX socket (Linux), else None."""
     try:
-        handle = request.channel.transport.getHandle()
-        raw = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
     except (AttributeError, OSError):
         return None
     return int(_PEERCRED.unpack(raw)[1])
@@ -66,7 +65,7 @@ class ControlResource(Resource):
         self.keyring_watcher = keyring_watcher
 
     def render(self, request: Any) -> bytes:
-        uid = peer_uid(request)
+        uid = peer_uid(getattr(request.channel.transport, "getHandle", lambda: None)())
         if uid is not None and uid not in (0, os.geteuid()):
             return self._answer(request, 403, {"error": "only the relay's own user or root may use this socket"})
         method = request.method.decode("ascii", "replace")
