@@ -107,6 +107,20 @@ async def test_an_open_run_directory_is_refused(tmp_path, start_relay, logs):
     assert (await relay.client.call("GET", "/api/v1/health")).status == 200
 
 
+@ensure
+async def test_a_state_dir_too_long_for_a_socket_name_still_runs(tmp_path, start_relay, logs):
+    state = tmp_path / ("d" * 120) / "state"
+    relay = await start_relay(state_dir=state)
+    line = await eventually(lambda: next((x for x in logs() if "control socket" in x and "not available" in x), None))
+    assert str(control_socket_path(state)) in line
+    assert (await relay.client.call("GET", "/api/v1/health")).status == 200
+    with pytest.raises(ControlUnavailable):
+        await call(relay, "GET", "/v1/status")
+    listed = await deferToThread(admin, "queue", "list", "--state-dir", str(state))
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.startswith("relay running, but its control socket does not answer")
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
                     reason="needs root (to act as another user) and /usr/bin/python3")
 @ensure
