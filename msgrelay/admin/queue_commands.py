@@ -165,8 +165,10 @@ def _ask_running_relay(admin: AdminContext, destination: str) -> None:
 
 def _deliver_here(admin: AdminContext, destination: str) -> None:
     """One sending pass over one queue, by the relay's own federation service run here."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as default_reactor
     from twisted.internet.defer import Deferred, maybeDeferred
+
+    reactor: Any = default_reactor
 
     from ..federation.factory import build_sender
 

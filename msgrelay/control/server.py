@@ -112,9 +112,8 @@ class ControlService(Service):
     directory, so a socket file left by a crashed process is removed and made anew.
     """
 
-    name = "control"
-
     def __init__(self, state_dir: Path, resource: ControlResource, reactor: Any):
+        self.setName("control")
         self.directory = control_dir(state_dir)
         self.path = control_socket_path(state_dir)
         self.site = Site(resource)

@@ -33,11 +33,10 @@ DEDUP_SWEEP_SECONDS = 60.0
 
 
 class FederationService(Service):
-    name = "federation"
-
     def __init__(self, outbox: FederationOutbox, deliverer: Deliverer, backoff: Backoff, policy: FederationPolicy,
                  clock: Any, max_queue: int, *, endpoints: Optional[GuardedEndpointFactory] = None,
                  pool: Any = None, run: Optional[Callable[..., Deferred]] = None, only: Optional[str] = None):
+        self.setName("federation")
         self.outbox = outbox
         self.deliverer = deliverer
         self.clock = clock
