@@ -16,6 +16,8 @@ setup(
         "msgrelay.client",
         "msgrelay.federation",
         "msgrelay.admin",
+        "msgrelay.control",
+        "msgrelay.net",
         "twisted.plugins",
     ],
     package_data={"msgrelay.web": ["errors.md"], "msgrelay.webapp": ["static/*", "static/*/*"], "twisted.plugins": ["msgrelay_plugin.py"]},

@@ -23,6 +23,7 @@ from .ratelimit import RateLimits
 from .reload import ReloadService
 from .timeouts import raise_open_file_limit
 from .relay import RelayCore
+from .control.server import build_control
 from .keyrotation import KeyringWatcher, load_keyring, previous_keys_dir
 from .serverkey import ServerKeyError
 from .settings import SettingError, Settings, read_toml, resolve
@@ -183,7 +184,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top.site = site  # type: ignore[attr-defined]
     top.limits = limits  # type: ignore[attr-defined]
     reloader = _add_operations(top, options, settings, core, api, site, limits, reactor)
-    _add_federation(top, core, settings, reactor, reloader)
+    federation = _add_federation(top, core, settings, reactor, reloader)
     if settings.web_client.enabled:  # the browser client at /app/ (msgrelay/web/app.py)
         site.routes.update(web_client_routes(settings.server.errors_url or None))
     for description in settings.server.listen:
@@ -198,6 +199,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     key_watch = TimerService(settings.server.key_check_interval, _check_keys, watcher)
     key_watch.clock = reactor
     key_watch.setServiceParent(top)
+    build_control(settings, federation, watcher, reactor).setServiceParent(top)  # msgrelay-admin's socket
     log.info("msgrelay {version} serving {name} from {backend} store",
              version=__version__, name=core.name, backend=core.store.name)
     return top
@@ -251,7 +253,7 @@ def _add_operations(top: RelayService, options: Options, settings: Settings, cor
 
 
 def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reactor: Any,
-                    reloader: ReloadService) -> None:
+                    reloader: ReloadService) -> Any:
     """Federation sender (PROTOCOL.md section 7) and push notifier (section 8).
 
     Added before the listeners, so it is started first and stopped last.
@@ -267,7 +269,7 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
         fail(f"federation outbox: {e}; is another relay using state_dir {settings.state_dir}?", status=1)
     except (OutboxUnavailable, OSError, ValueError) as e:
         fail(f"federation: {e}", status=1)
-    core.forwarder = sender
+    core.forwarder = sender.forwarder
     core.message_observers.append(push)
     from .federation.factory import reload_policy
 
@@ -280,6 +282,7 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
     push.setServiceParent(top)
     top.federation = sender  # type: ignore[attr-defined]
     top.push = push  # type: ignore[attr-defined]
+    return sender
 
 
 async def _expire_once(core: RelayCore) -> None:

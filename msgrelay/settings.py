@@ -155,6 +155,8 @@ SETTINGS: list[Setting] = [
     Setting("push", "ca_file", str, "", _readable_file),
     Setting("push", "retries", int, 3, _between(0, 10)),
     Setting("push", "timeout", int, 10, _positive),
+    Setting("push", "backoff_min", int, 1, _positive),
+    Setting("push", "backoff_max", int, 60, _positive),
     # The browser client at /app/ (issue 12, docs/web-client.md); needs a restart.
     Setting("web_client", "enabled", bool, True),
 ]
@@ -229,6 +231,8 @@ def _check_federation(values: dict[str, Any]) -> None:
     """Cross-checks of the federation settings (each one alone was checked above)."""
     if values["federation.backoff_min"] > values["federation.backoff_max"]:
         raise SettingError("federation.backoff_min: must not exceed federation.backoff_max")
+    if values["push.backoff_min"] > values["push.backoff_max"]:
+        raise SettingError("push.backoff_min: must not exceed push.backoff_max")
     if values["federation.mode"] == "allowlist" and not values["federation.peers"]:
         raise SettingError("federation.peers: mode 'allowlist' needs at least one peer (--peer NAME=URL)")
     own = values["server.name"].lower()

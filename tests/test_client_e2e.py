@@ -261,7 +261,7 @@ LIBRARY_PRELUDE = """
 import json, sys
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.task import react
-from msgrelay.client.api import RelayAPI
+from msgrelay.client.api import RelayClient
 from msgrelay.client.errors import RelayError
 from msgrelay.client.identity import Identity
 from msgrelay.client.messages import RAW_MESSAGE, build_message, seal_message, text_data
@@ -297,7 +297,7 @@ message = build_message(me, bob["address"], RAW_MESSAGE, text_data("pay 10 EUR",
 message["data"]["content"] = "pay 10000 EUR"
 
 async def main(reactor):
-    api = RelayAPI(url, reactor=reactor)
+    api = RelayClient(url, reactor=reactor)
     await api.send_packet(packet("forged-1", message))
     await api.close()
 
@@ -316,7 +316,7 @@ def test_second_copy_of_a_signed_message_is_shown_once(person, relay):
 message = build_message(me, bob["address"], RAW_MESSAGE, text_data("only once", None))
 
 async def main(reactor):
-    api = RelayAPI(url, reactor=reactor)
+    api = RelayClient(url, reactor=reactor)
     await api.send_packet(packet("copy-1", message))
     await api.send_packet(packet("copy-2", message))
     await api.close()
@@ -334,7 +334,7 @@ def test_a_replayed_signed_request_is_refused(person, relay):
     introduce(alice, bob)
     out = run_as_alice(alice, relay, """
 async def main(reactor):
-    api = RelayAPI(url, reactor=reactor, identity=me)
+    api = RelayClient(url, reactor=reactor, identity=me)
     info = await api.server_info()
     params = {"user_id": me.user_id, "date": format_date(__import__("time").time()), "validity": 60, "ids": []}
     signed = sign_params(key, params, "DELETE", "/api/v1/message", info.name)

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import __version__
 from ..wire.dates import format_date
-from .api import DEFAULT_TIMEOUT, RelayAPI, normalise_url
+from .api import DEFAULT_TIMEOUT, RelayClient, normalise_url
 from .cli_contacts import contact, invite, token
 from .cli_messages import fetch, outbox, send
 from .cli_session import Job, Options, new_passphrase, pass_options, read_passphrase, report_bug, run_job
@@ -72,7 +72,7 @@ def init(opts: Options, server: str, display_name: str, passphrase: bool, regist
     secret = new_passphrase() if passphrase and not profile.has_key() else None
 
     async def job(reactor: Any) -> None:
-        api = RelayAPI(url, reactor=reactor, ca_file=opts.ca_file, pinned_fingerprint=pinned, timeout=opts.timeout)
+        api = RelayClient(url, reactor=reactor, ca_file=opts.ca_file, pinned_fingerprint=pinned, timeout=opts.timeout)
         try:
             info = await api.server_info()
             profile.create_folder()

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import AbstractSet, Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence
 
-from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.threads import deferToThreadPool
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 import treq
 from treq.client import HTTPClient
+
+from ..net import http as net_http
+from ..net.http import tls_policy
+from ..net.trust import load_trust_root
 
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
@@ -119,15 +122,20 @@ class GuardedEndpointFactory:
     """Endpoints for an Agent: trusted hosts directly, every other host through the address check."""
 
     def __init__(self, reactor: Any, tls_policy: BrowserLikePolicyForHTTPS, resolve: Resolver,
-                 allow_private: bool, trusted: AbstractSet[tuple[str, int]] = frozenset(), timeout: float = 30):
+                 allow_private: bool, trusted: Iterable[tuple[str, int]] = (), timeout: float = 30):
         self.reactor = reactor
         self.tls_policy = tls_policy
         self.resolve = resolve
         self.allow_private = allow_private
-        # (host, port) pairs the operator configured, reached without the address check; the
-        # owner may pass a set and update it in place when the peer table is reloaded.
-        self.trusted = trusted
+        self.trusted: frozenset[tuple[str, int]] = frozenset()
+        self.set_trusted(trusted)
         self.timeout = timeout
+
+    def set_trusted(self, hosts: Iterable[tuple[str, int]]) -> None:
+        """(host, port) pairs the operator configured, reached without the address check.
+
+        Replaced whole (a reloaded peer table), never shared with another object."""
+        self.trusted = frozenset((host.lower(), port) for host, port in hosts)
 
     def endpointForURI(self, uri: Any) -> Any:
         host = uri.host.decode("ascii")
@@ -142,31 +150,19 @@ class GuardedEndpointFactory:
         return endpoint
 
 
-def load_trust_root(ca_file: str) -> Any:
-    """The platform's roots, or every certificate in a PEM bundle (ValueError if none)."""
-    if not ca_file:
-        return ssl.platformTrust()
-    with open(ca_file, "rb") as f:
-        pem = f.read()
-    marker = b"-----END CERTIFICATE-----"
-    certificates = [ssl.Certificate.loadPEM(block + marker) for block in pem.split(marker) if b"-----BEGIN" in block]
-    if not certificates:
-        raise ValueError(f"{ca_file} holds no PEM certificate")
-    return ssl.trustRootFromCertificates(certificates)
-
-
 def make_http_client(reactor: Any, ca_file: str, resolve: Resolver, allow_private: bool,
-                     trusted: AbstractSet[tuple[str, int]] = frozenset(), persistent: bool = True,
+                     trusted: Iterable[tuple[str, int]] = (), persistent: bool = True,
                      timeout: float = 30) -> tuple[HTTPClient, Optional[HTTPConnectionPool]]:
     """A treq client with verified TLS and the address guard, and its pool (to close at stop)."""
-    policy = BrowserLikePolicyForHTTPS(trustRoot=load_trust_root(ca_file))
-    pool = HTTPConnectionPool(reactor, persistent=persistent) if persistent else None
-    if pool is not None:
-        pool.maxPersistentPerHost = 2
-        pool.retryAutomatically = False  # a POST /message is retried by our own queue, never blindly
-    factory = GuardedEndpointFactory(reactor, policy, resolve, allow_private, trusted, timeout)
-    agent = Agent.usingEndpointFactory(reactor, factory, pool=pool)
-    return HTTPClient(agent), pool
+    endpoints = GuardedEndpointFactory(reactor, tls_policy(load_trust_root(ca_file)), resolve, allow_private,
+                                       trusted, timeout)
+    return guarded_http_client(reactor, endpoints, persistent)
+
+
+def guarded_http_client(reactor: Any, endpoints: "GuardedEndpointFactory",
+                        persistent: bool = True) -> tuple[HTTPClient, Optional[HTTPConnectionPool]]:
+    """The shared treq client factory over these guarded endpoints (their owner keeps them)."""
+    return net_http.make_http_client(reactor, endpoints=endpoints, persistent=persistent)
 
 
 class BodyTooLarge(Exception):

@@ -105,6 +105,14 @@ class FederationPolicy:
             raise ProtocolError(122, f"{destination} is not a public address; list it as a peer to reach it")
         return Peer(destination, f"https://{destination}", None, listed=False)
 
+    def trusted_hosts(self) -> frozenset[tuple[str, int]]:
+        """(host, port) of every listed peer: the operator's choice, reached without the address guard."""
+        hosts = set()
+        for peer in self.peers.values():
+            parts = urlsplit(peer.url)
+            hosts.add(((parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)))
+        return frozenset(hosts)
+
     def peer_for_delivery(self, destination: str) -> tuple[Optional[Peer], Optional[str]]:
         """(peer, None) when a queued packet may go now, else (None, why not)."""
         try:
