@@ -31,7 +31,7 @@ from .wire.errors import ProtocolError
 
 log = Logger()
 
-_RATE = re.compile(r"^\s*([0-9]+)\s*/\s*([0-9]+)\s*$")
+_RATE = re.compile(r"[ \t]*([0-9]+)[ \t]*/[ \t]*([0-9]+)[ \t]*")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -46,7 +46,7 @@ class Rate:
         """'COUNT/SECONDS' -> Rate, 'off' -> None; ValueError naming the problem otherwise."""
         if text.strip().lower() == "off":
             return None
-        match = _RATE.match(text)
+        match = _RATE.fullmatch(text)
         if not match:
             raise ValueError(f"{text!r} is not COUNT/SECONDS (e.g. \"20/3600\") or \"off\"")
         count, period = int(match.group(1)), int(match.group(2))

@@ -153,7 +153,7 @@ async def test_send_fetch_acknowledge_cycle(relay, users):
     alice = users[0]
     await client.register(alice)
     token = await client.mint(alice)
-    sent = [await client.send(alice, token, body=json.dumps({"n": n}).encode(), signature="sig") for n in range(3)]
+    sent = [await client.send(alice, token, body=json.dumps({"n": n}).encode(), signature="c2ln") for n in range(3)]
     assert all(a.status == 200 for a in sent)
     answer, messages = await client.fetch(alice, limit=2)
     assert answer.body["algorithm"] == "AES-256-GCM"
@@ -161,7 +161,7 @@ async def test_send_fetch_acknowledge_cycle(relay, users):
     assert [m["id"] for m in messages] == [a.body["message_id"] for a in sent[:2]]
     token_id = (await client.signed(alice, "GET", "/api/v1/token")).body["tokens"][0]["id"]
     assert set(messages[0]) == {"id", "token", "data", "algorithm", "password", "received", "expires", "signature"}
-    assert messages[0]["token"] == token_id and messages[0]["signature"] == "sig"
+    assert messages[0]["token"] == token_id and messages[0]["signature"] == "c2ln"
     from msgrelay.wire.envelope import open_envelope
     assert json.loads(open_envelope([alice.key], messages[1])) == {"n": 1}
     again, refetched = await client.fetch(alice)

@@ -12,13 +12,13 @@ from ..wire.dates import format_date
 from ..durable import create_durably
 from .profile import json_bytes
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _SAFE_STEM = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def file_stem(message_id: str) -> str:
     """A file name for a relay message id; ids that are not plain become their hash."""
-    if _SAFE_ID.match(message_id):
+    if _SAFE_ID.fullmatch(message_id):
         return message_id
     return "h" + hashlib.sha256(message_id.encode("utf-8")).hexdigest()
 

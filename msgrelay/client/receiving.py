@@ -35,7 +35,7 @@ def _pick_name(session: Session, contacts: dict[str, Contact], token_id: Any, us
     """The name given at `invite --for NAME` for the token they used, else `user-<id prefix>`."""
     invites = session.profile.load_config().get("invites", {})
     wanted = invites.get(token_id, {}).get("for") if isinstance(token_id, str) else None
-    candidates = [wanted] if isinstance(wanted, str) and CONTACT_NAME_RE.match(wanted) else []
+    candidates = [wanted] if isinstance(wanted, str) and CONTACT_NAME_RE.fullmatch(wanted) else []
     candidates.append(f"user-{user_id[:8]}")
     candidates += [f"user-{user_id[:8]}-{n}" for n in range(2, 100)]
     return next(c for c in candidates if c not in contacts)

@@ -34,7 +34,7 @@ LOCK_NAME = ".lock"
 STATUS_NAME = ".status.json"
 DEDUP_DIR = ".dedup"
 RETRY_FLAG = ".retry-now"
-_ENTRY = re.compile(r"^(\d{16})-(\d{1,12})-(\d{1,12})-([0-9a-f]{8})\.json$")
+_ENTRY = re.compile(r"([0-9]{16})-([0-9]{1,12})-([0-9]{1,12})-([0-9a-f]{8})\.json")
 
 
 class OutboxUnavailable(Exception):
@@ -148,7 +148,7 @@ class Outbox:
             return []
         found = []
         for name in names:
-            match = _ENTRY.match(name)
+            match = _ENTRY.fullmatch(name)
             if match:
                 seq, received, expires, nonce = match.groups()
                 found.append(Entry(destination, int(seq), int(received), int(expires), nonce))

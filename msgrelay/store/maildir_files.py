@@ -93,7 +93,7 @@ class MaildirFiles:
 
     def _user_dir(self, user_id: str) -> Optional[Path]:
         """The user's folder, or None if the id could not be a user id (so nothing exists)."""
-        if not isinstance(user_id, str) or not SAFE_NAME.match(user_id):
+        if not isinstance(user_id, str) or not SAFE_NAME.fullmatch(user_id):
             return None
         return self.users / user_id
 
@@ -103,7 +103,7 @@ class MaildirFiles:
 
     def user_ids(self) -> list[str]:
         """Ids of all users, sorted."""
-        return sorted(name for name in list_dir(self.users) if SAFE_NAME.match(name))
+        return sorted(name for name in list_dir(self.users) if SAFE_NAME.fullmatch(name))
 
     # -- users ---------------------------------------------------------------------------
 
@@ -176,7 +176,7 @@ class MaildirFiles:
 
     def _token_path(self, user_id: str, token_id: str) -> Optional[Path]:
         udir = self._user_dir(user_id)
-        if udir is None or not isinstance(token_id, str) or not SAFE_NAME.match(token_id):
+        if udir is None or not isinstance(token_id, str) or not SAFE_NAME.fullmatch(token_id):
             return None
         return udir / "tokens" / f"{token_id}.json"
 
@@ -185,7 +185,7 @@ class MaildirFiles:
         udir = self._user_dir(user_id)
         if udir is None:
             raise UnknownUser(user_id)
-        if not SAFE_NAME.match(token.id):
+        if not SAFE_NAME.fullmatch(token.id):
             raise ValueError("token id is not a safe file name")
         with locked_directory(udir) as exists:
             if not exists:

@@ -11,7 +11,7 @@ from twisted.web.iweb import IRequest
 from ..wire.errors import ProtocolError
 
 JSON_TYPE = "application/json; charset=utf-8"
-_HOST = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,270}$")
+_HOST = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,270}")
 
 
 def encode_json(obj: Any) -> bytes:
@@ -40,7 +40,7 @@ def info_base(request: IRequest, configured: Optional[str]) -> str:
     if configured:
         return configured
     host = (request.getHeader("host") or "").strip()
-    if not _HOST.match(host):
+    if not _HOST.fullmatch(host):
         address = request.getHost()
         host = f"{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 80)}"
     scheme = "https" if request.isSecure() else "http"

@@ -38,6 +38,15 @@ def b64decode(text: str) -> bytes:
         raise ValueError(f"not standard base64: {e}")
 
 
+def canonical_b64decode(text: str) -> bytes:
+    """Bytes of `text` when it is their one canonical standard base64 form (padding, zero
+    padding bits, no whitespace); ValueError naming what is wrong otherwise."""
+    raw = b64decode(text)
+    if b64encode(raw) != text:
+        raise ValueError("not canonical base64 (padding bits must be zero)")
+    return raw
+
+
 def normalise_algorithm(name: str, allowed: Iterable[str] = ALGORITHMS, field: str = "algorithm") -> str:
     """Upper-cased algorithm name if it is one of `allowed` (errno 102)."""
     upper = name.upper()
