@@ -342,6 +342,21 @@ class StoreContract:
         assert len(await fetch_all(store)) == 3
 
     @pytest_twisted.ensureDeferred
+    async def test_quota_counts_utf8_bytes_not_characters(self, store):
+        """PROTOCOL.md section 6: quotas count stored bytes (an emoji is 4 of them)."""
+        await store.add_user(user(ALICE))
+        emoji = message(data="\U0001F600" * 20, password="é" * 5, signature=None)
+        assert emoji.size == 20 * 4 + 5 * 2
+        quota = Quota(max_messages=100, max_bytes=150)
+        await store.deliver(ALICE, "k1", emoji, quota, NOW)  # 90 bytes (25 characters)
+        with pytest.raises(QuotaExceeded):
+            await store.deliver(ALICE, "k2", emoji, quota, NOW)  # 180 bytes would not fit
+        stats = await store.stats(NOW)
+        assert stats["bytes"] == 90
+        [stored] = await fetch_all(store)
+        assert stored.data == emoji.data and stored.password == emoji.password
+
+    @pytest_twisted.ensureDeferred
     async def test_duplicate_bypasses_full_quota(self, store):
         await store.add_user(user(ALICE))
         quota = Quota(max_messages=1, max_bytes=10_000)

@@ -9,7 +9,7 @@ OS and database failures surface as `StoreUnavailable` (errno 180 for the client
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from zope.interface import Attribute, Interface
@@ -64,11 +64,13 @@ class NewMessage:
     signature: Optional[str]
     received: int
     expires: int
+    #: Bytes counted against the byte quota: the UTF-8 length of the opaque payload the relay
+    #: keeps (PROTOCOL.md section 6), computed once here so that every store counts alike.
+    size: int = field(init=False, compare=False)
 
-    @property
-    def size(self) -> int:
-        """Bytes counted against the byte quota: the opaque payload the relay keeps."""
-        return len(self.data) + len(self.password) + len(self.signature or "")
+    def __post_init__(self) -> None:
+        payload = (self.data, self.password, self.signature or "")
+        object.__setattr__(self, "size", sum(len(text.encode("utf-8")) for text in payload))
 
 
 @dataclass(frozen=True)
