@@ -135,7 +135,7 @@ def client_host(peer: Optional[str], forwarded_for: Sequence[str], trusted: Sequ
 
 
 class RateLimits:
-    """The relay's four limits, read from `settings` on every check (so SIGHUP applies)."""
+    """The relay's limits, read from `settings` on every check (so SIGHUP applies)."""
 
     #: limit name -> (settings key, what the key is, what is limited)
     LIMITS = {
@@ -143,6 +143,9 @@ class RateLimits:
         "send": ("send_per_address", "address", "messages sent"),
         "fetch": ("fetch_per_user", "user", "fetches"),
         "token": ("token_per_user", "user", "token mints"),
+        "account": ("account_per_user", "user", "account requests (GET, PUT, DELETE /user)"),
+        "token_manage": ("token_manage_per_user", "user", "token list and revoke requests"),
+        "ack": ("ack_per_user", "user", "acknowledgements"),
     }
 
     def __init__(self, settings: Any, clock: IReactorTime):
@@ -179,8 +182,8 @@ class RateLimits:
             self._check(name, key)
 
     def check_user(self, name: str, user_id: str) -> None:
-        """Per-user limit (`fetch`, `token`): call after authentication, so nobody can use
-        up someone else's allowance by naming their user id."""
+        """Per-user limit (every signed endpoint): call once the signature verified, so
+        nobody can use up someone else's allowance by naming their user id."""
         self._check(name, user_id)
 
     def _check(self, name: str, key: str) -> None:

@@ -108,6 +108,7 @@ class RelayCore:
             "fingerprint": self.keyring.fingerprint,
             "algorithms": list(ALGORITHMS),
             "max_body_bytes": limits.max_body_bytes,
+            "max_fetch_bytes": limits.max_fetch_bytes,
             "default_ttl": limits.default_ttl,
             "max_ttl": limits.max_ttl,
             "max_validity": limits.max_validity,
@@ -130,21 +131,24 @@ class RelayCore:
     # -- users ----------------------------------------------------------------
 
     async def register(self, body: dict[str, Any]) -> dict[str, str]:
+        if "push_endpoint" in body:
+            # Revision 2: anyone may register anyone's public key, so an endpoint set here
+            # would let a stranger watch the victim's mail arrive.
+            raise malformed("push_endpoint cannot be set at registration; use the signed PUT /api/v1/user")
         for name in body:
-            if name not in ("key", "push_endpoint", "registration_token"):
+            if name not in ("key", "registration_token"):
                 raise malformed(f"unknown parameter {name!r}")
         for name in body:
             if not isinstance(body[name], str):
                 raise malformed(f"{name} must be a string")
         if "key" not in body:
             raise malformed("key is missing")
-        push = check_push_endpoint(body.get("push_endpoint", ""))
         key = load_public_key(body["key"])
         user_id = user_id_for_key(key)
         if await _guard(self.store.get_user(user_id)) is not None:
             return {"user_id": user_id}
         self._check_registration_allowed(body.get("registration_token"))
-        record = UserRecord(user_id, public_key_pem(key), push, self.now())
+        record = UserRecord(user_id, public_key_pem(key), None, self.now())
         added = await _guard(self.store.add_user(record))
         if added:
             log.info("registered user {user_id}", user_id=user_id)
@@ -169,8 +173,14 @@ class RelayCore:
             raise ProtocolError(130, f"no user {user_id} on this relay")
         return {"user_id": user.user_id, "key": user.key_pem}
 
-    async def authenticate(self, request: SignedRequest, method: str, path: str) -> UserRecord:
-        """Time window (105, 111), user (130), signature (110), replay (112), in that order."""
+    async def authenticate(
+        self, request: SignedRequest, method: str, path: str, limit: Optional[Callable[[UserRecord], None]] = None
+    ) -> UserRecord:
+        """Time window (105, 111), user (130), signature (110), replay (112), in that order.
+
+        `limit`, the endpoint's per-user rate limit, runs once the signature verified and
+        before the replay cache is written: a refused request costs no durable write.
+        """
         limits = self.settings.limits
         now = self.clock.seconds()
         check_time_window(request.date, request.validity, now, limits.max_skew, limits.max_validity)
@@ -178,12 +188,31 @@ class RelayCore:
         if user is None:
             raise ProtocolError(130, f"no user {request.user_id} on this relay")
         verify_signature(load_public_key(user.key_pem), request.signature, request.base(method, path, self.name))
+        if limit is not None:
+            limit(user)
         digest = hashlib.sha256(request.signature.encode("ascii")).digest()
         # Live while now < until: strictly past the last instant the request is valid.
         until = math.floor(request.date + request.validity + limits.max_skew) + 1
         if not await _guard(self.store.remember_signature(digest, until, int(now))):
             raise ProtocolError(112, "this signed request was already used; sign every request afresh")
         return user
+
+    async def account(self, user: UserRecord) -> dict[str, Any]:
+        """The caller's own account (signed GET /user): what is stored about it, and its quota."""
+        now = self.now()
+        pending, pending_bytes = await _guard(self.store.usage(user.user_id, now))
+        tokens = await _guard(self.store.list_tokens(user.user_id))
+        limits = self.settings.limits
+        return {
+            "user_id": user.user_id,
+            "created": format_date(user.created),
+            "push_endpoint": user.push_endpoint,
+            "pending": pending,
+            "pending_bytes": pending_bytes,
+            "tokens": sum(1 for t in tokens if t.is_valid(now)),
+            "quota_messages": limits.quota_messages,
+            "quota_bytes": limits.quota_bytes,
+        }
 
     async def set_push_endpoint(self, user: UserRecord, value: str) -> dict[str, Any]:
         endpoint = check_push_endpoint(value)
@@ -210,6 +239,11 @@ class RelayCore:
     async def mint_token(self, user: UserRecord, expires_in: Optional[int], label: Optional[str]) -> dict[str, Any]:
         lifetime = self.settings.limits.token_lifetime if expires_in is None else expires_in
         now = self.now()
+        cap = self.settings.limits.max_tokens_per_user
+        held = await _guard(self.store.list_tokens(user.user_id))
+        if sum(1 for t in held if t.is_valid(now)) >= cap:
+            raise ProtocolError(160, f"this user already holds {cap} live tokens (limits.max_tokens_per_user); "
+                                     "revoke one before minting another")
         token = secrets.token_urlsafe(32)
         digest = token_digest(token)
         expires = None if lifetime == 0 else now + lifetime

@@ -125,12 +125,18 @@ SETTINGS: list[Setting] = [
     Setting("limits", "quota_messages", int, 10000, _positive, reloadable=True),
     Setting("limits", "quota_bytes", int, 104857600, _positive, reloadable=True),
     Setting("limits", "fetch_default", int, 100, None, reloadable=True),
+    # Bound on a fetch answer's plaintext; at least max_body_bytes (PROTOCOL.md section 6).
+    Setting("limits", "max_fetch_bytes", int, 4194304, _positive, reloadable=True),
+    Setting("limits", "max_tokens_per_user", int, 100, _positive, reloadable=True),
     # Operations (issue 5): proxies, rate limits, timeouts, metrics, logs.
     Setting("server", "trusted_proxies", list, [], _networks, reloadable=True),
     Setting("rate_limits", "register_per_address", str, "20/3600", _rate, reloadable=True),
     Setting("rate_limits", "send_per_address", str, "300/60", _rate, reloadable=True),
     Setting("rate_limits", "fetch_per_user", str, "120/60", _rate, reloadable=True),
     Setting("rate_limits", "token_per_user", str, "60/3600", _rate, reloadable=True),
+    Setting("rate_limits", "account_per_user", str, "30/60", _rate, reloadable=True),
+    Setting("rate_limits", "token_manage_per_user", str, "60/60", _rate, reloadable=True),
+    Setting("rate_limits", "ack_per_user", str, "120/60", _rate, reloadable=True),
     Setting("rate_limits", "exempt", list, [], _networks, reloadable=True),
     Setting("rate_limits", "ipv6_prefix", int, 64, _between(16, 128), reloadable=True),
     Setting("rate_limits", "max_tracked", int, 50000, _positive, reloadable=True),
@@ -219,6 +225,9 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings
         raise SettingError("store.postgres_dsn: needed when store.backend is 'postgresql'")
     if not 1 <= values["limits.fetch_default"] <= 1000:
         raise SettingError("limits.fetch_default: must be between 1 and 1000")
+    if values["limits.max_fetch_bytes"] < values["limits.max_body_bytes"]:
+        raise SettingError("limits.max_fetch_bytes: must be at least limits.max_body_bytes, "
+                           "so that any message a relay accepts can be fetched")
     _check_federation(values)
     return Settings(values)
 

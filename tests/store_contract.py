@@ -357,6 +357,23 @@ class StoreContract:
         assert stored.data == emoji.data and stored.password == emoji.password
 
     @pytest_twisted.ensureDeferred
+    async def test_usage_counts_one_users_pending_unexpired_messages(self, store):
+        assert await store.usage(ALICE, NOW) == (0, 0)  # unknown user
+        await store.add_user(user(ALICE))
+        await store.add_user(user(BOB))
+        assert await store.usage(ALICE, NOW) == (0, 0)
+        short = message(data="a" * 10, password="p" * 10, expires=NOW + 10)
+        long = message(data="b" * 20, password="p" * 10, signature="s" * 4)
+        first = await store.deliver(ALICE, "k1", short, BIG, NOW)
+        await store.deliver(ALICE, "k2", long, BIG, NOW)
+        await store.deliver(BOB, "k1", long, BIG, NOW)
+        assert await store.usage(ALICE, NOW) == (2, short.size + long.size)
+        assert await store.usage(ALICE, NOW + 10) == (1, long.size)  # short has expired
+        await store.acknowledge(ALICE, [first.message_id])
+        assert await store.usage(ALICE, NOW) == (1, long.size)
+        assert await store.usage(BOB, NOW) == (1, long.size)
+
+    @pytest_twisted.ensureDeferred
     async def test_duplicate_bypasses_full_quota(self, store):
         await store.add_user(user(ALICE))
         quota = Quota(max_messages=1, max_bytes=10_000)

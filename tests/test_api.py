@@ -18,7 +18,7 @@ async def test_server_info_headers_and_cors(relay):
     answer = await request("GET", relay.url + "/api/v1/server")
     assert answer.status == 200
     body = answer.body
-    assert set(body) == {"name", "key", "fingerprint", "algorithms", "max_body_bytes", "default_ttl",
+    assert set(body) == {"name", "key", "fingerprint", "algorithms", "max_body_bytes", "max_fetch_bytes", "default_ttl",
                          "max_ttl", "max_validity", "version", "previous_keys"}
     assert body["name"] == "relay.test" and body["previous_keys"] == []
     assert body["algorithms"] == ["AES-256-GCM", "CHACHA20-POLY1305"]
@@ -66,7 +66,7 @@ async def test_register_lookup_and_key_errors(relay, users):
     assert (await client.call("POST", "/api/v1/user", raw=duplicate.encode())).errno == 100
     on_query = await client.call("POST", "/api/v1/user", {"key": users[1].pem}, query={"x": "1"})
     assert on_query.errno == 100 and "query" in on_query.body["message"]
-    bad_push = await client.call("POST", "/api/v1/user", {"key": users[1].pem, "push_endpoint": "http://x"})
+    bad_push = await client.call("POST", "/api/v1/user", {"key": users[1].pem, "push_endpoint": "https://x"})
     assert bad_push.errno == 100 and "push_endpoint" in bad_push.body["message"]
 
 

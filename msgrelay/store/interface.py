@@ -157,6 +157,10 @@ class IStore(Interface):
         """Fires (messages, remaining): up to `limit` pending unexpired MessageRecords,
         oldest first, and how many more pending unexpired ones there are."""
 
+    def usage(user_id: str, now: int):
+        """Fires (messages, bytes) of the user's pending unexpired messages, counted as the
+        quota counts them; (0, 0) for an unknown user. Must not read message bodies."""
+
     def acknowledge(user_id: str, message_ids: list[str]):
         """Delete these pending messages; unknown or malformed ids are ignored. Fires the count deleted."""
 

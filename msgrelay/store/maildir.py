@@ -81,6 +81,9 @@ class MaildirStore:
     def fetch(self, user_id: str, now: int, limit: int) -> Deferred:
         return self._run(self.files.fetch, user_id, now, limit)
 
+    def usage(self, user_id: str, now: int) -> Deferred:
+        return self._run(self.files.usage, user_id, now)
+
     def acknowledge(self, user_id: str, message_ids: list[str]) -> Deferred:
         return self._run(self.files.acknowledge, user_id, list(message_ids))
 

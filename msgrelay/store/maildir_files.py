@@ -284,6 +284,13 @@ class MaildirFiles:
                 found.append(record)
         return found, len(pending) - consumed
 
+    @disk_operation("count messages")
+    def usage(self, user_id: str, now: int) -> tuple[int, int]:
+        """Pending unexpired messages and their quota bytes, from the file names alone."""
+        udir = self._existing_user_dir(user_id)
+        live = [m for m in self._messages(udir) if m.is_live(now)] if udir is not None else []
+        return len(live), sum(m.size for m in live)
+
     @disk_operation("delete messages")
     def acknowledge(self, user_id: str, message_ids: list[str]) -> int:
         """Unlink by exact, validated name: ids cannot reach outside the user's new/ folder."""

@@ -48,6 +48,10 @@ _RETRIES = 3  # for deadlocks and serialization failures, which PostgreSQL asks 
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58", "XX")  # connection, resources, operator, system
 
 
+#: A user's pending unexpired messages and their quota bytes (deliver's quota check, usage).
+_USAGE = "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE user_id = %s AND expires > %s"
+
+
 def _enc(text: Optional[str]) -> Optional[bytes]:
     """Opaque strings go to bytea: text columns refuse NUL and lone surrogates."""
     return None if text is None else text.encode("utf-8", "surrogatepass")
@@ -329,11 +333,7 @@ class PostgresCore:
             ).fetchone()
             if seen is not None:
                 return Delivery(seen[0], int(seen[1]), duplicate=True)
-            count, used = conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM messages"
-                " WHERE user_id = %s AND expires > %s",
-                (user_id, now),
-            ).fetchone() or (0, 0)
+            count, used = conn.execute(_USAGE, (user_id, now)).fetchone() or (0, 0)
             size = message.size
             if int(count) + 1 > quota.max_messages or int(used) + size > quota.max_bytes:
                 raise QuotaExceeded(
@@ -399,6 +399,15 @@ class PostgresCore:
             return messages, max(0, int(total[0] if total else 0) - len(messages))
 
         return self._run("fetch", work)
+
+    def usage(self, user_id: str, now: int) -> tuple[int, int]:
+        """Counted from the size column, as the quota in `deliver` counts."""
+
+        def work(conn: psycopg.Connection) -> tuple[int, int]:
+            row = conn.execute(_USAGE, (user_id, now)).fetchone()
+            return (int(row[0]), int(row[1])) if row else (0, 0)
+
+        return self._run("usage", work)
 
     def acknowledge(self, user_id: str, message_ids: list[str]) -> int:
         seqs = sorted({s for s in map(parse_message_id, message_ids) if s is not None})
@@ -662,6 +671,9 @@ class PostgresStore:
         self, user_id: str, now: int, limit: int
     ) -> "Deferred[tuple[list[MessageRecord], int]]":
         return self._call("fetch", self.core.fetch, user_id, now, limit)
+
+    def usage(self, user_id: str, now: int) -> "Deferred[tuple[int, int]]":
+        return self._call("usage", self.core.usage, user_id, now)
 
     def acknowledge(self, user_id: str, message_ids: list[str]) -> "Deferred[int]":
         return self._call("acknowledge", self.core.acknowledge, user_id, list(message_ids))
