@@ -8,24 +8,28 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 import secrets
 from typing import Any, Callable, Optional, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import __version__
 from .serverkey import ServerKeyring
 from .settings import Settings
 from .store.interface import (
-    IStore, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, UserRecord,
+    IStore, MessageRecord, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, UserRecord,
 )
 from .wire.canonical import parse_json_object
 from .wire.dates import format_date
 from .wire.envelope import AES_GCM, ALGORITHMS, open_envelope, seal
 from .wire.errors import ProtocolError, malformed
+from .wire.fetchanswer import bounded_json_list
 from .wire.keys import fingerprint, is_user_id, load_public_key, public_key_pem, user_id_for_key
 from .wire.packet import Packet, parse_packet
 from .wire.signing import SignedRequest, check_time_window, verify_signature
@@ -37,6 +41,9 @@ MAX_TOKEN_SECONDS = 10 * 365 * 86400
 MAX_LABEL_CHARS = 200
 MAX_ACK_IDS = 1000
 MAX_PUSH_URL_CHARS = 2048
+
+#: Runs a CPU-bound call off the reactor thread and fires its result: `run(fn, *args)`.
+Executor = Callable[..., Deferred]
 
 
 class Forwarder(Protocol):
@@ -60,6 +67,13 @@ def check_push_endpoint(value: str) -> Optional[str]:
     return value
 
 
+def seal_fetch_answer(key: rsa.RSAPublicKey, messages: list[MessageRecord], max_bytes: int) -> tuple[dict[str, str], int]:
+    """Encode the leading messages that fit in `max_bytes` and seal them to `key` (AES-256-GCM).
+    Fires the envelope and how many messages it holds. Runs in a worker thread."""
+    plaintext, count = bounded_json_list((m.to_json() for m in messages), max_bytes)
+    return seal(key, plaintext, AES_GCM), count
+
+
 def _tell(observers: list[Callable[..., None]], *args: Any) -> None:
     """Call every observer; one that fails is logged and never fails the request."""
     for observer in observers:
@@ -78,7 +92,10 @@ async def _guard(deferred: Any) -> Any:
 
 
 class RelayCore:
-    def __init__(self, settings: Settings, store: IStore, keyring: ServerKeyring, clock: IReactorTime):
+    def __init__(self, settings: Settings, store: IStore, keyring: ServerKeyring, clock: IReactorTime,
+                 run_crypto: Optional[Executor] = None):
+        """`run_crypto` runs work that grows with input size (sealing fetch answers) off the
+        reactor thread; by default a small pool of the core's own, stopped at shutdown."""
         self.settings = settings
         self.store = store
         self.keyring = keyring
@@ -89,6 +106,15 @@ class RelayCore:
         self.stored_observers: list[Callable[[NewMessage], None]] = []
         #: Told how many messages each expiry sweep removed.
         self.expired_observers: list[Callable[[int], None]] = []
+        self._own_pool: Optional[ThreadPool] = None
+        self.run_crypto: Executor = run_crypto or self._in_own_pool
+
+    def _in_own_pool(self, function: Callable[..., Any], *args: Any) -> Deferred:
+        if self._own_pool is None:
+            self._own_pool = ThreadPool(0, 2, "msgrelay-seal")
+            self._own_pool.start()
+            self.clock.addSystemEventTrigger("during", "shutdown", self._own_pool.stop)  # type: ignore[attr-defined]
+        return deferToThreadPool(self.clock, self._own_pool, function, *args)
 
     @property
     def name(self) -> str:
@@ -311,10 +337,12 @@ class RelayCore:
 
     async def fetch(self, user: UserRecord, limit: Optional[int]) -> dict[str, Any]:
         count = self.settings.limits.fetch_default if limit is None else limit
-        messages, remaining = await _guard(self.store.fetch(user.user_id, self.now(), count))
-        plaintext = json.dumps([m.to_json() for m in messages], separators=(",", ":")).encode("utf-8")
-        sealed = seal(load_public_key(user.key_pem), plaintext, AES_GCM)
-        return {**sealed, "count": len(messages), "remaining": remaining}
+        max_bytes = self.settings.limits.max_fetch_bytes
+        # The store stops on payload sizes (bounding memory); the exact cut on the encoded
+        # plaintext, and the sealing, run off the reactor thread.
+        messages, remaining = await _guard(self.store.fetch(user.user_id, self.now(), count, max_bytes))
+        sealed, taken = await self.run_crypto(seal_fetch_answer, load_public_key(user.key_pem), messages, max_bytes)
+        return {**sealed, "count": taken, "remaining": remaining + len(messages) - taken}
 
     async def acknowledge(self, user: UserRecord, ids: list[str]) -> dict[str, int]:
         deleted = await _guard(self.store.acknowledge(user.user_id, ids))

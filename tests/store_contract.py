@@ -223,6 +223,27 @@ class StoreContract:
         assert [m.data for m in everything] == [f"m{i}" for i in range(5)] and remaining == 0
 
     @pytest_twisted.ensureDeferred
+    async def test_fetch_stops_before_the_message_that_would_pass_max_bytes(self, store):
+        await store.add_user(user(ALICE))
+        sizes = [100, 100, 300, 50]
+        sent = [message(data="x" * (n - 8)) for n in sizes]  # password "cGFzcw==" is 8 bytes
+        assert [m.size for m in sent] == sizes
+        ids = [(await store.deliver(ALICE, f"k{i}", m, BIG, NOW)).message_id for i, m in enumerate(sent)]
+        page, remaining = await store.fetch(ALICE, NOW, 1000, max_bytes=250)
+        assert [m.message_id for m in page] == ids[:2] and remaining == 2  # 100 + 100; 300 more would pass
+        page, remaining = await store.fetch(ALICE, NOW, 1, max_bytes=250)
+        assert [m.message_id for m in page] == ids[:1] and remaining == 3  # limit binds first
+        page, remaining = await store.fetch(ALICE, NOW, 1000, max_bytes=200)
+        assert [m.message_id for m in page] == ids[:2] and remaining == 2  # exactly full
+        page, remaining = await store.fetch(ALICE, NOW, 1000, max_bytes=10)
+        assert [m.message_id for m in page] == ids[:1] and remaining == 3  # the first always comes
+        await store.acknowledge(ALICE, ids[:2])
+        page, remaining = await store.fetch(ALICE, NOW, 1000, max_bytes=250)
+        assert [m.message_id for m in page] == ids[2:3] and remaining == 1
+        page, remaining = await store.fetch(ALICE, NOW, 1000, max_bytes=None)
+        assert [m.message_id for m in page] == ids[2:] and remaining == 0
+
+    @pytest_twisted.ensureDeferred
     async def test_many_quick_deliveries_get_unique_ids_in_arrival_order(self, store):
         await store.add_user(user(ALICE))
         ids = []

@@ -123,3 +123,21 @@ def test_patterns_outside_the_wire_layer_match_whole_ascii_strings():
         check_contact_name("bob\n")
     with pytest.raises(ValueError):
         Rate.parse("20/3600\n")
+
+
+def test_fetch_plaintext_is_bounded_and_always_holds_the_first_item():
+    import json
+
+    from msgrelay.wire.fetchanswer import bounded_json_list
+
+    items = [{"id": str(i), "data": "x" * 40} for i in range(5)]
+    one = len(json.dumps(items[0], separators=(",", ":")))
+    everything, count = bounded_json_list(items, 10_000)
+    assert json.loads(everything) == items and count == 5
+    three, count = bounded_json_list(items, 3 * one + 4)  # brackets and two commas
+    assert json.loads(three) == items[:3] and count == 3 and len(three) == 3 * one + 4
+    two, count = bounded_json_list(items, 3 * one + 3)
+    assert json.loads(two) == items[:2] and count == 2
+    first, count = bounded_json_list(items, 1)
+    assert json.loads(first) == items[:1] and count == 1
+    assert bounded_json_list([], 1) == (b"[]", 0)

@@ -153,9 +153,11 @@ class IStore(Interface):
         arrival order and match [A-Za-z0-9._-]{1,128}.
         """
 
-    def fetch(user_id: str, now: int, limit: int):
+    def fetch(user_id: str, now: int, limit: int, max_bytes: Optional[int] = None):
         """Fires (messages, remaining): up to `limit` pending unexpired MessageRecords,
-        oldest first, and how many more pending unexpired ones there are."""
+        oldest first, and how many more pending unexpired ones there are. With `max_bytes`,
+        stops before the message whose size (NewMessage.size) would take the total past
+        it, but always returns the first: the relay's memory for one fetch stays bounded."""
 
     def usage(user_id: str, now: int):
         """Fires (messages, bytes) of the user's pending unexpired messages, counted as the

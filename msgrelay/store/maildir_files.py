@@ -268,16 +268,17 @@ class MaildirFiles:
             return Delivery(name, message.expires, False)
 
     @disk_operation("read messages")
-    def fetch(self, user_id: str, now: int, limit: int) -> tuple[list[MessageRecord], int]:
+    def fetch(self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None) -> tuple[list[MessageRecord], int]:
         udir = self._existing_user_dir(user_id)
         if udir is None:
             return [], 0
         pending = sorted((m for m in self._messages(udir) if m.is_live(now)), key=str)
         found: list[MessageRecord] = []
-        consumed = 0
+        consumed = used = 0
         for name in pending:
-            if len(found) >= limit:
+            if len(found) >= limit or (found and max_bytes is not None and used + name.size > max_bytes):
                 break
+            used += name.size
             consumed += 1
             record = records.read_message(udir / "new" / str(name), name)
             if record is not None:

@@ -369,15 +369,28 @@ class PostgresCore:
 
         return self._run("deliver", work)
 
-    def fetch(self, user_id: str, now: int, limit: int) -> tuple[list[MessageRecord], int]:
-        """One REPEATABLE READ snapshot, so `remaining` agrees with the page."""
+    def fetch(
+        self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None
+    ) -> tuple[list[MessageRecord], int]:
+        """One REPEATABLE READ snapshot, so `remaining` agrees with the page; the sizes
+        cut the page at `max_bytes` before any body is read (the first row always comes)."""
 
         def work(conn: psycopg.Connection) -> tuple[list[MessageRecord], int]:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            sizes = conn.execute(
+                "SELECT id, size FROM messages WHERE user_id = %s AND expires > %s ORDER BY id LIMIT %s",
+                (user_id, now, max(0, int(limit))),
+            ).fetchall()
+            page, used = [], 0
+            for seq, size in sizes:  # bodies are read only for the rows that fit
+                if page and max_bytes is not None and used + int(size) > max_bytes:
+                    break
+                page.append(int(seq))
+                used += int(size)
             rows = conn.execute(
                 "SELECT id, token_id, data, algorithm, password, signature, received, expires"
-                " FROM messages WHERE user_id = %s AND expires > %s ORDER BY id LIMIT %s",
-                (user_id, now, max(0, int(limit))),
+                " FROM messages WHERE user_id = %s AND id = ANY(%s::bigint[]) ORDER BY id",
+                (user_id, page),
             ).fetchall()
             total = conn.execute(
                 "SELECT count(*) FROM messages WHERE user_id = %s AND expires > %s",
@@ -668,9 +681,9 @@ class PostgresStore:
         return self._call("deliver", self.core.deliver, user_id, dedup_key, message, quota, now)
 
     def fetch(
-        self, user_id: str, now: int, limit: int
+        self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None
     ) -> "Deferred[tuple[list[MessageRecord], int]]":
-        return self._call("fetch", self.core.fetch, user_id, now, limit)
+        return self._call("fetch", self.core.fetch, user_id, now, limit, max_bytes)
 
     def usage(self, user_id: str, now: int) -> "Deferred[tuple[int, int]]":
         return self._call("usage", self.core.usage, user_id, now)
