@@ -94,3 +94,42 @@ async def test_whole_string_patterns_in_paths_queries_and_addresses(relay, users
         _assert_refused(answer, 106)
     packet_id = await client.send(alice, token, packet_id="p-1\n")
     _assert_refused(packet_id, 104, "id")
+
+
+@ensure
+async def test_non_utf8_paths_get_a_json_error_and_no_traceback(relay):
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for path in ("/api/v1/user/%ff%fe", "/api/v1/%ff", "/api/v1/user/%ED%A0%80", "/%C0%AF"):
+            for method in ("GET", "POST", "OPTIONS"):
+                answer = await request(method, relay.url + path)
+                assert isinstance(answer.body, dict), (method, path, answer.body)
+                assert (answer.status, answer.errno) == (400, 100), (method, path, answer.body)
+                assert "UTF-8" in answer.body["message"]
+                assert answer.headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]
+                assert answer.headers.getRawHeaders("Access-Control-Allow-Origin") == ["*"]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not [e for e in events if "log_failure" in e or "Traceback" in str(e.get("log_format", ""))]
+    access = [e for e in events if e.get("log_namespace") == "msgrelay.access"]
+    assert len(access) == 12 and all(e["errno"] == 100 for e in access)
+
+
+@ensure
+async def test_access_log_truncates_long_paths(relay):
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        answer = await request("GET", relay.url + "/api/v1/user/" + "a" * 16000)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert answer.errno == 106
+    [line] = [e for e in events if e.get("log_namespace") == "msgrelay.access"]
+    assert len(line["path"]) <= 240 and line["path"].startswith("/api/v1/user/aaaa")
+    assert "16013 bytes" in line["path"]
+    assert len(answer.body["message"]) < 400

@@ -21,7 +21,7 @@ from ..wire.canonical import parse_json_object
 from ..wire.errors import ProtocolError, malformed
 from ..wire.signing import INT, STR, STR_LIST, SignedRequest, parse_signed_body, parse_signed_query
 from .errors_page import ERRORS_PAGE
-from .responses import info_base, write_error, write_json
+from .responses import info_base, shown_path, write_error, write_json
 
 log = Logger()
 
@@ -87,7 +87,7 @@ class RelayAPI:
 
     @app.handle_errors(NotFound)
     def _not_found(self, request: IRequest, failure: Any) -> bytes:
-        error = ProtocolError(132, f"no endpoint {request.path.decode('utf-8', 'replace')} on this relay")
+        error = ProtocolError(132, f"no endpoint {shown_path(request.path)} on this relay")
         return write_error(request, error, info_base(request, self.core.settings.server.errors_url))
 
     @app.handle_errors(MethodNotAllowed)
@@ -100,7 +100,7 @@ class RelayAPI:
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Any) -> bytes:
         log.failure("unexpected error on {method} {path}", failure,
-                    method=request.method.decode(), path=request.path.decode("utf-8", "replace"))
+                    method=request.method.decode(), path=shown_path(request.path))
         error = ProtocolError(999, "the relay failed unexpectedly; the operator's log has the details")
         return write_error(request, error, info_base(request, self.core.settings.server.errors_url))
 
