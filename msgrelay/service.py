@@ -25,7 +25,7 @@ from .timeouts import raise_open_file_limit
 from .relay import RelayCore
 from .keyrotation import KeyringWatcher, load_keyring, previous_keys_dir
 from .serverkey import ServerKeyError
-from .settings import SettingError, Settings, read_toml, resolve
+from .settings import SettingError, Settings, looks_public, read_toml, resolve
 from .store.factory import open_store
 from .store.interface import StoreUnavailable
 from .web.api import RelayAPI, allowed_methods
@@ -197,6 +197,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     key_watch.setServiceParent(top)
     log.info("msgrelay {version} serving {name} from {backend} store",
              version=__version__, name=core.name, backend=core.store.name)
+    if settings.name_from_host and not looks_public(core.name):
+        log.warn("server.name is unset and the host name {name!r} does not look like a public DNS name; "
+                 "addresses and signatures use it, so set server.name (or --server-name) to the relay's "
+                 "public name", name=core.name)
     return top
 
 
