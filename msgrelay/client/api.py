@@ -416,7 +416,9 @@ class RelayAPI:
         obj = await self._signed("GET", f"{API}/message", {"limit": limit} if limit else None)
         try:
             plaintext = open_envelope([self.identity.private_key], obj, allowed=(AES_GCM,))
-            messages = parse_json(plaintext, errno=103, what="fetch response plaintext")
+            # Lone surrogates are judged message by message (receiving.py), so that one bad
+            # message is set aside instead of making the whole mailbox unreadable.
+            messages = parse_json(plaintext, errno=103, what="fetch response plaintext", allow_surrogates=True)
         except ProtocolError as e:
             raise RelayUnreachable(self.url, f"the fetch response cannot be opened with this profile's key: {e.message}")
         if not isinstance(messages, list):

@@ -44,7 +44,8 @@ def error_line(error: ClientError) -> str:
 def describe_record(record: dict[str, Any]) -> tuple[str, bool]:
     """A fetched message as (line, is_warning); warnings go to stderr."""
     if record["status"] != "ok":
-        return f"REJECTED message {record.get('id')}: {record.get('error')}", True
+        kept = f" (set aside in {record['kept']})" if record.get("kept") else ""
+        return f"REJECTED message {record.get('id')}: {record.get('error')}{kept}", True
     when = f"[{record['date']}]"
     contact = record.get("contact")
     who = contact or f"{record['from']} (unknown sender, key fingerprint {record['fingerprint']})"

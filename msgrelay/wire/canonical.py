@@ -59,11 +59,14 @@ def parse_json(raw: bytes, errno: int = 100, what: str = "body", allow_surrogate
         raise ProtocolError(errno, f"{what} has the key {str(e)!r} more than once")
     except (ValueError, RecursionError) as e:
         raise ProtocolError(errno, f"{what} is not JSON: {e}")
-    if not allow_surrogates and _SURROGATE_ESCAPE.search(text):
-        for string in _strings(value):
-            if not is_valid_unicode(string):
-                raise ProtocolError(errno, f"{what} holds a string that is not valid Unicode (a lone surrogate)")
+    if not allow_surrogates and _SURROGATE_ESCAPE.search(text) and holds_lone_surrogate(value):
+        raise ProtocolError(errno, f"{what} holds a string that is not valid Unicode (a lone surrogate)")
     return value
+
+
+def holds_lone_surrogate(value: Any) -> bool:
+    """Whether any string in a parsed JSON value (object keys included) is not valid Unicode."""
+    return not all(is_valid_unicode(string) for string in _strings(value))
 
 
 def is_valid_unicode(text: str) -> bool:
