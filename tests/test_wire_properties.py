@@ -28,7 +28,7 @@ from msgrelay.wire.signing import (
 )
 
 settings.register_profile("ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("long", max_examples=20000, deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
