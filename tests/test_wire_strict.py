@@ -141,3 +141,8 @@ def test_fetch_plaintext_is_bounded_and_always_holds_the_first_item():
     first, count = bounded_json_list(items, 1)
     assert json.loads(first) == items[:1] and count == 1
     assert bounded_json_list([], 1) == (b"[]", 0)
+
+
+def test_packet_signature_null_is_no_signature():
+    """Found by the long hypothesis run: a null signature reached the base64 check (a 500)."""
+    assert parse_packet({**_packet(), "signature": None}).signature is None

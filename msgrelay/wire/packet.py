@@ -77,7 +77,7 @@ def parse_packet(obj: Mapping[str, Any]) -> Packet:
     if signature is not None and not isinstance(signature, str):
         raise ProtocolError(104, "packet signature must be a string")
     for name in BASE64_FIELDS:
-        if name in obj:
+        if obj.get(name) is not None:  # a null signature is no signature
             _check_base64(name, obj[name])
     algorithm = normalise_algorithm(obj["algorithm"], (AES_GCM,), field="packet algorithm")
     address = parse_address(obj["user_id"], field="packet user_id")
