@@ -107,14 +107,23 @@ class RelayCore:
         #: Told how many messages each expiry sweep removed.
         self.expired_observers: list[Callable[[int], None]] = []
         self._own_pool: Optional[ThreadPool] = None
+        self._own_pool_trigger: Any = None
         self.run_crypto: Executor = run_crypto or self._in_own_pool
 
     def _in_own_pool(self, function: Callable[..., Any], *args: Any) -> Deferred:
         if self._own_pool is None:
             self._own_pool = ThreadPool(0, 2, "msgrelay-seal")
             self._own_pool.start()
-            self.clock.addSystemEventTrigger("during", "shutdown", self._own_pool.stop)  # type: ignore[attr-defined]
+            self._own_pool_trigger = self.clock.addSystemEventTrigger(  # type: ignore[attr-defined]
+                "during", "shutdown", self.close)
         return deferToThreadPool(self.clock, self._own_pool, function, *args)
+
+    def close(self) -> None:
+        """Stop the core's own worker threads, if it started any (the service stops it)."""
+        pool, self._own_pool = self._own_pool, None
+        if pool is not None:
+            self.clock.removeSystemEventTrigger(self._own_pool_trigger)  # type: ignore[attr-defined]
+            pool.stop()
 
     @property
     def name(self) -> str:

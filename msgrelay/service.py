@@ -210,6 +210,13 @@ class RelayService(MultiService):
 
     log_observer: Any = None
 
+    def stopService(self) -> Any:
+        stopped = super().stopService()
+        core = getattr(self, "core", None)
+        if core is not None:  # its worker threads, once every child service has stopped
+            stopped.addBoth(lambda result: (core.close(), result)[1])
+        return stopped
+
     def setServiceParent(self, parent: Any) -> Any:
         if (self.log_observer is not None and isinstance(parent, Componentized)
                 and parent.getComponent(ILogObserver, None) is None):

@@ -56,3 +56,19 @@ async def test_fetch_answer_is_encoded_and_sealed_off_the_reactor_thread(relay, 
     answer, messages = await client.fetch(alice)
     assert answer.status == 200 and len(messages) == 1
     assert threads and all(t is not threading.main_thread() for t in threads)
+
+
+@ensure
+async def test_stopping_the_service_stops_the_cores_worker_threads(tmp_path, users):
+    from conftest import LiveRelay
+
+    relay = await LiveRelay(tmp_path / "state", []).start()
+    try:
+        client, alice = relay.client, users[0]
+        await client.register(alice)
+        assert (await client.fetch(alice))[0].status == 200
+        pool = relay.core._own_pool
+        assert pool is not None and pool.started
+    finally:
+        await relay.stop()
+    assert relay.core._own_pool is None and not pool.started
