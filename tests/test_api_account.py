@@ -126,3 +126,24 @@ def test_max_fetch_bytes_below_max_body_bytes_stops_start_up():
     with pytest.raises(SettingError, match="limits.max_fetch_bytes"):
         resolve({"limits.max_fetch_bytes": 1000}, {"server.name": "relay.test"})
     assert resolve({"limits.max_fetch_bytes": 1048576}, {"server.name": "relay.test"}).limits.max_fetch_bytes == 1048576
+
+
+@ensure
+async def test_client_library_sets_push_only_through_put_and_reads_its_account(relay, users):
+    from twisted.internet import reactor
+
+    from msgrelay.client.api import RelayAPI
+    from msgrelay.client.identity import Identity
+
+    alice = users[0]
+    api = RelayAPI(relay.url, reactor=reactor, identity=Identity(alice.key, "relay.test"))
+    try:
+        assert await api.register(alice.pem) == alice.user_id
+        await api.set_push_endpoint("https://push.example/alice")
+        account = await api.account()
+        assert (account["user_id"], account["push_endpoint"], account["pending"]) == (
+            alice.user_id, "https://push.example/alice", 0)
+        await api.set_push_endpoint("")
+        assert (await api.account())["push_endpoint"] is None
+    finally:
+        await api.close()

@@ -436,7 +436,16 @@ class RelayAPI:
 
     @returns_deferred
     async def set_push_endpoint(self, endpoint: str) -> None:
+        """PUT /user: the only way to set (or, with "", clear) the push endpoint (revision 2)."""
         await self._signed("PUT", f"{API}/user", {"push_endpoint": endpoint})
+
+    @returns_deferred
+    async def account(self) -> dict[str, Any]:
+        """GET /user: our own account as the relay keeps it (push endpoint, pending, tokens, quota)."""
+        obj = await self._signed("GET", f"{API}/user")
+        if obj.get("user_id") != (self.identity.user_id if self.identity else None):
+            raise RelayUnreachable(self.url, "GET /user answered for another user id")
+        return obj
 
     @returns_deferred
     async def delete_user(self) -> None:
