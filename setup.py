@@ -33,7 +33,7 @@ setup(
         "psycopg[binary]>=3.1",
         "psycopg-pool>=3.2",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-twisted>=1.14", "selenium>=4.10"]},
+    extras_require={"test": ["pytest>=7", "pytest-twisted>=1.14", "selenium>=4.10", "hypothesis>=6.100"]},
     entry_points={
         "console_scripts": [
             "msgrelay-client = msgrelay.client.cli:main",

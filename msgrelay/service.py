@@ -26,7 +26,7 @@ from .relay import RelayCore
 from .control.server import build_control
 from .keyrotation import KeyringWatcher, load_keyring, previous_keys_dir
 from .serverkey import ServerKeyError
-from .settings import SettingError, Settings, read_toml, resolve
+from .settings import SettingError, Settings, looks_public, read_toml, resolve
 from .store.factory import open_store
 from .store.interface import StoreUnavailable
 from .web.api import RelayAPI, allowed_methods
@@ -202,6 +202,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     build_control(settings, federation, watcher, reactor).setServiceParent(top)  # msgrelay-admin's socket
     log.info("msgrelay {version} serving {name} from {backend} store",
              version=__version__, name=core.name, backend=core.store.name)
+    if settings.name_from_host and not looks_public(core.name):
+        log.warn("server.name is unset and the host name {name!r} does not look like a public DNS name; "
+                 "addresses and signatures use it, so set server.name (or --server-name) to the relay's "
+                 "public name", name=core.name)
     return top
 
 
@@ -210,6 +214,13 @@ class RelayService(MultiService):
     uses an `ILogObserver` component of the application unless given `--logger`."""
 
     log_observer: Any = None
+
+    def stopService(self) -> Any:
+        stopped = super().stopService()
+        core = getattr(self, "core", None)
+        if core is not None:  # its worker threads, once every child service has stopped
+            stopped.addBoth(lambda result: (core.close(), result)[1])
+        return stopped
 
     def setServiceParent(self, parent: Any) -> Any:
         if (self.log_observer is not None and isinstance(parent, Componentized)

@@ -370,7 +370,9 @@ class RelayClient:
         obj = await self._signed("GET", f"{API}/message", {"limit": limit} if limit else None)
         try:
             plaintext = open_envelope([self.identity.private_key], obj, allowed=(AES_GCM,))
-            messages = parse_json(plaintext, errno=103, what="fetch response plaintext")
+            # Lone surrogates are judged message by message (receiving.py), so that one bad
+            # message is set aside instead of making the whole mailbox unreadable.
+            messages = parse_json(plaintext, errno=103, what="fetch response plaintext", allow_surrogates=True)
         except ProtocolError as e:
             raise RelayUnreachable(self.url, f"the fetch response cannot be opened with this profile's key: {e.message}")
         if not isinstance(messages, list):
@@ -388,7 +390,16 @@ class RelayClient:
 
     @returns_deferred
     async def set_push_endpoint(self, endpoint: str) -> None:
+        """PUT /user: the only way to set (or, with "", clear) the push endpoint (revision 2)."""
         await self._signed("PUT", f"{API}/user", {"push_endpoint": endpoint})
+
+    @returns_deferred
+    async def account(self) -> dict[str, Any]:
+        """GET /user: our own account as the relay keeps it (push endpoint, pending, tokens, quota)."""
+        obj = await self._signed("GET", f"{API}/user")
+        if obj.get("user_id") != (self.identity.user_id if self.identity else None):
+            raise RelayUnreachable(self.url, "GET /user answered for another user id")
+        return obj
 
     @returns_deferred
     async def delete_user(self) -> None:

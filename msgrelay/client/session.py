@@ -13,13 +13,13 @@ from .identity import Identity
 from .outbox import Outbox
 from .profile import Profile
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def normalise_fingerprint(text: str) -> str:
     """Accept `AB:CD:...` or spaced forms as people copy them; pin lowercase hex."""
     cleaned = re.sub(r"[\s:]", "", text).lower()
-    if not _HEX64.match(cleaned):
+    if not _HEX64.fullmatch(cleaned):
         raise UsageError(f"{text!r} is not a key fingerprint (64 hex digits, SHA-256)")
     return cleaned
 

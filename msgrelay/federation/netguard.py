@@ -35,11 +35,40 @@ class AddressRefused(ConnectionError):
     """The host resolves to an address outgoing requests may not reach."""
 
 
+#: Special-purpose ranges (IANA registries) that `ipaddress` counts as global, or that wrap
+#: an IPv4 address a gateway would reach for us (6to4, NAT64, Teredo, IPv4-compatible).
+NON_PUBLIC_RANGES: tuple[tuple[str, Any], ...] = tuple(
+    (name, ipaddress.ip_network(network)) for name, network in (
+        ("6to4", "2002::/16"),
+        ("site-local", "fec0::/10"),
+        ("NAT64", "64:ff9b::/96"),
+        ("local-use NAT64", "64:ff9b:1::/48"),
+        ("Teredo", "2001::/32"),
+        ("documentation", "2001:db8::/32"),
+        ("documentation", "3fff::/20"),
+        ("discard-only", "100::/64"),
+        ("IPv4-compatible", "::/96"),
+        ("shared address space", "100.64.0.0/10"),
+        ("benchmarking", "198.18.0.0/15"),
+        ("IETF protocol assignments", "192.0.0.0/24"),
+        ("documentation", "192.0.2.0/24"),
+        ("documentation", "198.51.100.0/24"),
+        ("documentation", "203.0.113.0/24"),
+        ("6to4 relay anycast", "192.88.99.0/24"),
+        ("reserved", "240.0.0.0/4"),
+        ("this network", "0.0.0.0/8"),
+    )
+)
+
+
 def address_problem(text: str) -> Optional[str]:
     """Why an IP address is not a public unicast address, or None if it is one."""
     address = ipaddress.ip_address(text.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
+    for name, network in NON_PUBLIC_RANGES:
+        if address.version == network.version and address in network:
+            return f"{address} is in a {name} range ({network})"
     for problem, flag in (("loopback", address.is_loopback), ("private", address.is_private),
                           ("link-local", address.is_link_local), ("unspecified", address.is_unspecified),
                           ("multicast", address.is_multicast), ("reserved", address.is_reserved)):

@@ -13,7 +13,7 @@ from twisted.web.resource import IResource
 from ..ratelimit import client_host, parse_networks
 from ..timeouts import RelayChannel
 from ..wire.errors import ProtocolError
-from .responses import JSON_TYPE, encode_json, info_base
+from .responses import JSON_TYPE, encode_json, info_base, is_utf8_path, shown_path
 
 log = Logger(namespace="msgrelay.access")
 
@@ -94,6 +94,11 @@ class RelayRequest(server.Request):
         for name, value in CORS_HEADERS.items():
             self.setHeader(name, value)
         self.setHeader(b"Timestamp", str(int(self.relay_site.clock.seconds())).encode())
+        if not is_utf8_path(self.path):  # Klein would answer HTML and log a traceback
+            self.site = self.relay_site
+            self._write_error(ProtocolError(100, "request path is not valid UTF-8 once percent-decoded"))
+            self.finish()
+            return
         if self.method == b"OPTIONS":
             self._preflight()
             return
@@ -103,11 +108,7 @@ class RelayRequest(server.Request):
         self.site = self.relay_site
         methods = self.relay_site.allowed_methods(self.path.decode("utf-8", "replace"))
         if not methods:
-            self.setResponseCode(404)
-            self.errno = 132
-            self.setHeader(b"Content-Type", JSON_TYPE.encode())
-            error = ProtocolError(132, "no endpoint at this path")
-            self.write(encode_json(error.body(info_base(self, self.relay_site.errors_url()))))
+            self._write_error(ProtocolError(132, "no endpoint at this path"))
         else:
             self.setResponseCode(204)
             allowed = ", ".join(sorted(set(methods) | {"OPTIONS"}))
@@ -119,15 +120,18 @@ class RelayRequest(server.Request):
     def processingFailed(self, reason):
         """Last resort: never an HTML traceback to a client."""
         log.failure("request processing failed", reason)
-        error = ProtocolError(999, "the relay failed unexpectedly; the operator's log has the details")
+        self._write_error(ProtocolError(999, "the relay failed unexpectedly; the operator's log has the details"))
+        self.finish()
+        return reason
+
+    def _write_error(self, error: ProtocolError) -> None:
+        """A section 9 error body, written outside Klein (which has not routed this request)."""
         body = encode_json(error.body(info_base(self, self.relay_site.errors_url())))
-        self.errno = 999
-        self.setResponseCode(500)
+        self.errno = error.errno
+        self.setResponseCode(error.status)
         self.setHeader(b"Content-Type", JSON_TYPE.encode())
         self.setHeader(b"Content-Length", str(len(body)).encode())
         self.write(body)
-        self.finish()
-        return reason
 
 
 class RelaySite(server.Site):
@@ -196,7 +200,7 @@ class RelaySite(server.Site):
         log.info(
             "{method} {path} {status} errno={errno} {duration_ms}ms",
             method=request.method.decode("ascii", "replace"),
-            path=path.decode("utf-8", "replace"),
+            path=shown_path(path),
             status=request.code,
             errno=request.errno,
             duration_ms=round(elapsed * 1000, 1),
