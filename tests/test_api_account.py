@@ -132,11 +132,11 @@ def test_max_fetch_bytes_below_max_body_bytes_stops_start_up():
 async def test_client_library_sets_push_only_through_put_and_reads_its_account(relay, users):
     from twisted.internet import reactor
 
-    from msgrelay.client.api import RelayAPI
+    from msgrelay.client.api import RelayClient
     from msgrelay.client.identity import Identity
 
     alice = users[0]
-    api = RelayAPI(relay.url, reactor=reactor, identity=Identity(alice.key, "relay.test"))
+    api = RelayClient(relay.url, reactor=reactor, identity=Identity(alice.key, "relay.test"))
     try:
         assert await api.register(alice.pem) == alice.user_id
         await api.set_push_endpoint("https://push.example/alice")

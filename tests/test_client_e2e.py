@@ -545,7 +545,7 @@ def test_one_bad_message_never_blocks_the_mailbox(person, relay):
     run_as_alice(alice, relay, """
 from msgrelay.wire.envelope import seal
 async def main(reactor):
-    api = RelayAPI(url, reactor=reactor)
+    api = RelayClient(url, reactor=reactor)
     bob_key = load_public_key(bob["key_pem"])
     for n, plaintext in enumerate([b"\\xff\\xfe not UTF-8", b'{"to": "\\\\ud800"}', b"[" * 900 + b"]" * 900]):
         await api.send_packet({"id": f"hostile-{n}", "user_id": bob["address"], "token": bob["token"],
