@@ -256,10 +256,13 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
     from .federation.factory import build_push, build_sender
     from .federation.outbox import OutboxBusy, OutboxUnavailable
 
+    from .federation.resolver import build_resolver
+
     try:
-        sender = build_sender(settings, reactor)
+        resolver = build_resolver(settings, reactor)  # one DNS cache for push and federation
+        sender = build_sender(settings, reactor, resolver.resolve)
         sender.acquire_lock()
-        push = build_push(settings, core.store, reactor)
+        push = build_push(settings, core.store, reactor, resolver.resolve)
     except OutboxBusy as e:
         fail(f"federation outbox: {e}; is another relay using state_dir {settings.state_dir}?", status=1)
     except (OutboxUnavailable, OSError, ValueError) as e:
@@ -273,8 +276,10 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
             reload_policy(sender, settings)
 
     reloader.on_reload.append(federation_reloaded)
+    resolver.setServiceParent(top)
     sender.setServiceParent(top)
     push.setServiceParent(top)
+    top.resolver = resolver  # type: ignore[attr-defined]
     top.federation = sender  # type: ignore[attr-defined]
     top.push = push  # type: ignore[attr-defined]
 

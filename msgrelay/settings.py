@@ -95,6 +95,17 @@ def _peer_table(value: list) -> Optional[str]:
     return None
 
 
+def _name_servers(value: list) -> Optional[str]:
+    from .federation.resolver import parse_server
+
+    for entry in value:
+        try:
+            parse_server(entry)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
 def _readable_file(value: str) -> Optional[str]:
     if value and not Path(value).is_file():
         return f"{value!r} is not a readable file"
@@ -155,6 +166,13 @@ SETTINGS: list[Setting] = [
     Setting("push", "ca_file", str, "", _readable_file),
     Setting("push", "retries", int, 3, _between(0, 10)),
     Setting("push", "timeout", int, 10, _positive),
+    # DNS for push endpoints and federation (issue 9): msgrelay/federation/resolver.py.
+    Setting("dns", "servers", list, [], _name_servers),
+    Setting("dns", "timeout", int, 5, _between(1, 60)),
+    Setting("dns", "max_concurrent", int, 64, _positive),
+    Setting("dns", "cache_ttl", int, 300, _non_negative),
+    Setting("dns", "negative_ttl", int, 60, _non_negative),
+    Setting("dns", "cache_size", int, 10000, _positive),
 ]
 
 BY_NAME = {s.name: s for s in SETTINGS}

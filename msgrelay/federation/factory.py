@@ -7,10 +7,11 @@ from urllib.parse import urlsplit
 
 from ..settings import Settings
 from ..store.interface import IStore
-from .netguard import Resolver, make_http_client, thread_resolver
+from .netguard import Resolver, make_http_client
 from .outbox import Outbox
 from .peers import FederationPolicy, Peer, parse_peer_table
 from .push import PushNotifier
+from .resolver import build_resolver
 from .sender import FederationSender, SenderConfig
 
 
@@ -34,7 +35,7 @@ def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] =
     outbox = Outbox.open(outbox_path(settings))
     trusted = {_host_port(p) for p in policy.peers.values()}
     http, pool = make_http_client(
-        reactor, federation.ca_file, resolve or thread_resolver(reactor), allow_private=False,
+        reactor, federation.ca_file, resolve or build_resolver(settings, reactor).resolve, allow_private=False,
         trusted=trusted, persistent=True, timeout=federation.timeout,
     )
     sender = FederationSender(policy, outbox, settings.server.name, reactor, http,
@@ -58,6 +59,6 @@ def reload_policy(sender: FederationSender, settings: Settings) -> None:
 
 def build_push(settings: Settings, store: IStore, reactor: Any, resolve: Optional[Resolver] = None) -> PushNotifier:
     push = settings.push
-    http, _ = make_http_client(reactor, push.ca_file, resolve or thread_resolver(reactor),
+    http, _ = make_http_client(reactor, push.ca_file, resolve or build_resolver(settings, reactor).resolve,
                                allow_private=push.allow_private, persistent=False, timeout=push.timeout)
     return PushNotifier(store, reactor, http, retries=push.retries, timeout=push.timeout)
