@@ -51,6 +51,7 @@ def start_relay(workdir: Path) -> tuple[subprocess.Popen, int, int]:
     config.write_text(
         f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1:backlog=4096"]\n'
         "[timeouts]\nidle = 600\nheaders = 5\nbody = 10\n"
+        "[connections]\nper_address = 100000\nmax_total = 100000\n"
         f'[metrics]\nlisten = ["tcp:{metrics_port}:interface=127.0.0.1"]\ntoken = "{TOKEN}"\n'
         '[log]\nlevel = "warn"\n'
     )

@@ -29,6 +29,7 @@ from .settings import SettingError, Settings, read_toml, resolve
 from .store.factory import open_store
 from .store.interface import StoreUnavailable
 from .web.api import RelayAPI, allowed_methods
+from .web.connlimit import connection_limiter
 from .web.site import RelaySite
 
 log = Logger()
@@ -183,8 +184,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top.limits = limits  # type: ignore[attr-defined]
     reloader = _add_operations(top, options, settings, core, api, site, limits, reactor)
     _add_federation(top, core, settings, reactor, reloader)
+    limiter = connection_limiter(site, settings, limits, reactor)
+    top.connections = limiter  # type: ignore[attr-defined]
     for description in settings.server.listen:
-        ListeningService(serverFromString(reactor, description), site, description).setServiceParent(top)
+        ListeningService(serverFromString(reactor, description), limiter, description).setServiceParent(top)
     expiry = TimerService(settings.store.expire_interval, _expire, core)
     expiry.clock = reactor
     expiry.setServiceParent(top)

@@ -148,6 +148,10 @@ SETTINGS: list[Setting] = [
     Setting("timeouts", "idle", int, 60, _positive, reloadable=True),
     Setting("timeouts", "headers", int, 20, _positive, reloadable=True),
     Setting("timeouts", "body", int, 120, _positive, reloadable=True),
+    # Connection caps (issue 9): msgrelay/web/connlimit.py.
+    Setting("connections", "per_address", int, 64, _positive, reloadable=True),
+    Setting("connections", "max_total", int, 2048, _positive, reloadable=True),
+    Setting("connections", "reserve_fds", int, 256, _non_negative, reloadable=True),
     Setting("metrics", "listen", list, []),
     Setting("metrics", "token", str, "", reloadable=True, secret=True),
     Setting("metrics", "stats_interval", int, 60, _positive, reloadable=True),
