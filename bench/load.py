@@ -310,6 +310,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
             print(f"keep-alive requests: {stats['answered']} answered, {stats['refused']} refused, "
                   f"median {statistics.median(lat) * 1000:.1f} ms, p99 {lat[int(len(lat) * 0.99)] * 1000:.1f} ms; "
                   f"{stats['lost']} connections lost, {open_at_end} of {len(connections)} open at the end")
+        print("relay RSS every 30 s (MiB): " + " ".join(f"{x:.1f}" for x in samples[::6]))
         print(f"relay RSS: {rss_idle:.1f} MiB idle, {rss_start:.1f} MiB at the start of the load, "
               f"{max(samples):.1f} MiB peak, {rss_end:.1f} MiB at the end ({rss_end - rss_start:+.1f} MiB); {figures}")
         if missing:

@@ -23,7 +23,7 @@ import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -137,8 +137,6 @@ class CachingResolver(Service):
     `client.Resolver` for `servers` with one attempt per server.
     """
 
-    name = "dns"
-
     def __init__(self, clock: Any, config: DnsConfig = DnsConfig(), servers: Sequence[tuple[str, int]] = (),
                  hosts: Optional[dict[str, list[str]]] = None, upstream: Any = None):
         self.clock = clock
@@ -249,7 +247,7 @@ class CachingResolver(Service):
                 addresses.extend(a for a in value[0] if a not in addresses)
                 ttls.extend(value[1])
             else:
-                failures.append(value)
+                failures.append(cast(Failure, value))
         if not addresses and failures:
             # Prefer the most telling failure: a timeout or server failure over "no such name".
             failures.sort(key=lambda f: 0 if f.check(error.DNSNameError) else 1)

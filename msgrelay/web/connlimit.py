@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import ipaddress
 import resource
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 from twisted.internet.interfaces import ISSLTransport, ITCPTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 
 from ..ratelimit import parse_networks
 from ..wire.errors import ProtocolError
@@ -114,7 +115,7 @@ class LimitedConnection(ProtocolWrapper):
             return
         super().dataReceived(data)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._linger is not None:
             self._linger.cancel()
         super().connectionLost(reason)
@@ -129,6 +130,7 @@ class RefusedConnection(Protocol):
         self._linger: Optional[Linger] = None
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.limiter.refusing += 1
         self.transport.write(self.limiter.refusal(self.transport, self.message))
         self._linger = Linger(self.transport, self.limiter.clock, REFUSED_LINGER_BYTES, REFUSED_LINGER_SECONDS)
@@ -137,7 +139,7 @@ class RefusedConnection(Protocol):
         if self._linger is not None:
             self._linger.discard(data)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.limiter.refusing -= 1
         if self._linger is not None:
             self._linger.cancel()
@@ -179,7 +181,7 @@ class ConnectionLimiter(WrappingFactory):
             message = (f"too many connections from this address: at most {self.per_address()} "
                        "(connections.per_address)")
         if cap is None:
-            connection = super().buildProtocol(addr)
+            connection = cast(LimitedConnection, super().buildProtocol(addr))
             connection.key = key
             return connection
         self.refused += 1
