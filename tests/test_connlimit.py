@@ -41,8 +41,6 @@ def limiter(per_address=2, total=3, clock=None):
 
 def connect(factory, host):
     protocol = factory.buildProtocol(IPv4Address("TCP", host, 40000))
-    if protocol is None:
-        return None, None
     transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
                                 peerAddress=IPv4Address("TCP", host, 40000))
     protocol.makeConnection(transport)
@@ -94,8 +92,9 @@ def test_refusals_beyond_a_bound_are_closed_without_an_answer():
     factory = limiter(per_address=1, total=1000)
     connect(factory, "192.0.2.1")
     for _ in range(MAX_REFUSING):
-        assert connect(factory, "192.0.2.1")[0] is not None
-    assert connect(factory, "192.0.2.1") == (None, None)
+        refused(connect(factory, "192.0.2.1")[1])
+    _, transport = connect(factory, "192.0.2.1")
+    assert transport.value() == b"" and transport.disconnecting
 
 
 def test_capacity_keeps_descriptors_in_reserve():
@@ -181,3 +180,61 @@ def test_a_low_open_file_limit_does_not_let_one_address_lock_out_others(tmp_path
             s.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         relay.stop()
+
+
+def read_answer(s) -> tuple[bytes, dict]:
+    """One HTTP answer read by its Content-Length: (status line, JSON body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"closed before an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, "closed in the middle of an answer"
+        body += chunk
+    return head.split(b"\r\n", 1)[0], json.loads(body)
+
+
+@ensure
+async def test_caps_and_the_lingering_close_over_tls(start_relay, tmp_path):
+    import ssl
+
+    from tlsfiles import make_ca_and_server_cert
+
+    ca_pem, key_path, cert_path = make_ca_and_server_cert(tmp_path, "localhost")
+    config = tmp_path / "caps.toml"
+    config.write_text("[connections]\nper_address = 2\n")
+    port = free_port()
+    await start_relay("--config", str(config),
+                      "--listen", f"ssl:{port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}")
+    context = ssl.create_default_context(cadata=ca_pem.decode())
+
+    def tls(source: str):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0))
+        return context.wrap_socket(raw, server_hostname="localhost")
+
+    def scenario() -> None:
+        held = []
+        for _ in range(2):
+            s = tls("127.0.0.2")
+            s.sendall(b"GET /api/v1/server HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert read_answer(s)[0].startswith(b"HTTP/1.1 200")
+            held.append(s)
+        try:
+            with tls("127.0.0.2") as s:
+                status, body = read_answer(s)
+                assert status.startswith(b"HTTP/1.1 503") and body["errno"] == 180
+            with tls("127.0.0.1") as s:  # another address: served, and it can send a whole oversized body
+                body = b'{"pad":"' + b"x" * (3 * 1024 * 1024) + b'"}'
+                s.sendall(b"POST /api/v1/message HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % len(body)
+                          + body)
+                status, error = read_answer(s)
+                assert status.startswith(b"HTTP/1.1 413") and error["errno"] == 140
+        finally:
+            for s in held:
+                s.close()
+
+    await deferToThread(scenario)

@@ -145,6 +145,15 @@ class RefusedConnection(Protocol):
             self._linger.cancel()
 
 
+class DroppedConnection(Protocol):
+    """Over a cap while many refusals are in progress: closed at once, without an answer.
+    (A protocol rather than None, which a TLS wrapper around the limiter cannot take.)"""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
 class ConnectionLimiter(WrappingFactory):
     """Wraps the HTTP site for its listeners (see the module docstring).
 
@@ -189,7 +198,7 @@ class ConnectionLimiter(WrappingFactory):
             observer(cap)
         log.debug("refused a connection from {host}: {cap} cap", host=host, cap=cap)
         if self.refusing >= MAX_REFUSING:
-            return None  # closed at once by the listening port
+            return DroppedConnection()
         return RefusedConnection(self, message)
 
     def registerProtocol(self, p: Any) -> None:
