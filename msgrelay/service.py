@@ -186,6 +186,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     _add_federation(top, core, settings, reactor, reloader)
     limiter = connection_limiter(site, settings, limits, reactor)
     top.connections = limiter  # type: ignore[attr-defined]
+    top.metrics.attach_transport(limiter, top.resolver)  # type: ignore[attr-defined]
     for description in settings.server.listen:
         ListeningService(serverFromString(reactor, description), limiter, description).setServiceParent(top)
     expiry = TimerService(settings.store.expire_interval, _expire, core)
@@ -258,7 +259,6 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
     """
     from .federation.factory import build_push, build_sender
     from .federation.outbox import OutboxBusy, OutboxUnavailable
-
     from .federation.resolver import build_resolver
 
     try:

@@ -138,6 +138,8 @@ async def test_one_address_with_many_idle_connections_does_not_lock_out_another(
     try:
         assert (served, refused_count) == (8, 22)
         assert relay.service.connections.by_key.get("127.0.0.2") == 8
+        assert relay.service.metrics.registry.get_sample_value(
+            "msgrelay_connections_refused_total", {"cap": "per_address"}) == 22
         assert await deferToThread(health, relay.port) == 200  # from 127.0.0.1
         held.pop().close()
         deadline = time.monotonic() + 10

@@ -279,6 +279,7 @@ async def test_hanging_push_lookups_do_not_delay_unrelated_requests(start_relay,
     hung_send, hung_health = await samples(15)
     # The unrelated requests all completed while the lookups were still pending.
     assert relay.service.resolver.pending >= 12 and name_server.answered == 0
+    assert relay.service.metrics.registry.get_sample_value("msgrelay_dns_lookups_pending") >= 12
     delay_send = statistics.median(hung_send) - statistics.median(base_send)
     delay_health = statistics.median(hung_health) - statistics.median(base_health)
     print(f"\nmedian send {statistics.median(base_send) * 1000:.1f} ms -> {statistics.median(hung_send) * 1000:.1f} ms, "
