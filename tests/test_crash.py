@@ -12,6 +12,7 @@ import pytest
 from apiclient import SyncClient
 from msgrelay.wire.envelope import open_envelope
 from relayproc import RelayProcess
+from test_postgres_relay import database  # noqa: F401 (fixture: a fresh PostgreSQL database)
 
 pytestmark = pytest.mark.slow
 
@@ -163,17 +164,22 @@ class CrashLoad:
         return threads
 
 
-def crash_config(tmp_path) -> list[str]:
+def crash_config(tmp_path, store_dsn: str = "") -> list[str]:
     # One client address and one recipient, far faster than the default limits allow.
     config = tmp_path / "crash.toml"
-    config.write_text('[rate_limits]\nexempt = ["127.0.0.1"]\nfetch_per_user = "off"\n')
+    text = '[rate_limits]\nexempt = ["127.0.0.1"]\nfetch_per_user = "off"\n'
+    if store_dsn:
+        text += f'[store]\nbackend = "postgresql"\npostgres_dsn = "{store_dsn}"\n'
+    config.write_text(text)
     return ["--config", str(config)]
 
 
-def test_repeated_sigkill_under_senders_fetcher_and_acknowledgements(tmp_path, users):
+@pytest.mark.parametrize("store", ["maildir", "postgresql"])
+def test_repeated_sigkill_under_senders_fetcher_and_acknowledgements(tmp_path, users, store, request):
     """SIGKILL the real relay at random moments (MSGRELAY_CRASH_KILLS times, 15 by default),
     restarting it each time, while senders, a fetcher and acknowledgements run: every message
-    answered 200 reaches the recipient, and no acknowledged message comes back."""
+    answered 200 reaches the recipient, and no acknowledged message comes back. With each store
+    (the PostgreSQL one in a fresh database)."""
     import os
     import random
 
@@ -181,7 +187,7 @@ def test_repeated_sigkill_under_senders_fetcher_and_acknowledgements(tmp_path, u
     seed = int(os.environ.get("MSGRELAY_CRASH_SEED", str(random.randrange(1 << 30))))
     rng = random.Random(seed)
     state = tmp_path / "state"
-    args = crash_config(tmp_path)
+    args = crash_config(tmp_path, request.getfixturevalue("database") if store == "postgresql" else "")
     relay = RelayProcess(state, extra_args=args).start()
     client = SyncClient.connect(relay.url)
     alice = users[0]
@@ -213,7 +219,7 @@ def test_repeated_sigkill_under_senders_fetcher_and_acknowledgements(tmp_path, u
         relay.stop()
     lost = set(load.accepted) - set(load.received)
     changed = [i for i, body in load.accepted.items() if i in load.received and load.received[i] != body]
-    print(f"\ncrash run (seed {seed}): {kills} SIGKILLs in {time.monotonic() - started:.0f}s; "
+    print(f"\ncrash run ({store}, seed {seed}): {kills} SIGKILLs in {time.monotonic() - started:.0f}s; "
           f"{len(load.accepted)} messages answered 200, {len(load.received)} fetched, "
           f"{len(load.acknowledged)} acknowledged, {len(lost)} lost, {len(load.came_back)} came back "
           f"after acknowledgement, {len(load.corrupt)} corrupt; {load.errors} requests cut off by kills")
