@@ -31,6 +31,7 @@ from .store.factory import open_store
 from .store.interface import StoreUnavailable
 from .web.api import RelayAPI, allowed_methods
 from .web.app import web_client_routes
+from .web.connlimit import connection_limiter
 from .web.site import RelaySite
 
 log = Logger()
@@ -187,8 +188,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     federation = _add_federation(top, core, settings, reactor, reloader)
     if settings.web_client.enabled:  # the browser client at /app/ (msgrelay/web/app.py)
         site.routes.update(web_client_routes(settings.server.errors_url or None))
+    limiter = connection_limiter(site, settings, limits, reactor)
+    top.connections = limiter  # type: ignore[attr-defined]
+    top.metrics.attach_transport(limiter, top.resolver)  # type: ignore[attr-defined]
     for description in settings.server.listen:
-        ListeningService(serverFromString(reactor, description), site, description).setServiceParent(top)
+        ListeningService(serverFromString(reactor, description), limiter, description).setServiceParent(top)
     expiry = TimerService(settings.store.expire_interval, _expire, core)
     expiry.clock = reactor
     expiry.setServiceParent(top)
@@ -271,11 +275,13 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
     """
     from .federation.factory import build_push, build_sender
     from .federation.outbox import OutboxBusy, OutboxUnavailable
+    from .federation.resolver import build_resolver
 
     try:
-        sender = build_sender(settings, reactor)
+        resolver = build_resolver(settings, reactor)  # one DNS cache for push and federation
+        sender = build_sender(settings, reactor, resolver.resolve)
         sender.acquire_lock()
-        push = build_push(settings, core.store, reactor)
+        push = build_push(settings, core.store, reactor, resolver.resolve)
     except OutboxBusy as e:
         fail(f"federation outbox: {e}; is another relay using state_dir {settings.state_dir}?", status=1)
     except (OutboxUnavailable, OSError, ValueError) as e:
@@ -289,8 +295,10 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
             reload_policy(sender, settings)
 
     reloader.on_reload.append(federation_reloaded)
+    resolver.setServiceParent(top)
     sender.setServiceParent(top)
     push.setServiceParent(top)
+    top.resolver = resolver  # type: ignore[attr-defined]
     top.federation = sender  # type: ignore[attr-defined]
     top.push = push  # type: ignore[attr-defined]
     return sender

@@ -118,6 +118,17 @@ def _peer_table(value: list) -> Optional[str]:
     return None
 
 
+def _name_servers(value: list) -> Optional[str]:
+    from .federation.resolver import parse_server
+
+    for entry in value:
+        try:
+            parse_server(entry)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
 def _readable_file(value: str) -> Optional[str]:
     if value and not Path(value).is_file():
         return f"{value!r} is not a readable file"
@@ -166,6 +177,10 @@ SETTINGS: list[Setting] = [
     Setting("timeouts", "idle", int, 60, _positive, reloadable=True),
     Setting("timeouts", "headers", int, 20, _positive, reloadable=True),
     Setting("timeouts", "body", int, 120, _positive, reloadable=True),
+    # Connection caps (issue 9): msgrelay/web/connlimit.py.
+    Setting("connections", "per_address", int, 64, _positive, reloadable=True),
+    Setting("connections", "max_total", int, 2048, _positive, reloadable=True),
+    Setting("connections", "reserve_fds", int, 256, _non_negative, reloadable=True),
     Setting("metrics", "listen", list, []),
     Setting("metrics", "token", str, "", reloadable=True, secret=True),
     Setting("metrics", "stats_interval", int, 60, _positive, reloadable=True),
@@ -188,6 +203,13 @@ SETTINGS: list[Setting] = [
     Setting("push", "backoff_max", int, 60, _positive),
     # The browser client at /app/ (issue 12, docs/web-client.md); needs a restart.
     Setting("web_client", "enabled", bool, True),
+    # DNS for push endpoints and federation (issue 9): msgrelay/federation/resolver.py.
+    Setting("dns", "servers", list, [], _name_servers),
+    Setting("dns", "timeout", int, 5, _between(1, 60)),
+    Setting("dns", "max_concurrent", int, 64, _positive),
+    Setting("dns", "cache_ttl", int, 300, _non_negative),
+    Setting("dns", "negative_ttl", int, 60, _non_negative),
+    Setting("dns", "cache_size", int, 10000, _positive),
 ]
 
 BY_NAME = {s.name: s for s in SETTINGS}

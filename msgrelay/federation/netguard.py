@@ -5,18 +5,18 @@ through `BrowserLikePolicyForHTTPS`), against the platform's roots or a private 
 Hosts a user or a stranger chose (push endpoints, unlisted peers in "open" mode) are
 resolved once, every address is checked, and the connection goes to the address that was
 checked, with the original name still used for SNI and certificate verification: a DNS
-answer cannot change between the check and the connection (no rebinding).
+answer cannot change between the check and the connection (no rebinding). Every name,
+the operator's peers included, is resolved by the asynchronous, bounded, caching resolver
+of `resolver.py`, never by getaddrinfo in a thread pool.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -87,22 +87,6 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
-def thread_resolver(reactor: Any) -> Resolver:
-    """getaddrinfo in the reactor's thread pool (it blocks)."""
-
-    async def resolve(host: str, port: int) -> Sequence[str]:
-        infos = await deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo,
-                                        host, port, 0, socket.SOCK_STREAM)
-        seen: list[str] = []
-        for info in infos:
-            address = str(info[4][0])
-            if address not in seen:
-                seen.append(address)
-        return seen
-
-    return resolve
-
-
 async def checked_addresses(host: str, port: int, resolve: Resolver, allow_private: bool) -> list[str]:
     """The addresses to connect to; AddressRefused if any of them is off limits."""
     addresses = [host] if is_ip_literal(host) else list(await resolve(host, port))
@@ -168,12 +152,10 @@ class GuardedEndpointFactory:
 
     def endpointForURI(self, uri: Any) -> Any:
         host = uri.host.decode("ascii")
-        endpoint: Any
-        if (host.lower(), uri.port) in self.trusted:
-            endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.timeout)
-        else:
-            endpoint = CheckedAddressEndpoint(self.reactor, host, uri.port, self.resolve, self.allow_private,
-                                              self.timeout)
+        # Trusted hosts skip only the address check: they are resolved the same way.
+        trusted = (host.lower(), uri.port) in self.trusted
+        endpoint: Any = CheckedAddressEndpoint(self.reactor, host, uri.port, self.resolve,
+                                               self.allow_private or trusted, self.timeout)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint

@@ -13,6 +13,7 @@ from twisted.web.resource import IResource
 from ..ratelimit import client_host, parse_networks
 from ..timeouts import RelayChannel
 from ..wire.errors import ProtocolError
+from .connlimit import LINGER_BYTES, LINGER_SECONDS, linger_close
 from .responses import JSON_TYPE, encode_json, info_base, is_utf8_path, shown_path
 
 log = Logger(namespace="msgrelay.access")
@@ -70,7 +71,7 @@ class RelayRequest(server.Request):
             super().requestReceived(command, path, version)
 
     def _refuse(self, message: str) -> None:
-        """Answer 413 at once and close: the body is never read into memory or disk."""
+        """Answer 413 at once and close: the body is never kept in memory or on disk."""
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")
         error = ProtocolError(140, message)
@@ -84,7 +85,10 @@ class RelayRequest(server.Request):
             b"Timestamp: " + str(int(self.relay_site.clock.seconds())).encode(),
         ] + [name + b": " + value for name, value in CORS_HEADERS.items()]
         self.channel.transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
-        self.channel.transport.loseConnection()
+        # Read and discard the body the client may still be sending, so it gets this answer
+        # rather than a reset (PROTOCOL.md section 1, lingering close).
+        self.channel.stop_deadlines()
+        linger_close(self.channel.transport, LINGER_BYTES, LINGER_SECONDS)
         self.code = 413
         self.method = getattr(self.channel, "_command", None) or b"?"
         raw_path = getattr(self.channel, "_path", None) or b"?"
