@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from . import __version__
+from .keytransitions import listed
 from .serverkey import ServerKeyring
 from .settings import Settings
 from .store.interface import (
@@ -121,6 +122,7 @@ class RelayCore:
                 for p in self.keyring.previous
                 if now < p.until
             ],
+            "key_transitions": listed(self.keyring.transitions, now, self.settings.server.key_transition_keep),
         }
 
     async def health(self) -> dict[str, str]:

@@ -109,6 +109,8 @@ SETTINGS: list[Setting] = [
     # Read by `msgrelay-admin rotate-key` when it retires a key; the deadline is then fixed.
     Setting("server", "key_grace_period", int, 604800, _non_negative, reloadable=True),
     Setting("server", "key_check_interval", int, 5, _positive),
+    # How long /api/v1/server lists a key transition (PROTOCOL.md section 5: at least a year).
+    Setting("server", "key_transition_keep", int, 34560000, _between(31536000, 2**31), reloadable=True),
     Setting("server", "errors_url", str, ""),
     Setting("store", "backend", str, "maildir", _one_of("maildir", "postgresql")),
     Setting("store", "postgres_dsn", str, ""),
