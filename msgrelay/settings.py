@@ -229,8 +229,8 @@ def _check_federation(values: dict[str, Any]) -> None:
     """Cross-checks of the federation settings (each one alone was checked above)."""
     if values["federation.backoff_min"] > values["federation.backoff_max"]:
         raise SettingError("federation.backoff_min: must not exceed federation.backoff_max")
-    if values["federation.mode"] == "allowlist" and not values["federation.peers"]:
-        raise SettingError("federation.peers: mode 'allowlist' needs at least one peer (--peer NAME=URL)")
+    # An allowlist with no peers yet is allowed (the relay logs a warning): you need the
+    # other relay's fingerprint first, and peers are added later with a SIGHUP.
     own = values["server.name"].lower()
     for entry in values["federation.peers"]:
         if entry.partition("=")[0].strip().lower() == own:

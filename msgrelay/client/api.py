@@ -33,6 +33,7 @@ from ..wire.envelope import AES_GCM, NONCE_BYTES, TAG_BYTES, open_envelope, seal
 from ..wire.errors import ProtocolError
 from ..wire.keys import fingerprint, is_user_id, load_public_key, user_id_for_key
 from ..wire.signing import sign_params
+from ..wire.transitions import TransitionError, follow_chain, parse_transitions
 from .errors import RelayError, RelayUnreachable, TrustError, UsageError
 from .identity import Identity
 
@@ -215,6 +216,7 @@ class RelayAPI:
         timeout: float = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.time,
         label: str = "the relay",
+        follow_transitions: bool = False,
     ):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -223,6 +225,11 @@ class RelayAPI:
         self.url = normalise_url(url)
         self.identity = identity
         self.pinned_fingerprint = pinned_fingerprint
+        # Follow key transitions only where the URL itself is trusted: the relay URL a person
+        # configured (https is verified by the agent; plain http only because they wrote it).
+        self.follow_transitions = follow_transitions
+        #: (old pin, new fingerprint, steps) once a chain of key transitions was followed.
+        self.followed: Optional[tuple[str, str, int]] = None
         self.timeout = timeout
         self.label = label
         self._clock = clock
@@ -323,16 +330,32 @@ class RelayAPI:
         except (ValueError, ProtocolError) as e:
             raise RelayUnreachable(self.url, f"server info is unusable: {e}")
         if self.pinned_fingerprint and info.fingerprint != self.pinned_fingerprint:
-            until = info.previous_key_until(self.pinned_fingerprint)
-            rotated = f" The relay lists the pinned key as rotated out (valid until {until})." if until else ""
-            raise TrustError(
-                f"THE RELAY'S KEY HAS CHANGED: {self.url} ({info.name}) now has key fingerprint "
-                f"{info.fingerprint}, but this profile pinned {self.pinned_fingerprint}.{rotated} "
-                "Nothing was sent. If you verified the new fingerprint with the relay's operator, "
-                f"run again with --trust-fingerprint {info.fingerprint}"
-            )
+            self._follow_or_refuse(info)
         self._info = info
         return info
+
+    def _follow_or_refuse(self, info: ServerInfo) -> None:
+        """Re-pin along a verified chain of key transitions, else the loud TrustError."""
+        assert self.pinned_fingerprint is not None
+        broken = ""
+        if self.follow_transitions:
+            try:
+                steps = follow_chain(self.pinned_fingerprint, info.fingerprint,
+                                     parse_transitions(info.raw.get("key_transitions")), info.name)
+            except TransitionError as e:
+                broken = f" The relay shows no valid chain of key transitions from the pinned key ({e})."
+            else:
+                self.followed = (self.pinned_fingerprint, info.fingerprint, len(steps))
+                self.pinned_fingerprint = info.fingerprint
+                return
+        until = info.previous_key_until(self.pinned_fingerprint)
+        rotated = f" The relay lists the pinned key as rotated out (valid until {until})." if until else ""
+        raise TrustError(
+            f"THE RELAY'S KEY HAS CHANGED: {self.url} ({info.name}) now has key fingerprint "
+            f"{info.fingerprint}, but this profile pinned {self.pinned_fingerprint}.{rotated}{broken} "
+            "Nothing was sent. If you verified the new fingerprint with the relay's operator, "
+            f"run again with --trust-fingerprint {info.fingerprint}"
+        )
 
     @returns_deferred
     async def health(self) -> dict[str, Any]:
