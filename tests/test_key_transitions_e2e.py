@@ -115,3 +115,41 @@ def test_forged_transition_is_refused_and_trust_fingerprint_confirms(tmp_path):
         assert "already pinned; nothing changed" in same.err
     finally:
         relay.stop()
+
+
+def test_a_peer_pinned_to_the_old_key_keeps_delivering_after_the_rotation(tmp_path, users):
+    """Real TLS federation: a pins c's key; c rotates (old key refused at once); a follows the chain."""
+    from apiclient import SyncClient
+    from test_federation_e2e import Network, texts, wait_for  # a delivers to c over verified TLS only
+
+    net = Network(tmp_path)
+    c = net.relay("c").start()
+    old_pin = server_info(c.url)["fingerprint"]  # c also listens on plain loopback http for the test
+    a = net.a(old_pin).start()
+    try:
+        client_a, client_c = SyncClient.connect(a.url), SyncClient.connect(c.url)
+        carol = users[2]
+        assert client_c.call("POST", "/api/v1/user", {"key": carol.pem}).status == 200
+        token = client_c.mint(carol)
+
+        def send(text: str) -> None:
+            envelope = client_a.packet_envelope(carol, token, body=json.dumps({"text": text}).encode(),
+                                                user_id=f"{carol.user_id}@c.test")
+            answer = client_a.call("POST", "/api/v1/message", envelope)
+            assert answer.status == 200, answer.body
+
+        send("before")
+        wait_for(lambda: texts(client_c, carol) == ["before"])
+        rotated = subprocess.run([ADMIN, "rotate-key", "--state-dir", str(tmp_path / "c"), "--grace-period", "0",
+                                  "--json"], capture_output=True, text=True, timeout=120)
+        assert rotated.returncode == 0, rotated.stderr
+        new = json.loads(rotated.stdout)["fingerprint"]
+        wait_for_key(c.url, new)
+        send("after")  # a's cached key is c's old one: c answers 103, a fetches again and follows
+        wait_for(lambda: texts(client_c, carol) == ["before", "after"], timeout=30)
+    finally:
+        a.stop()
+        c.stop()
+    log = a.log()
+    assert "c.test rotated its key: the pin follows 1 verified key transition(s)" in log
+    assert old_pin in log and new in log and "NOT delivering" not in log
