@@ -24,6 +24,7 @@ from ..wire.keys import is_user_id
 from ..store.factory import maildir_root
 from .backends import AdminStore, PostgresAdmin, open_admin_store
 from .context import EXIT_USAGE, AdminContext, AdminFailure, common_options, describe_age, pass_admin
+from .config_commands import config
 from .key_commands import keep_key, keys, retire_key, rotate_key
 from .key_fsck import check_key_files
 from .queue_commands import queue
@@ -259,3 +260,4 @@ main.add_command(retire_key)
 main.add_command(keep_key)
 main.add_command(keys)
 main.add_command(queue)
+main.add_command(config)
