@@ -263,7 +263,7 @@ class RelayAPI:
             response, raw = await attempt
         except Exception as e:  # every transport failure, whatever Twisted calls it
             reason = f"no answer within {self.timeout:g} s" if not timer.active() else describe_failure(e)
-            raise RelayUnreachable(self.url, reason) from e
+            raise RelayUnreachable(self.url, reason + self._hint(reason)) from e
         finally:
             if timer.active():
                 timer.cancel()
@@ -279,7 +279,8 @@ class RelayAPI:
         if obj is None or not isinstance(obj.get("errno"), int):
             phrase = RESPONSES.get(status, b"").decode("ascii", "replace")
             raise RelayUnreachable(
-                self.url, f"{method} {path} answered HTTP {status} {phrase} without a msgrelay error body"
+                self.url, f"{method} {path} answered HTTP {status} {phrase} without a msgrelay error body: "
+                "not a msgrelay relay (check the URL and port)"
             )
         retry = response.headers.getRawHeaders(b"retry-after")
         raise RelayError(
@@ -290,6 +291,17 @@ class RelayAPI:
             retry_after=int(retry[0]) if retry and retry[0].strip().isdigit() else None,
             where=self.label,
         )
+
+    def _hint(self, reason: str) -> str:
+        """What to try, for the failures people cause by giving the wrong URL."""
+        low = reason.lower()
+        parts = urlsplit(self.url)
+        if parts.scheme == "https" and ("wrong version number" in low or "http request" in low):
+            return (f"; is this an http:// relay? It does not speak TLS: try "
+                    f"http://{parts.netloc}{parts.path}")
+        if "closed cleanly" in low or "was lost" in low:
+            return "; the server hung up without an HTTP answer: is it a msgrelay relay? (check the URL and port)"
+        return ""
 
     def _now(self) -> float:
         return self._clock() + (self._info.clock_offset if self._info else 0.0)
