@@ -70,7 +70,7 @@ class Options(usage.Options):
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted server endpoint string to listen on, repeatable
-        (e.g. tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem).
+        (e.g. tcp:8080:interface=127.0.0.1, ssl:8443:interface=127.0.0.1:privateKey=key.pem:certKey=cert.pem).
         [default: tcp:8080:interface=127.0.0.1]"""
         self["listen"].append(endpoint)
 
