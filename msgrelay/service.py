@@ -197,6 +197,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top.limits = limits  # type: ignore[attr-defined]
     reloader = _add_operations(top, options, settings, core, api, site, limits, reactor)
     _add_federation(top, core, settings, reactor, reloader)
+
     def forget_new_key() -> None:  # a start that failed leaves no key behind
         if new_key:
             settings.key_path().unlink(missing_ok=True)

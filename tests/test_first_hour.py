@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from importlib.metadata import metadata
 from pathlib import Path
@@ -166,15 +167,23 @@ def test_client_errors_point_to_the_fix(tmp_path, relay):
 @pytest.mark.slow
 def test_fetch_watch_says_once_that_it_polls(tmp_path, relay):
     alice = Person(tmp_path / "config", "alice").init(relay.url)
-    watch = subprocess.Popen([CLIENT, "--profile", "alice", "fetch", "--watch", "--interval", "0.2"],
-                             env=alice.env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    polls = lambda: relay.log().count("GET /api/v1/message ")  # noqa: E731
+    before = polls()
+    watch = subprocess.Popen([CLIENT, "--profile", "alice", "fetch", "--watch", "--interval", "0.2",
+                              "--max-interval", "0.2"], env=alice.env, stderr=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
         first = watch.stderr.readline()
         assert first.startswith(f"watching for new messages: polling {relay.url} every 0.2 s") and "Ctrl-C" in first
+        deadline = time.monotonic() + 30  # several polls, then Ctrl-C (the reactor handles it by then)
+        while polls() < before + 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert polls() >= before + 3
     finally:
         watch.send_signal(signal.SIGINT)
-        watch.wait(30)
-    assert "watching" not in watch.stderr.read()
+        code = watch.wait(30)
+    rest = watch.stderr.read()
+    assert code == 0 and "watching" not in rest and "Traceback" not in rest
 
 
 @pytest.mark.slow
