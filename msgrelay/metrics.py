@@ -290,6 +290,8 @@ class MetricsPage(Resource):
 class MetricsSite(server.Site):
     """The dedicated metrics listener: `/metrics` only, same connection deadlines, no access log."""
 
+    noisy = False
+
     def __init__(self, page: MetricsPage, clock: Any, idle_timeout: Callable[[], float],
                  header_timeout: Callable[[], float], body_timeout: Callable[[], float]):
         from .timeouts import RelayChannel

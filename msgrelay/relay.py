@@ -20,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import __version__
+from .keytransitions import listed
 from .serverkey import ServerKeyring
 from .settings import Settings
 from .store.interface import (
@@ -157,6 +158,7 @@ class RelayCore:
                 for p in self.keyring.previous
                 if now < p.until
             ],
+            "key_transitions": listed(self.keyring.transitions, now, self.settings.server.key_transition_keep),
         }
 
     async def health(self) -> dict[str, str]:

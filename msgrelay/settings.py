@@ -143,6 +143,8 @@ SETTINGS: list[Setting] = [
     # Read by `msgrelay-admin rotate-key` when it retires a key; the deadline is then fixed.
     Setting("server", "key_grace_period", int, 604800, _non_negative, reloadable=True),
     Setting("server", "key_check_interval", int, 5, _positive),
+    # How long /api/v1/server lists a key transition (PROTOCOL.md section 5: at least a year).
+    Setting("server", "key_transition_keep", int, 34560000, _between(31536000, 2**31), reloadable=True),
     Setting("server", "errors_url", str, ""),
     Setting("store", "backend", str, "maildir", _one_of("maildir", "postgresql")),
     Setting("store", "postgres_dsn", str, ""),
@@ -291,8 +293,8 @@ def _check_federation(values: dict[str, Any]) -> None:
         raise SettingError("federation.backoff_min: must not exceed federation.backoff_max")
     if values["push.backoff_min"] > values["push.backoff_max"]:
         raise SettingError("push.backoff_min: must not exceed push.backoff_max")
-    if values["federation.mode"] == "allowlist" and not values["federation.peers"]:
-        raise SettingError("federation.peers: mode 'allowlist' needs at least one peer (--peer NAME=URL)")
+    # An allowlist with no peers yet is allowed (the relay logs a warning): you need the
+    # other relay's fingerprint first, and peers are added later with a SIGHUP.
     own = values["server.name"].lower()
     for entry in values["federation.peers"]:
         if entry.partition("=")[0].strip().lower() == own:

@@ -19,8 +19,8 @@ async def test_server_info_headers_and_cors(relay):
     assert answer.status == 200
     body = answer.body
     assert set(body) == {"name", "key", "fingerprint", "algorithms", "max_body_bytes", "max_fetch_bytes", "default_ttl",
-                         "max_ttl", "max_validity", "version", "previous_keys"}
-    assert body["name"] == "relay.test" and body["previous_keys"] == []
+                         "max_ttl", "max_validity", "version", "previous_keys", "key_transitions"}
+    assert body["name"] == "relay.test" and body["previous_keys"] == [] and body["key_transitions"] == []
     assert body["algorithms"] == ["AES-256-GCM", "CHACHA20-POLY1305"]
     assert len(body["fingerprint"]) == 64
     assert answer.headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]

@@ -20,7 +20,7 @@ from ..store.interface import UserRecord
 from ..wire.canonical import parse_json_object
 from ..wire.errors import ProtocolError, malformed
 from ..wire.signing import INT, STR, STR_LIST, SignedRequest, parse_signed_body, parse_signed_query
-from .errors_page import ERRORS_PAGE
+from .errors_page import ERRORS_MARKDOWN, ERRORS_PAGE
 from .responses import info_base, shown_path, write_error, write_json
 
 log = Logger()
@@ -116,8 +116,16 @@ class RelayAPI:
 
     @app.route("/errors", methods=["GET"])
     def errors_page(self, request: IRequest) -> bytes:
-        request.setHeader("Content-Type", "text/markdown; charset=utf-8")
+        """HTML for browsers (the `info` anchors); markdown for `Accept: text/markdown`."""
+        if b"text/markdown" in (request.getHeader(b"accept") or b""):
+            return self.errors_markdown(request)
+        request.setHeader("Content-Type", "text/html; charset=utf-8")
         return ERRORS_PAGE
+
+    @app.route("/errors.md", methods=["GET"])
+    def errors_markdown(self, request: IRequest) -> bytes:
+        request.setHeader("Content-Type", "text/markdown; charset=utf-8")
+        return ERRORS_MARKDOWN
 
     # -- users -------------------------------------------------------------------
 

@@ -144,6 +144,7 @@ class RelaySite(server.Site):
     requestFactory = RelayRequest
     protocol = RelayChannel  # HTTP/1.1 with header and body deadlines (msgrelay/timeouts.py)
     displayTracebacks = False
+    noisy = False  # no "Starting factory <RelaySite object at 0x...>": "listening on" says it
 
     def __init__(
         self,
@@ -202,7 +203,9 @@ class RelaySite(server.Site):
         """Method, path (never the query: it carries signatures), status, errno, time taken."""
         elapsed = time.monotonic() - request._started
         log.info(
-            "{method} {path} {status} errno={errno} {duration_ms}ms",
+            # errno only when there is one (the field itself is always there, None on success)
+            "{method} {path} {status} {duration_ms}ms" if request.errno is None
+            else "{method} {path} {status} errno={errno} {duration_ms}ms",
             method=request.method.decode("ascii", "replace"),
             path=shown_path(path),
             status=request.code,
