@@ -162,6 +162,7 @@ class ConnectionLimiter(WrappingFactory):
     """
 
     protocol = LimitedConnection
+    noisy = False  # no "Starting factory <ConnectionLimiter ...>": "listening on" says it
 
     def __init__(self, site: Any, clock: Any, per_address: Callable[[], int], total: Callable[[], int],
                  key: Callable[[str], Optional[str]], errors_url: Callable[[], str] = lambda: ""):
