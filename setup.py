@@ -30,7 +30,17 @@ setup(
         "psycopg[binary]>=3.1",
         "psycopg-pool>=3.2",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-twisted>=1.14"]},
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.14",
+            # docs/openapi.yaml: validating the document and the relay's answers, and fuzzing
+            "pyyaml>=6",
+            "jsonschema>=4.18",
+            "openapi-spec-validator>=0.7",
+            "schemathesis>=4.0",
+        ]
+    },
     entry_points={
         "console_scripts": [
             "msgrelay-client = msgrelay.client.cli:main",
