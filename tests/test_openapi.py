@@ -244,6 +244,19 @@ async def test_packet_fields_must_be_canonical_base64(relay, users):
     conforms(await client.call("POST", "/api/v1/message", envelope), "POST", "/api/v1/message", 400, 104)
 
 
+@pytest.mark.parametrize("field", ["id", *(pytest.param(f, marks=REV2) for f in ("token", "data", "password"))])
+@ensure
+async def test_lone_surrogate_in_a_packet_is_104(relay, users, field):
+    """schemathesis only sends valid Unicode; a lone surrogate (JSON `\\ud800`) is tried here."""
+    client, alice = relay.client, users[0]
+    token = await registered(client, alice)
+    packet = {"id": "p", "user_id": alice.user_id, "token": token, **seal(alice.key.public_key(), b"{}")}
+    packet[field] = "LONE"
+    plaintext = json.dumps(packet).replace('"LONE"', '"\\ud800"').encode()
+    conforms(await client.call("POST", "/api/v1/message", seal(client.server_key, plaintext)),
+             "POST", "/api/v1/message", 400, 104)
+
+
 @ensure
 async def test_quota(start_relay, users, tmp_path):
     config = tmp_path / "quota.toml"
