@@ -177,3 +177,14 @@ def test_no_document_points_outside_the_repository_for_the_protocol():
         assert "protocol-decisions" not in text, f"{path.name} links the removed protocol-decisions.md"
         if path.name != "protocol.md":  # which explains what source comments citing it mean
             assert not re.search(r"(?<![/\w])PROTOCOL\.md", text), f"{path.name} names PROTOCOL.md"
+
+
+def test_internal_links_point_at_headings():
+    """Links like `#4-signed-requests` match a heading's GitHub anchor."""
+    def slug(heading: str) -> str:
+        text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+        return text.replace(" ", "-")
+
+    anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", DOC, re.M)}
+    links = set(re.findall(r"\]\(#([^)]+)\)", DOC))
+    assert links and links <= anchors, sorted(links - anchors)
