@@ -19,7 +19,7 @@ setup(
     ],
     package_data={"msgrelay.web": ["errors.md"], "twisted.plugins": ["msgrelay_plugin.py"]},
     install_requires=[
-        "twisted[tls]>=25.5",
+        "twisted[tls]>=25.5,<27",  # 26 tested; see msgrelay/twisted_compat.py
         "klein>=23.5",
         "treq>=23.11",
         "cryptography>=41",

@@ -11,14 +11,14 @@ import hmac
 import json
 import math
 import secrets
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from . import __version__
 from .serverkey import ServerKeyring
-from .settings import Settings
+from .settings import Reload, Settings
 from .store.interface import (
     IStore, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, UserRecord,
 )
@@ -35,7 +35,8 @@ log = Logger()
 #: The longest token lifetime a client may ask for (ten years), beyond which `expires_in` is refused.
 MAX_TOKEN_SECONDS = 10 * 365 * 86400
 MAX_LABEL_CHARS = 200
-MAX_ACK_IDS = 1000
+MAX_ACK_IDS = 1000  # message ids in one acknowledgement
+MAX_FETCH_LIMIT = 1000  # messages in one fetch answer (`limit`, `limits.fetch_default`)
 MAX_PUSH_URL_CHARS = 2048
 
 
@@ -78,17 +79,29 @@ async def _guard(deferred: Any) -> Any:
 
 
 class RelayCore:
-    def __init__(self, settings: Settings, store: IStore, keyring: ServerKeyring, clock: IReactorTime):
+    #: Reconfigurable: a reload hands over the whole new settings object.
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"server", "limits", "registration"})
+
+    def __init__(self, settings: Settings, store: IStore, keyring: ServerKeyring, clock: IReactorTime, *,
+                 forwarder: Optional[Forwarder] = None,
+                 message_observers: Sequence[Callable[[UserRecord, str], None]] = (),
+                 stored_observers: Sequence[Callable[[NewMessage], None]] = (),
+                 expired_observers: Sequence[Callable[[int], None]] = ()):
         self.settings = settings
         self.store = store
         self.keyring = keyring
         self.clock = clock
-        self.forwarder: Optional[Forwarder] = None
-        self.message_observers: list[Callable[[UserRecord, str], None]] = []
+        #: Takes packets for other relays; None: federation is not wired (errno 122).
+        self.forwarder = forwarder
+        #: Told (recipient, message id) of each stored message (push).
+        self.message_observers = list(message_observers)
         #: Told each newly stored message (not duplicates), e.g. for metrics.
-        self.stored_observers: list[Callable[[NewMessage], None]] = []
+        self.stored_observers = list(stored_observers)
         #: Told how many messages each expiry sweep removed.
-        self.expired_observers: list[Callable[[int], None]] = []
+        self.expired_observers = list(expired_observers)
+
+    def reconfigure(self, reload: Reload) -> None:
+        self.settings = reload.running
 
     @property
     def name(self) -> str:

@@ -9,6 +9,7 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.server import Site
 
@@ -202,16 +203,19 @@ async def test_server_info_of_a_peer_is_fetched_with_the_right_name(start_relay,
     assert (await request("GET", a.url + "/api/v1/server")).body["name"] == "a.test"
 
 
-def test_a_second_relay_on_the_same_state_dir_is_refused(tmp_path, capsys):
+@ensure
+async def test_a_second_relay_on_the_same_state_dir_is_refused(tmp_path, capsys):
     from msgrelay.service import Options, makeService
 
     options = Options()
-    options.parseOptions(["--state-dir", str(tmp_path / "s"), "--server-name", "a.test"])
+    options.parseOptions(["--state-dir", str(tmp_path / "s"), "--server-name", "a.test",
+                          "--listen", "tcp:0:interface=127.0.0.1"])
     first = makeService(options, reactor)
+    first.startService()
     try:
         with pytest.raises(SystemExit) as info:
             makeService(options, reactor)
         assert info.value.code == 1
         assert "in use by a running relay" in capsys.readouterr().err
     finally:
-        first.federation._lock.release()  # never started: release the lock makeService took
+        await maybeDeferred(first.stopService)

@@ -56,18 +56,23 @@ def test_json_line_survives_odd_values_failures_and_legacy_events():
 
 
 def test_level_predicate_follows_the_setting_on_every_event():
-    level = {"value": "info"}
-    predicate = LevelPredicate(lambda: level["value"])
+    from msgrelay.settings import resolve
+
+    def reload_to(level):
+        old = resolve({}, {"server.name": "relay.test"})
+        predicate.reconfigure(old.reload_to(resolve({"log.level": level}, {"server.name": "relay.test"})))
+
+    predicate = LevelPredicate("info")
     debug = {"log_level": LogLevel.debug, "log_namespace": "x"}
     info = {"log_level": LogLevel.info, "log_namespace": "x"}
     warn = {"log_level": LogLevel.warn, "log_namespace": "x"}
     assert [predicate(e) for e in (debug, info, warn)] == [PredicateResult.no, PredicateResult.maybe,
                                                            PredicateResult.maybe]
-    level["value"] = "warn"
+    reload_to("warn")
     assert predicate(info) == PredicateResult.no and predicate(warn) == PredicateResult.maybe
     # What a reload did is always shown.
     assert predicate({"log_level": LogLevel.info, "log_namespace": "msgrelay.settings"}) == PredicateResult.maybe
-    level["value"] = "debug"
+    reload_to("debug")
     assert predicate(debug) == PredicateResult.maybe
 
 

@@ -34,11 +34,13 @@ class Hello(Resource):
 
 
 def clock_site(clock, idle=60, headers=5, body=10):
-    site = RelaySite(Hello(), clock, max_body_bytes=lambda: 1 << 20, errors_url=lambda: "",
-                     allowed_methods=lambda path: ["GET"], idle_timeout=lambda: idle,
-                     header_timeout=lambda: headers, body_timeout=lambda: body)
+    from msgrelay.settings import resolve
+
+    settings = resolve({"timeouts.idle": idle, "timeouts.headers": headers, "timeouts.body": body},
+                       {"server.name": "relay.test"})
     phases = []
-    site.timeout_observers.append(phases.append)
+    site = RelaySite(Hello(), clock, settings, allowed_methods=lambda path: ["GET"],
+                     timeout_observers=[phases.append])
     return site, phases
 
 

@@ -23,7 +23,8 @@ def _host_port(peer: Peer) -> tuple[str, int]:
     return (parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] = None) -> FederationSender:
+def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] = None, *,
+                 outbox_pool: Any = None, dns_pool: Any = None, http: Any = None) -> FederationSender:
     """The sender for these settings (OutboxUnavailable / OSError / ValueError on a bad setup).
 
     Hosts of the peer table are the operator's choice and are reached as named; any other
@@ -33,12 +34,14 @@ def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] =
     policy = _policy(settings)
     outbox = Outbox.open(outbox_path(settings))
     trusted = {_host_port(p) for p in policy.peers.values()}
-    http, pool = make_http_client(
-        reactor, federation.ca_file, resolve or thread_resolver(reactor), allow_private=False,
-        trusted=trusted, persistent=True, timeout=federation.timeout,
-    )
+    pool = None
+    if http is None:  # else a client given by the builder's caller (tests)
+        http, pool = make_http_client(
+            reactor, federation.ca_file, resolve or thread_resolver(reactor, dns_pool), allow_private=False,
+            trusted=trusted, persistent=True, timeout=federation.timeout,
+        )
     sender = FederationSender(policy, outbox, settings.server.name, reactor, http,
-                              SenderConfig.from_settings(settings), pool=pool)
+                              SenderConfig.from_settings(settings), pool=pool, threads=outbox_pool)
     sender.trusted_hosts = trusted
     return sender
 
@@ -56,8 +59,10 @@ def reload_policy(sender: FederationSender, settings: Settings) -> None:
     sender.set_policy(policy)
 
 
-def build_push(settings: Settings, store: IStore, reactor: Any, resolve: Optional[Resolver] = None) -> PushNotifier:
+def build_push(settings: Settings, store: IStore, reactor: Any, resolve: Optional[Resolver] = None, *,
+               dns_pool: Any = None, http: Any = None) -> PushNotifier:
     push = settings.push
-    http, _ = make_http_client(reactor, push.ca_file, resolve or thread_resolver(reactor),
-                               allow_private=push.allow_private, persistent=False, timeout=push.timeout)
+    if http is None:
+        http, _ = make_http_client(reactor, push.ca_file, resolve or thread_resolver(reactor, dns_pool),
+                                   allow_private=push.allow_private, persistent=False, timeout=push.timeout)
     return PushNotifier(store, reactor, http, retries=push.retries, timeout=push.timeout)

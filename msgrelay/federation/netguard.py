@@ -55,11 +55,12 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
-def thread_resolver(reactor: Any) -> Resolver:
-    """getaddrinfo in the reactor's thread pool (it blocks)."""
+def thread_resolver(reactor: Any, pool: Any = None) -> Resolver:
+    """getaddrinfo (it blocks) in `pool`, the relay's DNS pool (msgrelay/pools.py); the
+    reactor's default pool only where none is given (the client)."""
 
     async def resolve(host: str, port: int) -> Sequence[str]:
-        infos = await deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo,
+        infos = await deferToThreadPool(reactor, pool or reactor.getThreadPool(), socket.getaddrinfo,
                                         host, port, 0, socket.SOCK_STREAM)
         seen: list[str] = []
         for info in infos:

@@ -84,7 +84,8 @@ class FederationSender(Service):
 
     def __init__(self, policy: FederationPolicy, outbox: Outbox, own_name: str, clock: Any, http: Any,
                  config: SenderConfig, pool: Any = None,
-                 run: Optional[Callable[..., Deferred]] = None, rng: Optional[random.Random] = None):
+                 run: Optional[Callable[..., Deferred]] = None, rng: Optional[random.Random] = None,
+                 threads: Optional[ThreadPool] = None):
         self.policy = policy
         self.outbox = outbox
         self.own_name = own_name
@@ -95,7 +96,11 @@ class FederationSender(Service):
         self.rng = rng or random.Random()
         self.keys = PeerKeys(http, clock, config.key_refresh, config.timeout)
         self.queues: dict[str, DestinationQueue] = {name: DestinationQueue(name) for name in policy.peers}
-        self._threads: Optional[ThreadPool] = None if run else ThreadPool(1, 4, "msgrelay-outbox")
+        # Outbox disk work: the relay's outbox pool (started and stopped by the service tree),
+        # else a small pool of our own (tools and tests building a sender alone).
+        self._own_threads = threads is None and run is None
+        self._threads: Optional[ThreadPool] = threads if threads is not None else (
+            ThreadPool(1, 4, "msgrelay-outbox") if run is None else None)
         self._run: Callable[..., Deferred] = run or self._in_thread
         self._inflight: set[Deferred] = set()
         self._lock: Optional[OutboxLock] = None
@@ -121,7 +126,7 @@ class FederationSender(Service):
     def startService(self) -> None:
         self.acquire_lock()
         super().startService()
-        if self._threads is not None:
+        if self._threads is not None and self._own_threads:
             self._threads.start()
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = self.clock
@@ -140,7 +145,7 @@ class FederationSender(Service):
         for d in list(self._inflight):
             d.cancel()
         closed = self.pool.closeCachedConnections() if self.pool is not None else None
-        if self._threads is not None:
+        if self._threads is not None and self._own_threads:
             self._threads.stop()
         if self._lock is not None:
             self._lock.release()
@@ -433,7 +438,7 @@ class FederationSender(Service):
         self.acquire_lock()
         self.one_shot = True
         self.running = True
-        if self._threads is not None:
+        if self._threads is not None and self._own_threads:
             self._threads.start()
         try:
             queue = self._queue(destination)
@@ -446,7 +451,7 @@ class FederationSender(Service):
             self.running = False
             if self.pool is not None:
                 await self.pool.closeCachedConnections()
-            if self._threads is not None:
+            if self._threads is not None and self._own_threads:
                 self._threads.stop()
             if self._lock is not None:
                 self._lock.release()

@@ -15,7 +15,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..ratelimit import RateLimits
-from ..relay import RelayCore
+from ..relay import MAX_ACK_IDS, MAX_FETCH_LIMIT, RelayCore
 from ..store.interface import UserRecord
 from ..wire.canonical import parse_json_object
 from ..wire.errors import ProtocolError, malformed
@@ -171,8 +171,8 @@ class RelayAPI:
     async def fetch_messages(self, request: IRequest) -> bytes:
         signed = self._parse_signed(request, {"limit": (INT, False)})
         limit = signed.own.get("limit")
-        if limit is not None and not 1 <= limit <= 1000:
-            raise malformed("limit must be between 1 and 1000")
+        if limit is not None and not 1 <= limit <= MAX_FETCH_LIMIT:
+            raise malformed(f"limit must be between 1 and {MAX_FETCH_LIMIT}")
         user = await self._authenticate(request, signed)
         self._limit_user("fetch", user)
         return write_json(request, await self.core.fetch(user, limit))
@@ -180,8 +180,8 @@ class RelayAPI:
     @app.route("/api/v1/message", methods=["DELETE"])
     async def acknowledge(self, request: IRequest) -> bytes:
         signed = self._parse_signed(request, {"ids": (STR_LIST, True)})
-        if len(signed.own["ids"]) > 1000:
-            raise malformed("ids holds more than 1000 message ids; acknowledge in batches")
+        if len(signed.own["ids"]) > MAX_ACK_IDS:
+            raise malformed(f"ids holds more than {MAX_ACK_IDS} message ids; acknowledge in batches")
         user = await self._authenticate(request, signed)
         return write_json(request, await self.core.acknowledge(user, signed.own["ids"]))
 

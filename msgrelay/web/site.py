@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -11,7 +11,9 @@ from twisted.web import server
 from twisted.web.resource import IResource
 
 from ..ratelimit import client_host, parse_networks
+from ..settings import Reload, Settings
 from ..timeouts import RelayChannel
+from ..twisted_compat import request_line
 from ..wire.errors import ProtocolError
 from .responses import JSON_TYPE, encode_json, info_base
 
@@ -43,13 +45,13 @@ class RelayRequest(server.Request):
         cached = getattr(self, "_client_host", None)
         if cached is None:
             peer = getattr(self.getClientAddress(), "host", None)
-            trusted = parse_networks(self.relay_site.trusted_proxies())
+            trusted = parse_networks(self.relay_site.settings.server.trusted_proxies)
             forwarded = (self.requestHeaders.getRawHeaders("X-Forwarded-For") or []) if trusted else []
             cached = self._client_host = client_host(peer, forwarded, trusted)
         return cached
 
     def gotLength(self, length: Optional[int]) -> None:
-        limit = self.relay_site.max_body_bytes()
+        limit = self.relay_site.settings.limits.max_body_bytes
         if length is not None and length > limit:
             self._refuse(f"request body of {length} bytes is over the limit of {limit} bytes (max_body_bytes)")
             return
@@ -59,7 +61,7 @@ class RelayRequest(server.Request):
         if self._refused:
             return
         self._received += len(data)
-        limit = self.relay_site.max_body_bytes()
+        limit = self.relay_site.settings.limits.max_body_bytes
         if self._received > limit:
             self._refuse(f"request body is over the limit of {limit} bytes (max_body_bytes)")
             return
@@ -75,7 +77,7 @@ class RelayRequest(server.Request):
         self.requestHeaders.removeHeader(b"expect")
         error = ProtocolError(140, message)
         self.errno = error.errno
-        body = encode_json(error.body(info_base(self, self.relay_site.errors_url())))
+        body = encode_json(error.body(info_base(self, self.relay_site.settings.server.errors_url)))
         headers = [
             b"HTTP/1.1 413 Request Entity Too Large",
             b"Content-Type: " + JSON_TYPE.encode(),
@@ -86,8 +88,9 @@ class RelayRequest(server.Request):
         self.channel.transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
         self.channel.transport.loseConnection()
         self.code = 413
-        self.method = getattr(self.channel, "_command", None) or b"?"
-        raw_path = getattr(self.channel, "_path", None) or b"?"
+        command, raw_path = request_line(self.channel)
+        self.method = command or b"?"
+        raw_path = raw_path or b"?"
         self.relay_site.log_request(self, path=raw_path.split(b"?", 1)[0])
 
     def process(self) -> None:
@@ -107,7 +110,7 @@ class RelayRequest(server.Request):
             self.errno = 132
             self.setHeader(b"Content-Type", JSON_TYPE.encode())
             error = ProtocolError(132, "no endpoint at this path")
-            self.write(encode_json(error.body(info_base(self, self.relay_site.errors_url()))))
+            self.write(encode_json(error.body(info_base(self, self.relay_site.settings.server.errors_url))))
         else:
             self.setResponseCode(204)
             allowed = ", ".join(sorted(set(methods) | {"OPTIONS"}))
@@ -120,7 +123,7 @@ class RelayRequest(server.Request):
         """Last resort: never an HTML traceback to a client."""
         log.failure("request processing failed", reason)
         error = ProtocolError(999, "the relay failed unexpectedly; the operator's log has the details")
-        body = encode_json(error.body(info_base(self, self.relay_site.errors_url())))
+        body = encode_json(error.body(info_base(self, self.relay_site.settings.server.errors_url)))
         self.errno = 999
         self.setResponseCode(500)
         self.setHeader(b"Content-Type", JSON_TYPE.encode())
@@ -131,7 +134,13 @@ class RelayRequest(server.Request):
 
 
 class RelaySite(server.Site):
-    """A Site whose requests are RelayRequests, with one structured log line per request."""
+    """A Site whose requests are RelayRequests, with one structured log line per request.
+
+    It reads the running `settings` per request and per connection (body limit, errors URL,
+    trusted proxies, timeouts); a reload swaps the whole object (`reconfigure`).
+    """
+
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"limits", "server", "timeouts"})
 
     requestFactory = RelayRequest
     protocol = RelayChannel  # HTTP/1.1 with header and body deadlines (msgrelay/timeouts.py)
@@ -141,36 +150,33 @@ class RelaySite(server.Site):
         self,
         resource: IResource,
         clock: IReactorTime,
-        max_body_bytes: Callable[[], int],
-        errors_url: Callable[[], str],
+        settings: Settings,
         allowed_methods: Callable[[str], list[str]],
-        idle_timeout: Callable[[], Optional[float]] = lambda: 60,
-        header_timeout: Callable[[], Optional[float]] = lambda: 20,
-        body_timeout: Callable[[], Optional[float]] = lambda: 120,
-        trusted_proxies: Callable[[], list[str]] = lambda: [],
+        routes: Optional[dict[bytes, IResource]] = None,
+        request_observers: Sequence[Callable[[RelayRequest, bytes, float], None]] = (),
+        timeout_observers: Sequence[Callable[[str], None]] = (),
     ):
         # Bodies are JSON whatever their Content-Type says: never parse them as form data,
         # so request.args holds the query string alone.
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=clock)
         self.clock = clock
-        self.max_body_bytes = max_body_bytes
-        self.errors_url = errors_url
+        self.settings = settings
+        #: The methods routed for a path (OPTIONS preflights).
         self.allowed_methods = allowed_methods
-        self.idle_timeout = idle_timeout
-        self.header_timeout = header_timeout
-        self.body_timeout = body_timeout
-        self.trusted_proxies = trusted_proxies
         #: Extra resources by exact path, served before the API (e.g. b"/metrics").
-        self.routes: dict[bytes, IResource] = {}
+        self.routes: dict[bytes, IResource] = dict(routes or {})
         #: Told (request, path, seconds) after each answered request (metrics).
-        self.request_observers: list[Callable[[RelayRequest, bytes, float], None]] = []
+        self.request_observers = list(request_observers)
         #: Told the phase ("idle", "headers", "body") of each connection cut off (metrics).
-        self.timeout_observers: list[Callable[[str], None]] = []
+        self.timeout_observers = list(timeout_observers)
         self.open_connections = 0
 
-    def buildProtocol(self, addr):
+    def reconfigure(self, reload: Reload) -> None:
+        self.settings = reload.running
+
+    def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
-        channel.timeOut = self.idle_timeout()  # read per connection: a reload applies to new ones
+        channel.timeOut = self.settings.timeouts.idle  # read per connection: a reload applies to new ones
         return channel
 
     def connection_opened(self, channel: RelayChannel) -> None:

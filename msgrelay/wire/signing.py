@@ -157,11 +157,3 @@ def parse_signed_query(
             params[name] = value
     return _parse(params, spec)
 
-
-def parse_optional_int(value: Optional[int], name: str, low: int, high: int, default: int) -> int:
-    """An optional integer parameter in [low, high] (errno 100 naming the limit)."""
-    if value is None:
-        return default
-    if not low <= value <= high:
-        raise malformed(f"{name} must be between {low} and {high}")
-    return value
