@@ -30,7 +30,11 @@ setup(
         "psycopg[binary]>=3.1",
         "psycopg-pool>=3.2",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-twisted>=1.14"]},
+    extras_require={
+        "test": ["pytest>=7", "pytest-twisted>=1.14"],
+        # Static checks run by .ci/run (mypy.ini, ruff.toml).
+        "lint": ["mypy>=1.10", "mypy-zope>=1.0", "ruff>=0.5"],
+    },
     entry_points={
         "console_scripts": [
             "msgrelay-client = msgrelay.client.cli:main",

@@ -24,9 +24,10 @@ from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar, Optional
 
 from twisted.logger import (
-    FileLogObserver, FilteringLogObserver, ILogObserver, LegacyLogObserverWrapper, LogLevel,
+    FileLogObserver, FilteringLogObserver, ILogFilterPredicate, ILogObserver, LegacyLogObserverWrapper, LogLevel,
     PredicateResult, formatEvent, textFileLogObserver,
 )
+from zope.interface import implementer
 from twisted.python import logfile
 
 from .settings import Reload
@@ -78,6 +79,7 @@ def json_file_observer(out: Any) -> ILogObserver:
 ALWAYS_INFO = frozenset({"msgrelay.reload", "msgrelay.settings"})
 
 
+@implementer(ILogFilterPredicate)
 class LevelPredicate:
     """Passes events at or above `level`, a level name; a reload of `log.level` changes it."""
 
@@ -123,7 +125,8 @@ def build_observer(twistd: TwistdLogOptions, fmt: str, level: LevelPredicate,
 
         if fmt == "json":
             warn("log.format = \"json\" does not apply with twistd --syslog; syslog gets text")
-        destination: ILogObserver = LegacyLogObserverWrapper(syslog.SyslogObserver(twistd.prefix).emit)
+        destination: ILogObserver = LegacyLogObserverWrapper(
+            syslog.SyslogObserver(twistd.prefix).emit)  # type: ignore[arg-type]  # a legacy observer, as it should be
     else:
         if twistd.logfile == "-" or (twistd.nodaemon and not twistd.logfile):
             out: Any = sys.stdout
@@ -140,8 +143,9 @@ def _rotate_on_usr1(out: logfile.LogFile) -> None:
         return
 
     def rotate(signum: int, frame: Any) -> None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as default_reactor
 
+        reactor: Any = default_reactor
         reactor.callFromThread(out.rotate)
 
     signal.signal(signal.SIGUSR1, rotate)

@@ -313,7 +313,7 @@ class MetricsSite(server.Site):
         root = Resource()
         root.putChild(b"metrics", page)
         super().__init__(root, reactor=clock)
-        self.protocol = RelayChannel
+        self.protocol = RelayChannel  # type: ignore[method-assign,assignment]  # HTTP/1.1 only, with deadlines
         self.page = page
         self.settings = settings
         self.timeout_observers = list(timeout_observers)

@@ -105,12 +105,12 @@ class Options(usage.Options):
         # builds that observer itself, in log.format and filtered by log.level (logs.py).
         self.twistd_logging = TwistdLogOptions(getattr(self, "parent", None))
         try:
-            self.settings = self.load_settings()
+            settings = self.settings = self.load_settings()
         except SettingError as e:
             fail(str(e))
-        for description in self.settings.server.listen:
+        for description in settings.server.listen:
             _check_endpoint(description)
-        for description in self.settings.metrics.listen:
+        for description in settings.metrics.listen:
             _check_endpoint(description, "metrics.listen")
 
     def load_settings(self) -> Settings:
@@ -166,7 +166,7 @@ def makeService(options: Options, reactor: Any = None) -> "RelayService":
     top = RelayService(relay, reloader, _log_observer(options, settings, level))
     relay.service.setServiceParent(top)  # pools, federation, push: started first, stopped last
     reloader.setServiceParent(top)
-    listeners = [(d, relay.site, d) for d in settings.server.listen]
+    listeners: list[tuple[str, Any, str]] = [(d, relay.site, d) for d in settings.server.listen]
     listeners += [(d, site, f"{d} (metrics)") for d, site in metrics_sites]
     for description, site, shown in listeners:
         ListeningService(serverFromString(reactor, description), site, shown).setServiceParent(top)

@@ -17,9 +17,12 @@ connection is closed (aborted 15 s later if the client does not read even that).
 from __future__ import annotations
 
 import resource
+from functools import partial
 from typing import Any, Callable, Optional, Protocol
 
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 
 from .settings import Settings
@@ -65,7 +68,7 @@ class RelayChannel(http.HTTPChannel):
         super().dataReceived(data)
         if (self._deadline is None and not is_handling_request(self) and not self._cut_off
                 and (has_buffered_input(self) or self.requests) and self.transport is not None
-                and not self.transport.disconnecting):
+                and not getattr(self.transport, "disconnecting", False)):
             # Part of a request is here (a partial line, or lines without the end of the
             # headers): its headers must all arrive within the deadline, counted from now.
             self._start("headers", self.site.settings.timeouts.headers)
@@ -81,7 +84,7 @@ class RelayChannel(http.HTTPChannel):
         self._cancel()
         super().allContentReceived()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel()
         super().connectionLost(reason)
         self.site.connection_closed(self)
@@ -96,7 +99,7 @@ class RelayChannel(http.HTTPChannel):
         self._cancel()
         if seconds:
             self._phase = phase
-            self._deadline = self.callLater(seconds, self._expired, phase, seconds)
+            self._deadline = self.callLater(seconds, partial(self._expired, phase, seconds))
 
     def _cancel(self) -> None:
         if self._deadline is not None:

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import uuid
 
 import pytest
 import pytest_twisted
@@ -123,7 +122,7 @@ async def test_disk_full_answers_180_and_loses_nothing(start_relay, users, small
 
 
 def _tmp_files(state):
-    for dirpath, dirnames, filenames in os.walk(state):
+    for dirpath, _dirnames, filenames in os.walk(state):
         if os.path.basename(dirpath) == "tmp":
             yield from filenames
 

@@ -41,7 +41,7 @@ def test_json_line_carries_the_structured_fields():
 
 def test_json_line_survives_odd_values_failures_and_legacy_events():
     try:
-        1 / 0
+        _ = 1 / 0
     except ZeroDivisionError:
         failure = Failure()
     record = json.loads(json_line({**access_event(peer=object(), lines=["a\nb"]), "log_failure": failure,

@@ -57,7 +57,7 @@ def test_headers_trickling_byte_by_byte_are_cut_off_at_the_deadline():
     channel, transport = connect(site)
     assert site.open_connections == 1
     line = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
-    for i, byte in enumerate(line[:20]):
+    for byte in line[:20]:
         channel.dataReceived(bytes([byte]))
         clock.advance(0.2)  # well inside the idle timeout: each byte resets it
     assert not transport.disconnecting

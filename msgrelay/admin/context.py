@@ -30,11 +30,9 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 class AdminFailure(click.ClickException):
     """An expected failure: one line on stderr, no traceback."""
 
-    exit_code = EXIT_FAILED
-
     def __init__(self, message: str, exit_code: int = EXIT_FAILED):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance too
 
     def show(self, file: Any = None) -> None:
         click.echo(f"msgrelay-admin: error: {self.format_message()}", err=True)

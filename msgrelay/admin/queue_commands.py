@@ -156,7 +156,7 @@ def _deliver_here(admin: AdminContext, destination: str, peers: tuple[str, ...])
         Deferred.fromCoroutine(sender.deliver_now(destination)).addBoth(done)
 
     reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=False)
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]  # the real reactor takes it
     result = outcome.get("result")
     if isinstance(result, Exception) or hasattr(result, "value"):
         error = getattr(result, "value", result)

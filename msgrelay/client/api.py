@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Coroutine, Mapping, Optional, ParamSpec, TypeVar
+from typing import Any, Callable, Coroutine, Mapping, Optional, ParamSpec, TypeVar
 from urllib.parse import quote, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -76,7 +76,7 @@ def load_trust_root(ca_file: str) -> Any:
     marker = "-----BEGIN CERTIFICATE-----"
     blocks = [marker + chunk for chunk in text.split(marker)[1:]]
     try:
-        certificates = [ssl.Certificate.loadPEM(block) for block in blocks]
+        certificates = [ssl.Certificate.loadPEM(block.encode("ascii")) for block in blocks]
     except Exception as e:  # pyOpenSSL raises its own error types for bad PEM
         raise UsageError(f"the CA file {ca_file} does not hold PEM certificates: {e}")
     if not certificates:
@@ -237,7 +237,7 @@ class RelayAPI:
         self, method: str, path: str, *, query: str = "", body: Optional[Mapping[str, Any]] = None
     ) -> tuple[dict[str, Any], Any]:
         url = self.url + path + (f"?{query}" if query else "")
-        headers = {b"Accept": [b"application/json"]}
+        headers: dict[bytes | str, list[bytes | str]] = {b"Accept": [b"application/json"]}
         data = None
         if body is not None:
             data = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -440,6 +440,6 @@ class RelayAPI:
     async def delete_user(self) -> None:
         await self._signed("DELETE", f"{API}/user")
 
-    def close(self) -> Awaitable[None]:
+    def close(self) -> "Deferred[None]":
         """Close kept-alive connections (tests need a clean reactor)."""
         return self._pool.closeCachedConnections()

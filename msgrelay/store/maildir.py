@@ -49,7 +49,9 @@ class MaildirStore:
         """Open (creating) the directory now, synchronously: raises StoreUnavailable if unusable.
         Calls run in `threadpool` (the relay's store pool, msgrelay/pools.py)."""
         if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
         self._reactor = reactor
         # Never the reactor's default pool (DNS lookups queue there): the relay passes its
         # store pool; tools and tests share one small pool of this module's.

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence, cast
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import IResource
 
 from ..ratelimit import client_host, parse_networks
@@ -38,7 +38,7 @@ class RelayRequest(server.Request):
 
     @property
     def relay_site(self) -> "RelaySite":
-        return self.channel.site
+        return cast("RelaySite", cast(RelayChannel, self.channel).site)
 
     def client_host(self) -> str:
         """The client's address: the peer's, or from X-Forwarded-For behind a trusted proxy."""
@@ -85,8 +85,10 @@ class RelayRequest(server.Request):
             b"Connection: close",
             b"Timestamp: " + str(int(self.relay_site.clock.seconds())).encode(),
         ] + [name + b": " + value for name, value in CORS_HEADERS.items()]
-        self.channel.transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
-        self.channel.transport.loseConnection()
+        transport = self.channel.transport
+        assert transport is not None  # a request is refused while its connection is open
+        transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
+        transport.loseConnection()
         self.code = 413
         command, raw_path = request_line(self.channel)
         self.method = command or b"?"
@@ -143,7 +145,8 @@ class RelaySite(server.Site):
     settings_sections: ClassVar[frozenset[str]] = frozenset({"limits", "server", "timeouts"})
 
     requestFactory = RelayRequest
-    protocol = RelayChannel  # HTTP/1.1 with header and body deadlines (msgrelay/timeouts.py)
+    # HTTP/1.1 with header and body deadlines (msgrelay/timeouts.py), not the HTTP/2-capable wrapper.
+    protocol = RelayChannel  # type: ignore[assignment]
     displayTracebacks = False
 
     def __init__(
@@ -193,8 +196,8 @@ class RelaySite(server.Site):
             return extra
         return super().getResourceFor(request)
 
-    def log(self, request: RelayRequest) -> None:
-        self.log_request(request, path=request.path)
+    def log(self, request: http.Request) -> None:
+        self.log_request(cast(RelayRequest, request), path=request.path)
 
     def log_request(self, request: RelayRequest, path: bytes) -> None:
         """Method, path (never the query: it carries signatures), status, errno, time taken."""
