@@ -4,7 +4,6 @@ verified TLS (a test CA made at test time) or scripted fake peers over explicit 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import pytest_twisted
@@ -144,10 +143,9 @@ async def test_peer_answering_503_then_200_is_retried(start_relay, users, tmp_pa
     fake.script = [(503, {"code": 503, "errno": 180}, {}), (503, {"code": 503, "errno": 180}, {})]
     a = await start_relay("--server-name", "a.test", "--config", fed_config(tmp_path, "a"),
                           "--peer", f"b.test=http://127.0.0.1:{listen_fake(fake)}")
-    started = time.monotonic()
     await send_via(a, users[1], "b.test", "tok", "eventually", ttl=3600)
     await eventually(lambda: fake.received)
-    assert fake.posts == 3 and time.monotonic() - started >= 1.0  # two backoffs of at least 0.5 s
+    assert fake.posts == 3  # the backoff between attempts is timed on a Clock in test_federation_units.py
     packet, headers = fake.received[0]
     assert headers["msgrelay-forwarded-by"] == ["a.test"]
     assert packet["user_id"] == f"{users[1].user_id}@b.test" and 3590 <= packet["ttl"] <= 3600
@@ -171,14 +169,14 @@ async def test_a_silent_peer_never_delays_another(start_relay, users, tmp_path):
     silent = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
     listen_fake.ports.append(silent)
     fake = FakePeer("c.test", peer_key(0))
-    a = await start_relay("--server-name", "a.test", "--config", fed_config(tmp_path, "a", timeout=3),
+    # b.test's requests time out only after 60 s: c.test's packet arriving well before shows
+    # that it never waited behind them.
+    a = await start_relay("--server-name", "a.test", "--config", fed_config(tmp_path, "a", timeout=60),
                           "--peer", f"b.test=http://127.0.0.1:{silent.getHost().port}",
                           "--peer", f"c.test=http://127.0.0.1:{listen_fake(fake)}")
     await send_via(a, users[1], "b.test", "tok", "stuck")
-    started = time.monotonic()
     await send_via(a, users[2], "c.test", "tok", "fast")
-    await eventually(lambda: fake.received, timeout=2)
-    assert time.monotonic() - started < 1.5
+    await eventually(lambda: fake.received, timeout=30)
     b_status = next(s for s in a.service.federation.queue_status() if s["destination"] == "b.test")
     assert b_status["queued"] == 1
 

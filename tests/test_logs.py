@@ -106,11 +106,13 @@ def test_config_json_format_and_level_on_stdout_as_under_systemd(tmp_path):
     config = tmp_path / "relay.toml"
     config.write_text('[log]\nformat = "json"\nlevel = "warn"\n')
     port = free_port()
+    stdout_path = tmp_path / "stdout.log"
+    stdout = open(stdout_path, "w")
     proc = subprocess.Popen(
         [twistd_path(), "--nodaemon", "--pidfile=", "msgrelay", "--config", str(config),
          "--listen", f"tcp:{port}:interface=127.0.0.1", "--state-dir", str(tmp_path / "state"),
          "--server-name", "relay.test"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, text=True,
+        stdout=stdout, stderr=subprocess.PIPE, cwd=tmp_path, text=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -123,11 +125,16 @@ def test_config_json_format_and_level_on_stdout_as_under_systemd(tmp_path):
         assert sync_request("GET", f"http://127.0.0.1:{port}/nothing").status == 404
         config.write_text('[log]\nformat = "json"\nlevel = "info"\n')
         proc.send_signal(signal.SIGHUP)
-        time.sleep(1)
+        deadline = time.monotonic() + 30
+        while "reload done" not in stdout_path.read_text():
+            assert time.monotonic() < deadline, "no reload logged"
+            time.sleep(0.05)
         assert sync_request("GET", f"http://127.0.0.1:{port}/again").status == 404
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        _, err = proc.communicate(timeout=20)
+        stdout.close()
+    out = stdout_path.read_text()
     records = [json.loads(line) for line in out.splitlines()]
     paths = [r.get("path") for r in records if r["namespace"] == "msgrelay.access"]
     assert paths == ["/again"]  # warn hid the earlier ones; the reload to info showed this one

@@ -121,9 +121,16 @@ def test_counters_move_on_a_real_running_relay(tmp_path, users):
         assert answer.status == 200 and len(messages) == 3
         assert client.call("GET", f"/api/v1/user/{dave.user_id}").errno == 130
         assert client.call("GET", "/no/such/thing").errno == 132
-        time.sleep(2.5)  # the ttl=1 message expires and is swept; federation retries fail
+        # The ttl=1 message expires and is swept; federation retries fail meanwhile.
+        deadline = time.monotonic() + 30
+        while True:
+            after = scrape(metrics_url)
+            if (value(after, "msgrelay_messages_expired_total") == 1
+                    and value(after, "msgrelay_federation_queue_oldest_age_seconds", destination="b.test") >= 2):
+                break
+            assert time.monotonic() < deadline, "expiry sweep or queue age not seen in the metrics"
+            time.sleep(0.1)
 
-        after = scrape(metrics_url)
         assert value(after, "msgrelay_http_requests_total", endpoint="/api/v1/user", method="POST", status="200") == 3
         assert value(after, "msgrelay_http_requests_total", endpoint="/api/v1/user", method="POST", status="429") == 1
         assert value(after, "msgrelay_http_requests_total", endpoint="/api/v1/message", method="POST",
@@ -152,7 +159,7 @@ def test_counters_move_on_a_real_running_relay(tmp_path, users):
             gauges = scrape(metrics_url)
             if value(gauges, "msgrelay_store_messages") == 2:
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert value(gauges, "msgrelay_store_messages") == 2  # three stored, one expired
         assert value(gauges, "msgrelay_store_users") == 3
         assert value(gauges, "msgrelay_store_bytes") > 200

@@ -7,7 +7,7 @@ through `handle_errors` into the section 9 error body.
 from __future__ import annotations
 
 
-from typing import Any, Mapping, Optional, cast
+from typing import Any, Mapping, Optional
 
 from klein import Klein
 from twisted.logger import Logger
@@ -22,7 +22,7 @@ from ..wire.errors import ProtocolError, malformed
 from ..wire.signing import INT, STR, STR_LIST, SignedRequest, parse_signed_body, parse_signed_query
 from .errors_page import ERRORS_PAGE
 from .responses import info_base, write_error, write_json
-from .site import RelayRequest
+from .site import request_client_host
 
 log = Logger()
 
@@ -56,7 +56,7 @@ class RelayAPI:
     def _limit_address(self, name: str, request: IRequest) -> None:
         """Per-address limit, checked before any expensive work (RSA decryption, storage)."""
         if self.limits is not None:
-            self.limits.check_address(name, cast(RelayRequest, request).client_host())
+            self.limits.check_address(name, request_client_host(request))
 
     def _limit_user(self, name: str, user: UserRecord) -> None:
         """Per-user limit, checked after authentication."""

@@ -135,6 +135,14 @@ class RelayRequest(server.Request):
         return reason
 
 
+def request_client_host(request: Any) -> str:
+    """The client address of a request: a RelayRequest's (trusted proxies applied), else the
+    peer's (a resource served by another site, e.g. in tests)."""
+    if isinstance(request, RelayRequest):
+        return request.client_host()
+    return getattr(request.getClientAddress(), "host", None) or "unknown"
+
+
 class RelaySite(server.Site):
     """A Site whose requests are RelayRequests, with one structured log line per request.
 
