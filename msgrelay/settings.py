@@ -391,13 +391,6 @@ class Settings:
     def key_path(self) -> Path:
         return Path(self.server.key_file) if self.server.key_file else self.state_dir / "server_key.pem"
 
-    def with_values(self, **changes: Any) -> "Settings":
-        """A copy with some settings changed, named "section__key" (for tests and tools)."""
-        values = self.values
-        for name, value in changes.items():
-            values[name.replace("__", ".", 1)] = value
-        return Settings.from_values(values)
-
     def reload_to(self, new: "Settings") -> "Reload":
         """What a SIGHUP does with a freshly read `new`: a reload whose `running` object holds
         `new`'s reloadable values and this object's other values (they need a restart).
