@@ -2,7 +2,8 @@
 
 The endpoints run in memory (tests/memrelay.py: StubTreq over the Klein resource of a relay
 from build_relay, on a Clock), with the default maildir store. What belongs to the HTTP
-site (CORS and Timestamp headers, preflights, form bodies read as JSON) runs over real
+site (CORS and Timestamp headers, preflights, form bodies read as JSON), and the
+capabilities no other file tests over sockets (registration modes, quota), run over real
 sockets against the service tree of `twistd msgrelay` (makeService)."""
 
 from __future__ import annotations
@@ -76,15 +77,20 @@ async def test_register_lookup_and_key_errors(memory_relay, users):
 
 
 @ensure
-async def test_registration_modes(start_memory_relay, users):
-    relay = await start_memory_relay(registration__mode="token", registration__tokens=["let-me-in"])
+async def test_registration_modes(start_relay, users, tmp_path):
+    """Over real sockets, with the modes from a config file: the capability's socket test."""
+    config = tmp_path / "token.toml"
+    config.write_text('[registration]\nmode = "token"\ntokens = ["let-me-in"]\n')
+    relay = await start_relay("--config", str(config))
     client = relay.client
     assert (await client.register(users[0])).errno == 121
     wrong = await client.call("POST", "/api/v1/user", {"key": users[0].pem, "registration_token": "nope"})
     assert wrong.errno == 121
     ok = await client.call("POST", "/api/v1/user", {"key": users[0].pem, "registration_token": "let-me-in"})
     assert ok.status == 200
-    relay2 = await start_memory_relay(registration__mode="closed")
+    closed = tmp_path / "closed.toml"
+    closed.write_text('[registration]\nmode = "closed"\n')
+    relay2 = await start_relay("--config", str(closed))
     answer = await relay2.client.register(users[1])
     assert (answer.status, answer.errno) == (403, 121)
 
@@ -240,8 +246,11 @@ def _parse(text):
 
 
 @ensure
-async def test_quota(start_memory_relay, users):
-    relay = await start_memory_relay(limits__quota_messages=2)
+async def test_quota(start_relay, users, tmp_path):
+    """Over real sockets, with the quota from a config file: the capability's socket test."""
+    config = tmp_path / "quota.toml"
+    config.write_text("[limits]\nquota_messages = 2\n")
+    relay = await start_relay("--config", str(config))
     client = relay.client
     alice = users[0]
     await client.register(alice)
