@@ -51,6 +51,24 @@ class StoreService(Service):
         return self.store.close() if isinstance(self.store, _Closable) else None
 
 
+class PartsService(MultiService):
+    """The relay's parts with a lifecycle, and their thread pools: the pools start before
+    the parts and stop only once every part has stopped (stopping may still queue work on
+    them: the last outbox writes, closing the store's connections)."""
+
+    def __init__(self, pools: Pools):
+        super().__init__()
+        self.pools = PoolsService(pools)
+
+    def startService(self) -> None:
+        self.pools.startService()
+        super().startService()
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+        return d.addBoth(lambda result: (self.pools.stopService(), result)[1])
+
+
 class FederationPolicyReload:
     """A reload of `federation.mode` or `federation.peers` applies to the running sender."""
 
@@ -65,7 +83,7 @@ class FederationPolicyReload:
 
 @dataclass(frozen=True)
 class Relay:
-    """One relay's parts. `service` holds those with a lifecycle, pools first (stopped last)."""
+    """One relay's parts. `service` holds those with a lifecycle and the thread pools."""
 
     settings: Settings  # as built; the running settings are the ReloadService's
     reactor: Any
@@ -81,7 +99,7 @@ class Relay:
     federation: FederationSender
     push: PushNotifier
     keyring_watcher: KeyringWatcher
-    service: MultiService
+    service: PartsService
     reconfigurables: tuple[Reconfigurable, ...]
 
     @property
@@ -102,8 +120,7 @@ def build_relay(settings: Settings, reactor: Any, *, store: Optional[IStore] = N
     clients (tests). Raises OutboxUnavailable, OSError or ValueError for a bad federation
     set-up. Opens no socket and takes no lock: the service tree does that when started."""
     pools = Pools.from_settings(settings)
-    lifecycle = MultiService()
-    PoolsService(pools).setServiceParent(lifecycle)
+    lifecycle = PartsService(pools)
     if store is None:
         store = open_store(settings, reactor, pools.store)
         StoreService(store).setServiceParent(lifecycle)

@@ -67,11 +67,8 @@ def run_in(reactor: Any, pool: ThreadPool, function: Callable[..., T], *args: An
 
 
 class PoolsService(Service):
-    """Starts the pools with the service tree and stops them (after their users) with it.
-
-    Add it to the tree first: services stop in reverse order, so the pools outlive
-    everything that queues work on them.
-    """
+    """Starts and stops the pools; `builder.PartsService` stops it only after every part
+    that queues work on the pools has stopped."""
 
     name = "pools"
 

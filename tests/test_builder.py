@@ -30,7 +30,7 @@ def test_a_relay_builds_without_sockets_key_files_or_the_outbox_lock(tmp_path):
     assert set(first.pools.loads()) == {"store", "outbox", "crypto", "dns"}
     assert first.core in first.reconfigurables and first.site in first.reconfigurables
     assert first.federation is not second.federation
-    assert list(first.service)[0].name == "pools"  # started first, stopped last
+    assert first.service.pools.pools is first.pools  # started first, stopped last (PartsService)
 
 
 def test_a_reload_reaches_the_parts_that_read_the_changed_sections(tmp_path):
