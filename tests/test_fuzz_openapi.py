@@ -24,7 +24,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 

@@ -11,7 +11,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 from cryptography.hazmat.primitives import serialization
 
 from msgrelay.web.api import RelayAPI
