@@ -14,13 +14,15 @@ import secrets
 from typing import Any, Callable, Optional, Protocol
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from . import __version__
 from .serverkey import ServerKeyring
 from .settings import Settings
 from .store.interface import (
-    IStore, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, UserRecord,
+    IStore, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, TokenRefused, UserRecord,
 )
 from .wire.canonical import parse_json_object
 from .wire.dates import format_date
@@ -69,6 +71,12 @@ def _tell(observers: list[Callable[..., None]], *args: Any) -> None:
             log.failure("observer {observer!r} failed", observer=observer)
 
 
+def _seal_messages(key_pem: str, messages: list[Any]) -> dict[str, str]:
+    """The fetch answer: the messages as JSON, sealed to the user's key."""
+    plaintext = json.dumps([m.to_json() for m in messages], separators=(",", ":")).encode("utf-8")
+    return seal(load_public_key(key_pem), plaintext, AES_GCM)
+
+
 async def _guard(deferred: Any) -> Any:
     """Await a store call, turning a store outage into errno 180."""
     try:
@@ -78,11 +86,16 @@ async def _guard(deferred: Any) -> Any:
 
 
 class RelayCore:
-    def __init__(self, settings: Settings, store: IStore, keyring: ServerKeyring, clock: IReactorTime):
+    def __init__(self, settings: Settings, store: IStore, keyring: ServerKeyring, clock: IReactorTime,
+                 crypto_pool: Optional[ThreadPool] = None):
+        """With `crypto_pool` (then `clock` is the reactor), RSA work whose cost grows with the
+        input (opening packets, sealing fetch answers) runs there, off the reactor thread:
+        OpenSSL releases the GIL, so it uses another core. Without it, inline."""
         self.settings = settings
         self.store = store
         self.keyring = keyring
         self.clock = clock
+        self.crypto_pool = crypto_pool
         self.forwarder: Optional[Forwarder] = None
         self.message_observers: list[Callable[[UserRecord, str], None]] = []
         #: Told each newly stored message (not duplicates), e.g. for metrics.
@@ -231,13 +244,6 @@ class RelayCore:
             raise ProtocolError(131, "no such token for this user")
         return {"revoked": 1}
 
-    async def _valid_token(self, user_id: str, token: str) -> TokenRecord:
-        digest = token_digest(token)
-        record = await _guard(self.store.get_token(user_id, digest[:16]))
-        if record is None or not hmac.compare_digest(record.digest, digest) or not record.is_valid(self.clock.seconds()):
-            raise ProtocolError(120, "access token is invalid, expired or revoked")
-        return record
-
     # -- messages -------------------------------------------------------------
 
     def open_packet(self, envelope: dict[str, Any]) -> Packet:
@@ -245,8 +251,13 @@ class RelayCore:
         plaintext = open_envelope(self.keyring.decryption_keys(self.clock.seconds()), envelope)
         return parse_packet(parse_json_object(plaintext, errno=104, what="packet"))
 
+    async def _crypto(self, function: Callable[..., Any], *args: Any) -> Any:
+        if self.crypto_pool is None:
+            return function(*args)
+        return await deferToThreadPool(self.clock, self.crypto_pool, function, *args)  # type: ignore[arg-type]
+
     async def accept_message(self, envelope: dict[str, Any], forwarded_by: Optional[str] = None) -> dict[str, Any]:
-        packet = self.open_packet(envelope)
+        packet = await self._crypto(self.open_packet, envelope)
         now = self.now()
         limits = self.settings.limits
         ttl = min(packet.ttl if packet.ttl is not None else limits.default_ttl, limits.max_ttl)
@@ -258,28 +269,29 @@ class RelayCore:
                 raise ProtocolError(122, f"federation is off; {packet.address.server_name} is not this relay")
             message_id, expires = await self.forwarder.forward(packet, now, expires, forwarded_by)
             return {"message_id": message_id, "expires": format_date(expires)}
-        user = await _guard(self.store.get_user(packet.address.user_id))
-        if user is None:
-            raise ProtocolError(130, f"no user {packet.address.user_id} on this relay")
-        token = await self._valid_token(user.user_id, packet.token)
-        message = NewMessage(token.id, packet.data, packet.algorithm, packet.password, packet.signature, now, expires)
+        # User, token and delivery in one store call: the token id is the digest's first
+        # 16 characters, so the message and its dedup key are known before any lookup.
+        user_id, digest = packet.address.user_id, token_digest(packet.token)
+        message = NewMessage(digest[:16], packet.data, packet.algorithm, packet.password, packet.signature, now, expires)
         quota = Quota(limits.quota_messages, limits.quota_bytes)
         try:
-            delivery = await _guard(self.store.deliver(user.user_id, f"{token.digest}:{packet.id}", message, quota, now))
+            accepted = await _guard(self.store.deliver_checked(user_id, digest, f"{digest}:{packet.id}", message, quota, now))
+        except LookupError:
+            raise ProtocolError(130, f"no user {user_id} on this relay")
+        except TokenRefused:
+            raise ProtocolError(120, "access token is invalid, expired or revoked")
         except QuotaExceeded as e:
             raise ProtocolError(160, f"the recipient's mailbox is full: {e}")
-        except LookupError:  # erased between the lookup and the delivery
-            raise ProtocolError(130, f"no user {user.user_id} on this relay")
+        delivery = accepted.delivery
         if not delivery.duplicate:
             _tell(self.stored_observers, message)
-            _tell(self.message_observers, user, delivery.message_id)
+            _tell(self.message_observers, accepted.user, delivery.message_id)
         return {"message_id": delivery.message_id, "expires": format_date(delivery.expires)}
 
     async def fetch(self, user: UserRecord, limit: Optional[int]) -> dict[str, Any]:
         count = self.settings.limits.fetch_default if limit is None else limit
         messages, remaining = await _guard(self.store.fetch(user.user_id, self.now(), count))
-        plaintext = json.dumps([m.to_json() for m in messages], separators=(",", ":")).encode("utf-8")
-        sealed = seal(load_public_key(user.key_pem), plaintext, AES_GCM)
+        sealed = await self._crypto(_seal_messages, user.key_pem, messages)
         return {**sealed, "count": len(messages), "remaining": remaining}
 
     async def acknowledge(self, user: UserRecord, ids: list[str]) -> dict[str, int]:

@@ -6,15 +6,17 @@ nothing here prints a traceback for an operator's mistake.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
+from twisted.python.threadpool import ThreadPool
 
 from . import __version__
 from .logs import TwistdLogOptions, build_observer
@@ -148,14 +150,29 @@ class ListeningService(StreamServerEndpointService):
         log.info("listening on {endpoint}", endpoint=self.description)
 
 
-def build_core(settings: Settings, reactor: Any) -> RelayCore:
+def build_core(settings: Settings, reactor: Any, crypto_pool: Optional[ThreadPool] = None) -> RelayCore:
     """Store, key and domain core for these settings (start-up errors are one line)."""
     try:
         store = open_store(settings, reactor)
         keyring = load_keyring(settings, reactor.seconds())
     except (StoreUnavailable, ServerKeyError) as e:
         fail(str(e), status=1)
-    return RelayCore(settings, store, keyring, reactor)
+    return RelayCore(settings, store, keyring, reactor, crypto_pool)
+
+
+class ThreadPoolService(Service):
+    """A thread pool started and stopped with the service tree."""
+
+    def __init__(self, pool: ThreadPool):
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.pool.stop()
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -163,7 +180,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor  # type: ignore[no-redef]
     settings = options.settings
     assert settings is not None
-    core = build_core(settings, reactor)
+    # RSA decryption of packets and sealing of fetch answers: one thread per core.
+    crypto_pool = ThreadPool(0, os.cpu_count() or 2, name="msgrelay-crypto")
+    core = build_core(settings, reactor, crypto_pool)
     limits = RateLimits(settings, reactor)
     api = RelayAPI(core, limits)
     site = RelaySite(
@@ -178,6 +197,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         trusted_proxies=lambda: settings.server.trusted_proxies,
     )
     top = RelayService()
+    ThreadPoolService(crypto_pool).setServiceParent(top)
     top.core = core  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     top.limits = limits  # type: ignore[attr-defined]
