@@ -150,10 +150,11 @@ class ListeningService(StreamServerEndpointService):
         log.info("listening on {endpoint}", endpoint=self.description)
 
 
-def build_core(settings: Settings, reactor: Any, crypto_pool: Optional[ThreadPool] = None) -> RelayCore:
+def build_core(settings: Settings, reactor: Any, crypto_pool: Optional[ThreadPool] = None,
+               store_pool: Optional[ThreadPool] = None) -> RelayCore:
     """Store, key and domain core for these settings (start-up errors are one line)."""
     try:
-        store = open_store(settings, reactor)
+        store = open_store(settings, reactor, store_pool)
         keyring = load_keyring(settings, reactor.seconds())
     except (StoreUnavailable, ServerKeyError) as e:
         fail(str(e), status=1)
@@ -180,9 +181,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor  # type: ignore[no-redef]
     settings = options.settings
     assert settings is not None
-    # RSA decryption of packets and sealing of fetch answers: one thread per core.
+    # RSA decryption of packets and sealing of fetch answers: one thread per core. Maildir
+    # calls wait on fsyncs: enough threads that concurrent deliveries share folder fsyncs.
     crypto_pool = ThreadPool(0, os.cpu_count() or 2, name="msgrelay-crypto")
-    core = build_core(settings, reactor, crypto_pool)
+    store_pool = ThreadPool(0, 32, name="msgrelay-store")
+    core = build_core(settings, reactor, crypto_pool, store_pool)
     limits = RateLimits(settings, reactor)
     api = RelayAPI(core, limits)
     site = RelaySite(
@@ -198,6 +201,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     )
     top = RelayService()
     ThreadPoolService(crypto_pool).setServiceParent(top)
+    ThreadPoolService(store_pool).setServiceParent(top)
     top.core = core  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     top.limits = limits  # type: ignore[attr-defined]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from twisted.python.threadpool import ThreadPool
 
 from ..settings import Settings
 from .interface import IStore
@@ -14,8 +16,11 @@ def maildir_root(settings: Settings) -> Path:
     return settings.state_dir / "maildir"
 
 
-def open_store(settings: Settings, reactor: Any) -> IStore:
-    """The configured backend, opened; raises StoreUnavailable with a one-line reason."""
+def open_store(settings: Settings, reactor: Any, maildir_pool: Optional[ThreadPool] = None) -> IStore:
+    """The configured backend, opened; raises StoreUnavailable with a one-line reason.
+
+    `maildir_pool` runs the maildir's blocking calls (PostgreSQL sizes its own pool to its
+    connections); without it, the reactor's shared pool."""
     if settings.store.backend == "postgresql":
         from .postgres import PostgresStore
 
@@ -24,4 +29,4 @@ def open_store(settings: Settings, reactor: Any) -> IStore:
         return store
     from .maildir import MaildirStore
 
-    return MaildirStore(maildir_root(settings), reactor)
+    return MaildirStore(maildir_root(settings), reactor, maildir_pool)

@@ -406,27 +406,41 @@ class MaildirFiles:
         if index is None:
             return 0
         assert udir is not None
-        try:
-            valid = [m for m in message_ids if MessageName.parse(m) is not None and m not in index.in_flight]
-            deleted = self._unlink_messages(udir, index, valid)
-        finally:
-            index.mutex.release()
+        index.mutex.release()
+        deleted = self._unlink_messages(udir, index, [m for m in message_ids if MessageName.parse(m) is not None])
         if deleted:
             index.new_sync.sync()  # type: ignore[attr-defined]
         return deleted
 
     def _unlink_messages(self, udir: Path, index: UserIndex, names: list[str]) -> int:
-        """Under index.mutex: remove these message files and index entries; count the files."""
+        """Remove these message files (never one still being delivered) and their index
+        entries; returns how many files there were. Unlinks run outside the index mutex:
+        they wait on the journal, and deliveries to the same user must not wait for them."""
+        with index.mutex:
+            names = [name for name in names if name not in index.in_flight]
+            for name in names:
+                index.remove(name)  # hidden from fetch from now on
         removed = 0
-        for name in names:
-            try:
-                os.unlink(udir / "new" / name)
-                removed += 1
-            except FileNotFoundError:
-                pass
-            index.remove(name)
-        if removed:
-            self._changed(udir, index)
+        try:
+            for name in names:
+                try:
+                    os.unlink(udir / "new" / name)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        except BaseException:
+            with index.mutex:
+                index.key = None  # some were not removed after all: rebuild from the folder
+            raise
+        finally:
+            with index.mutex:
+                for name in names:  # in case a rebuild meanwhile listed them again
+                    index.remove(name)
+                if removed:
+                    try:
+                        self._changed(udir, index)
+                    except FileNotFoundError:
+                        pass  # erased meanwhile
         return removed
 
     # -- upkeep --------------------------------------------------------------------------
@@ -453,10 +467,9 @@ class MaildirFiles:
             removed = 0
             index = self._messages(udir.name, udir)
             if index is not None:
-                try:
-                    removed = self._unlink_messages(udir, index, index.expired(now))
-                finally:
-                    index.mutex.release()
+                expired = index.expired(now)
+                index.mutex.release()
+                removed = self._unlink_messages(udir, index, expired)
             if removed:
                 fsync_dir(udir / "new")
             _sweep_records(udir / "dedup", now, lambda p: records.read_json_field(p, "expires"))
