@@ -2,7 +2,7 @@
 """Top costs of a `py-spy record -f raw` profile: functions by own samples and by samples
 under them, as shares of all samples of the relay's threads (py-spy leaves idle ones out).
 
-    python bench/profile_top.py PROFILE.txt [--top 15]
+    python bench/profile_top.py PROFILE.txt [--top 15] [--reactor]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--reactor", action="store_true", help="only the reactor thread's samples")
     args = parser.parse_args()
     own: Counter[str] = Counter()
     under: Counter[str] = Counter()
@@ -25,6 +26,8 @@ def main() -> None:
             if not stack:
                 continue
             n = int(count)
+            if args.reactor and "mainLoop" not in stack:
+                continue
             total += n
             frames = [frame.split(" (")[0] + " " + frame.split("/")[-1].split(":")[0].rstrip(")")
                       for frame in stack.split(";")]

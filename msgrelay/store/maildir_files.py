@@ -346,9 +346,9 @@ class MaildirFiles:
                 write_new_file(tmp, records.encode(records.message_json(message)))
                 write_new_file(dedup_tmp, record, mtime=message.expires)
                 os.rename(tmp, final)
+                index.new_sync.sync()  # type: ignore[attr-defined]
             except FileNotFoundError as e:
                 raise UnknownUser(udir.name) from e  # erased while we wrote
-            index.new_sync.sync()  # type: ignore[attr-defined]
         except BaseException:
             unlink_quietly(tmp)
             unlink_quietly(dedup_tmp)
