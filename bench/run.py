@@ -2,7 +2,7 @@
 """The msgrelay benchmark: one command, real relays, figures with their ratio to this machine.
 
     python bench/run.py [--quick] [--backend maildir|postgresql|both] [--postgres-dsn DSN]
-                        [--twistd PATH] [--json FILE] [--profile-accept FILE]
+                        [--twistd PATH] [--json FILE] [--profile FILE [--profile-scenario NAME]]
 
 For each backend it seeds a state directory (users, tokens, mailboxes of 100 and 10,000
 messages), starts a real `twistd msgrelay` on a loopback port, pre-builds every packet and
@@ -139,8 +139,12 @@ class Run:
 
     def measure(self, relay: Relay, name: str, requests: list[bytes], unit: str = "req/s",
                 per_request: int = 1, keep_bodies: bool = False) -> loadgen.Outcome:
+        profiler = self._profile_start(relay) if name == self.args.profile_scenario else None
         cpu0, wall0 = relay.cpu_seconds(), time.perf_counter()
-        outcome = loadgen.run(relay.port, requests, self.args.connections, self.args.processes, keep_bodies)
+        try:
+            outcome = loadgen.run(relay.port, requests, self.args.connections, self.args.processes, keep_bodies)
+        finally:
+            self._profile_stop(profiler)
         server_cpu = (relay.cpu_seconds() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
         errors = sum(n for status, n in outcome.statuses.items() if status != 200)
         self.rows.append({
@@ -176,11 +180,7 @@ class Run:
                 self.args.ceilings = ceilings.measure(server_key, self.key, workdir / "ceiling", 1.0 if quick else 3.0)
                 os.sync()  # the write ceiling's clean-up must not slow the first scenario
             user_pub = self.key.public_key()
-            profiler = self._profile_start(relay)
-            try:
-                sent = self.measure(relay, "accept, 200 recipients", packets(relay, many, user_pub, n_accept), "msgs/s")
-            finally:
-                self._profile_stop(profiler)
+            self.measure(relay, "accept, 200 recipients", packets(relay, many, user_pub, n_accept), "msgs/s")
             sent = self.measure(relay, "accept, 1 recipient", packets(relay, [single], user_pub, n_accept), "msgs/s",
                                 keep_bodies=True)
             for label, who in (("100", small), ("10,000", big)):
@@ -225,9 +225,7 @@ class Run:
             relay.stop()
 
     def _profile_start(self, relay: Relay) -> Optional[subprocess.Popen]:
-        if not self.args.profile_accept:
-            return None
-        out = f"{self.args.profile_accept}.{self.backend}.txt"
+        out = f"{self.args.profile}.{self.backend}.txt"
         return subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
                                  "record", "-p", str(relay.proc.pid), "-r", "200", "-f", "raw", "-o", out],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -279,9 +277,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="load generator processes")
     parser.add_argument("--accepts", type=int, help="packets per accept scenario (default 2000, quick 300)")
     parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--profile-accept", metavar="FILE",
-                        help="record the relay with py-spy during 'accept, 200 recipients' (FILE.<backend>.txt)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="record the relay with py-spy during one scenario, into FILE.<backend>.txt")
+    parser.add_argument("--profile-scenario", default="accept, 200 recipients",
+                        help="the scenario --profile records (default: %(default)s)")
     args = parser.parse_args()
+    if not args.profile:
+        args.profile_scenario = None
     backend = args.backend or ("both" if args.postgres_dsn else "maildir")
     backends = ["maildir", "postgresql"] if backend == "both" else [backend]
     if "postgresql" in backends and not args.postgres_dsn:
