@@ -12,12 +12,15 @@ setup(
         "msgrelay.wire",
         "msgrelay.store",
         "msgrelay.web",
+        "msgrelay.webapp",
         "msgrelay.client",
         "msgrelay.federation",
         "msgrelay.admin",
+        "msgrelay.control",
+        "msgrelay.net",
         "twisted.plugins",
     ],
-    package_data={"msgrelay.web": ["errors.md"], "twisted.plugins": ["msgrelay_plugin.py"]},
+    package_data={"msgrelay.web": ["errors.md"], "msgrelay.webapp": ["static/*", "static/*/*"], "twisted.plugins": ["msgrelay_plugin.py"]},
     install_requires=[
         "twisted[tls]>=25.5",
         "klein>=23.5",
@@ -30,7 +33,7 @@ setup(
         "psycopg[binary]>=3.1",
         "psycopg-pool>=3.2",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-twisted>=1.14"]},
+    extras_require={"test": ["pytest>=7", "pytest-twisted>=1.14", "selenium>=4.10", "hypothesis>=6.100"]},
     entry_points={
         "console_scripts": [
             "msgrelay-client = msgrelay.client.cli:main",

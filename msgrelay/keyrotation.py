@@ -34,7 +34,7 @@ from .wire.keys import fingerprint
 log = Logger()
 
 PREVIOUS_DIR = "previous_keys"
-RETIRED_NAME = re.compile(r"^(\d{1,15})-([0-9a-f]{64})\.pem$")
+RETIRED_NAME = re.compile(r"([0-9]{1,15})-([0-9a-f]{64})\.pem")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def list_retired(directory: Path) -> list[RetiredKeyFile]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     for name in names:
-        match = RETIRED_NAME.match(name)
+        match = RETIRED_NAME.fullmatch(name)
         if match:
             found.append(RetiredKeyFile(directory / name, int(match.group(1)), match.group(2)))
     return sorted(found, key=lambda f: (f.until, f.fingerprint))

@@ -6,7 +6,6 @@ nothing here prints a traceback for an operator's mistake.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Optional
 
@@ -25,12 +24,15 @@ from .ratelimit import RateLimits
 from .reload import ReloadService
 from .timeouts import raise_open_file_limit
 from .relay import RelayCore
+from .control.server import build_control
 from .keyrotation import KeyringWatcher, load_keyring, previous_keys_dir
 from .serverkey import ServerKeyError
-from .settings import SettingError, Settings, read_toml, resolve
+from .settings import SettingError, Settings, looks_public, read_toml, resolve
 from .store.factory import open_store
 from .store.interface import StoreUnavailable
 from .web.api import RelayAPI, allowed_methods
+from .web.app import web_client_routes
+from .web.connlimit import connection_limiter
 from .web.site import RelaySite
 
 log = Logger()
@@ -150,15 +152,14 @@ class ListeningService(StreamServerEndpointService):
         log.info("listening on {endpoint}", endpoint=self.description)
 
 
-def build_core(settings: Settings, reactor: Any, crypto_pool: Optional[ThreadPool] = None,
-               store_pool: Optional[ThreadPool] = None) -> RelayCore:
+def build_core(settings: Settings, reactor: Any, store_pool: Optional[ThreadPool] = None) -> RelayCore:
     """Store, key and domain core for these settings (start-up errors are one line)."""
     try:
         store = open_store(settings, reactor, store_pool)
         keyring = load_keyring(settings, reactor.seconds())
     except (StoreUnavailable, ServerKeyError) as e:
         fail(str(e), status=1)
-    return RelayCore(settings, store, keyring, reactor, crypto_pool)
+    return RelayCore(settings, store, keyring, reactor)
 
 
 class ThreadPoolService(Service):
@@ -181,11 +182,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor  # type: ignore[no-redef]
     settings = options.settings
     assert settings is not None
-    # RSA decryption of packets and sealing of fetch answers: one thread per core. Maildir
-    # calls wait on fsyncs: enough threads that concurrent deliveries share folder fsyncs.
-    crypto_pool = ThreadPool(0, os.cpu_count() or 2, name="msgrelay-crypto")
+    # Maildir calls wait on fsyncs: enough threads that concurrent deliveries share folder
+    # fsyncs. (RSA work runs in the core's own pool: RelayCore.run_crypto.)
     store_pool = ThreadPool(0, 32, name="msgrelay-store")
-    core = build_core(settings, reactor, crypto_pool, store_pool)
+    core = build_core(settings, reactor, store_pool)
     limits = RateLimits(settings, reactor)
     api = RelayAPI(core, limits)
     site = RelaySite(
@@ -200,15 +200,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         trusted_proxies=lambda: settings.server.trusted_proxies,
     )
     top = RelayService()
-    ThreadPoolService(crypto_pool).setServiceParent(top)
     ThreadPoolService(store_pool).setServiceParent(top)
     top.core = core  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     top.limits = limits  # type: ignore[attr-defined]
     reloader = _add_operations(top, options, settings, core, api, site, limits, reactor)
-    _add_federation(top, core, settings, reactor, reloader)
+    federation = _add_federation(top, core, settings, reactor, reloader)
+    if settings.web_client.enabled:  # the browser client at /app/ (msgrelay/web/app.py)
+        site.routes.update(web_client_routes(settings.server.errors_url or None))
+    limiter = connection_limiter(site, settings, limits, reactor)
+    top.connections = limiter  # type: ignore[attr-defined]
+    top.metrics.attach_transport(limiter, top.resolver)  # type: ignore[attr-defined]
     for description in settings.server.listen:
-        ListeningService(serverFromString(reactor, description), site, description).setServiceParent(top)
+        ListeningService(serverFromString(reactor, description), limiter, description).setServiceParent(top)
     expiry = TimerService(settings.store.expire_interval, _expire, core)
     expiry.clock = reactor
     expiry.setServiceParent(top)
@@ -219,8 +223,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     key_watch = TimerService(settings.server.key_check_interval, _check_keys, watcher)
     key_watch.clock = reactor
     key_watch.setServiceParent(top)
+    build_control(settings, federation, watcher, reactor).setServiceParent(top)  # msgrelay-admin's socket
     log.info("msgrelay {version} serving {name} from {backend} store",
              version=__version__, name=core.name, backend=core.store.name)
+    if settings.name_from_host and not looks_public(core.name):
+        log.warn("server.name is unset and the host name {name!r} does not look like a public DNS name; "
+                 "addresses and signatures use it, so set server.name (or --server-name) to the relay's "
+                 "public name", name=core.name)
     return top
 
 
@@ -229,6 +238,13 @@ class RelayService(MultiService):
     uses an `ILogObserver` component of the application unless given `--logger`."""
 
     log_observer: Any = None
+
+    def stopService(self) -> Any:
+        stopped = super().stopService()
+        core = getattr(self, "core", None)
+        if core is not None:  # its worker threads, once every child service has stopped
+            stopped.addBoth(lambda result: (core.close(), result)[1])
+        return stopped
 
     def setServiceParent(self, parent: Any) -> Any:
         if (self.log_observer is not None and isinstance(parent, Componentized)
@@ -272,23 +288,25 @@ def _add_operations(top: RelayService, options: Options, settings: Settings, cor
 
 
 def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reactor: Any,
-                    reloader: ReloadService) -> None:
+                    reloader: ReloadService) -> Any:
     """Federation sender (PROTOCOL.md section 7) and push notifier (section 8).
 
     Added before the listeners, so it is started first and stopped last.
     """
     from .federation.factory import build_push, build_sender
     from .federation.outbox import OutboxBusy, OutboxUnavailable
+    from .federation.resolver import build_resolver
 
     try:
-        sender = build_sender(settings, reactor)
+        resolver = build_resolver(settings, reactor)  # one DNS cache for push and federation
+        sender = build_sender(settings, reactor, resolver.resolve)
         sender.acquire_lock()
-        push = build_push(settings, core.store, reactor)
+        push = build_push(settings, core.store, reactor, resolver.resolve)
     except OutboxBusy as e:
         fail(f"federation outbox: {e}; is another relay using state_dir {settings.state_dir}?", status=1)
     except (OutboxUnavailable, OSError, ValueError) as e:
         fail(f"federation: {e}", status=1)
-    core.forwarder = sender
+    core.forwarder = sender.forwarder
     core.message_observers.append(push)
     from .federation.factory import reload_policy
 
@@ -297,10 +315,13 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
             reload_policy(sender, settings)
 
     reloader.on_reload.append(federation_reloaded)
+    resolver.setServiceParent(top)
     sender.setServiceParent(top)
     push.setServiceParent(top)
+    top.resolver = resolver  # type: ignore[attr-defined]
     top.federation = sender  # type: ignore[attr-defined]
     top.push = push  # type: ignore[attr-defined]
+    return sender
 
 
 async def _expire_once(core: RelayCore) -> None:

@@ -1,4 +1,4 @@
-"""RelayAPI over real sockets against a scripted HTTP server: what it sends, and how it reads answers."""
+"""RelayClient over real sockets against a scripted HTTP server: what it sends, and how it reads answers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.web import resource, server
 
-from msgrelay.client.api import RelayAPI
+from msgrelay.client.api import RelayClient
 from msgrelay.client.errors import RelayError, RelayUnreachable, TrustError
 from msgrelay.client.identity import Identity
 from msgrelay.wire.envelope import seal
@@ -78,8 +78,8 @@ def scripted():
     pytest_twisted.blockon(port.stopListening())
 
 
-def api_for(url: str, **kwargs) -> RelayAPI:
-    return RelayAPI(url, identity=Identity(USER_KEY, "relay.test"), **kwargs)
+def api_for(url: str, **kwargs) -> RelayClient:
+    return RelayClient(url, identity=Identity(USER_KEY, "relay.test"), **kwargs)
 
 
 @ensure

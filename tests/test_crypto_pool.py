@@ -13,20 +13,20 @@ from msgrelay import relay as relay_module
 @pytest_twisted.ensureDeferred
 async def test_open_and_seal_run_in_the_crypto_pool_and_accept_is_one_store_call(relay, users, monkeypatch):
     core = relay.core
-    assert core.crypto_pool is not None
+    assert core.run_crypto is not None
     threads: dict[str, list[threading.Thread]] = {"open": [], "seal": []}
-    real_open, real_seal = core.open_packet, relay_module._seal_messages
+    real_open, real_seal = core.open_packet, relay_module.seal_fetch_answer
 
     def open_packet(envelope):
         threads["open"].append(threading.current_thread())
         return real_open(envelope)
 
-    def seal_messages(key_pem, messages):
+    def seal_messages(key, messages, max_bytes):
         threads["seal"].append(threading.current_thread())
-        return real_seal(key_pem, messages)
+        return real_seal(key, messages, max_bytes)
 
     monkeypatch.setattr(core, "open_packet", open_packet)
-    monkeypatch.setattr(relay_module, "_seal_messages", seal_messages)
+    monkeypatch.setattr(relay_module, "seal_fetch_answer", seal_messages)
     client = relay.client
     alice = users[0]
     await client.register(alice)
@@ -43,4 +43,4 @@ async def test_open_and_seal_run_in_the_crypto_pool_and_accept_is_one_store_call
     assert len(threads["open"]) == 1 and len(threads["seal"]) == 1
     for thread in threads["open"] + threads["seal"]:
         assert thread is not threading.main_thread()
-        assert "msgrelay-crypto" in thread.name
+        assert "msgrelay-seal" in thread.name

@@ -119,7 +119,7 @@ def test_three_relays_queue_survive_restarts_and_deliver_in_order_exactly_once(t
             return next(r for r in listed["destinations"] if r["destination"] == "b.test")
 
         row = wait_for(lambda: (lambda r: r if r.get("failures") else None)(b_row()), timeout=5)
-        assert row["queued"] == 5 and row["state"] in ("backoff", "delivering") and row["pinned_ok"] is True
+        assert row["queued"] == 5 and row["state"] in ("backing-off", "sending") and row["pinned_ok"] is True
         assert "refused" in row["last_error"].lower()
 
         # A is killed with packets queued, and restarted: nothing is lost.

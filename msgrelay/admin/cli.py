@@ -69,10 +69,10 @@ def _with_store(admin: AdminContext, writable: bool) -> AdminStore:
 def _outbox_queues(admin: AdminContext, now: float) -> list[dict[str, Any]]:
     """Per-destination federation queues, counted as `queue list` counts them."""
     from ..federation.factory import outbox_path
-    from ..federation.outbox import Outbox
+    from ..federation.outbox import FederationOutbox
 
     queues = []
-    for destination, entries in Outbox(outbox_path(admin.settings)).load_all().items():
+    for destination, entries in FederationOutbox(outbox_path(admin.settings)).load_all().items():
         expired = sum(1 for e in entries if e.expires <= now)
         oldest = min((e.received for e in entries), default=None)
         queues.append({"destination": destination, "queued": len(entries), "expired": expired,

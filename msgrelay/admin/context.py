@@ -23,7 +23,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # damage found, or the operation failed (missing state dir, store down, unknown user)
 EXIT_USAGE = 2  # bad arguments, bad config file or setting
 
-_DURATION = re.compile(r"^(\d+)\s*([smhdw]?)$")
+_DURATION = re.compile(r"([0-9]+)[ \t]*([smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -123,7 +123,7 @@ def common_options(function: Callable) -> Callable:
 
 def parse_duration(text: str) -> int:
     """`90`, `45m`, `12h`, `7d`, `2w` -> seconds (0 allowed)."""
-    match = _DURATION.match(text.strip().lower())
+    match = _DURATION.fullmatch(text.strip().lower())
     if not match:
         raise click.BadParameter(f"{text!r} is not a duration like 90s, 45m, 12h, 7d or 2w")
     return int(match.group(1)) * _UNITS[match.group(2)]

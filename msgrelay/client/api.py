@@ -1,4 +1,4 @@
-"""RelayAPI: one Deferred-returning call per endpoint of PROTOCOL.md section 5, over treq.
+"""RelayClient: one Deferred-returning call per endpoint of PROTOCOL.md section 5, over treq.
 
 Requests that act for the user are signed afresh on every call (section 4) with the relay's
 `name` as `server`, a `date` of now corrected by the relay's `Timestamp` header, and a short
@@ -13,19 +13,18 @@ import functools
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Awaitable, Callable, Coroutine, Mapping, Optional, ParamSpec, TypeVar
 from urllib.parse import quote, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.internet import error as net_error
-from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.internet.defer import Deferred
 from twisted.web.http import RESPONSES
 
 import treq.client
 
+from ..net import http as net_http
+from ..net.http import describe_failure
+from ..net.trust import TrustRootError, load_trust_root
 from ..wire.addresses import is_server_name
 from ..wire.canonical import parse_json, parse_json_object
 from ..wire.dates import format_date
@@ -67,58 +66,13 @@ def normalise_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
-def load_trust_root(ca_file: str) -> Any:
-    """A trust root holding only the certificates of `ca_file` (like curl's --cacert)."""
-    try:
-        text = Path(ca_file).read_text("ascii")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read the CA file {ca_file}: {e}")
-    marker = "-----BEGIN CERTIFICATE-----"
-    blocks = [marker + chunk for chunk in text.split(marker)[1:]]
-    try:
-        certificates = [ssl.Certificate.loadPEM(block) for block in blocks]
-    except Exception as e:  # pyOpenSSL raises its own error types for bad PEM
-        raise UsageError(f"the CA file {ca_file} does not hold PEM certificates: {e}")
-    if not certificates:
-        raise UsageError(f"the CA file {ca_file} holds no PEM certificate")
-    return ssl.trustRootFromCertificates(certificates)
-
-
-def make_http_client(reactor: Any, ca_file: Optional[str] = None) -> tuple[treq.client.HTTPClient, HTTPConnectionPool]:
+def make_http_client(reactor: Any, ca_file: Optional[str] = None) -> tuple[treq.client.HTTPClient, Any]:
     """A treq client verifying certificates and host names, with keep-alive connections."""
-    policy = BrowserLikePolicyForHTTPS(trustRoot=load_trust_root(ca_file) if ca_file else None)
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.retryAutomatically = False  # a retried POST must be our decision, with the same packet
-    return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool)), pool
-
-
-def describe_failure(exc: BaseException) -> str:
-    """One readable reason for a transport failure (TLS errors are buried in `reasons`)."""
-    if isinstance(exc, (CancelledError, net_error.TimeoutError)):
-        return "timed out"
-    if isinstance(exc, net_error.ConnectionRefusedError):
-        return "connection refused (is the relay running?)"
-    if isinstance(exc, net_error.DNSLookupError):
-        return "host name does not resolve"
-    reasons = getattr(exc, "reasons", None)
-    if reasons:
-        texts = []
-        for reason in reasons:
-            value = getattr(reason, "value", reason)
-            text = _tls_reason(value) or (str(value) or type(value).__name__)
-            texts.append(text)
-        return "; ".join(dict.fromkeys(texts))
-    return str(exc) or type(exc).__name__
-
-
-def _tls_reason(value: BaseException) -> Optional[str]:
-    args = getattr(value, "args", ())
-    if type(value).__module__.startswith("OpenSSL") and args and isinstance(args[0], list):
-        details = ", ".join(str(item[-1]) for item in args[0] if item)
-        return f"TLS handshake failed: {details or value}"
-    if type(value).__name__ in ("VerificationError", "CertificateError"):
-        return f"TLS certificate does not match the host name: {value}"
-    return None
+    try:
+        trust_root = load_trust_root(ca_file) if ca_file else None
+    except TrustRootError as e:
+        raise UsageError(str(e))
+    return net_http.make_http_client(reactor, trust_root=trust_root, persistent=True)
 
 
 def packet_bytes(packet: Mapping[str, Any]) -> bytes:
@@ -201,7 +155,7 @@ class FetchResult:
     remaining: int
 
 
-class RelayAPI:
+class RelayClient:
     """Talks to one relay. `identity` is needed only for signed calls."""
 
     def __init__(
@@ -416,7 +370,9 @@ class RelayAPI:
         obj = await self._signed("GET", f"{API}/message", {"limit": limit} if limit else None)
         try:
             plaintext = open_envelope([self.identity.private_key], obj, allowed=(AES_GCM,))
-            messages = parse_json(plaintext, errno=103, what="fetch response plaintext")
+            # Lone surrogates are judged message by message (receiving.py), so that one bad
+            # message is set aside instead of making the whole mailbox unreadable.
+            messages = parse_json(plaintext, errno=103, what="fetch response plaintext", allow_surrogates=True)
         except ProtocolError as e:
             raise RelayUnreachable(self.url, f"the fetch response cannot be opened with this profile's key: {e.message}")
         if not isinstance(messages, list):
@@ -434,7 +390,16 @@ class RelayAPI:
 
     @returns_deferred
     async def set_push_endpoint(self, endpoint: str) -> None:
+        """PUT /user: the only way to set (or, with "", clear) the push endpoint (revision 2)."""
         await self._signed("PUT", f"{API}/user", {"push_endpoint": endpoint})
+
+    @returns_deferred
+    async def account(self) -> dict[str, Any]:
+        """GET /user: our own account as the relay keeps it (push endpoint, pending, tokens, quota)."""
+        obj = await self._signed("GET", f"{API}/user")
+        if obj.get("user_id") != (self.identity.user_id if self.identity else None):
+            raise RelayUnreachable(self.url, "GET /user answered for another user id")
+        return obj
 
     @returns_deferred
     async def delete_user(self) -> None:

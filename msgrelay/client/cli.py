@@ -13,15 +13,16 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import click
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import __version__
 from ..wire.dates import format_date
-from .api import DEFAULT_TIMEOUT, RelayAPI, normalise_url
+from .api import DEFAULT_TIMEOUT, RelayClient, normalise_url
 from .cli_contacts import contact, invite, token
 from .cli_messages import fetch, outbox, send
 from .cli_session import Job, Options, new_passphrase, pass_options, read_passphrase, report_bug, run_job
 from .errors import EXIT_ABORTED, ClientError, TrustError, UsageError
-from .identity import Identity, generate_private_key
+from .identity import Identity, generate_private_key, pem_is_encrypted, private_key_from_pem
 from .output import error_line, json_line, out, warn
 from .session import Session, normalise_fingerprint
 
@@ -50,12 +51,18 @@ def cli(ctx: click.Context, profile_name: str, ca_file: Optional[str], trust_fin
 @click.option("--name", "display_name", default="", help="Display name sent with your messages (optional).")
 @click.option("--passphrase", is_flag=True, help="Encrypt the private key (asks, or MSGRELAY_PASSPHRASE).")
 @click.option("--registration-token", help="For relays with closed registration.")
+@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False),
+              help="Use this private key (PKCS#8 PEM, e.g. the web client's identity file) instead of a new one.")
 @pass_options
-def init(opts: Options, server: str, display_name: str, passphrase: bool, registration_token: Optional[str]) -> Job:
+def init(opts: Options, server: str, display_name: str, passphrase: bool, registration_token: Optional[str],
+         key_file: Optional[str]) -> Job:
     """Create a key pair, pin the relay's key, register, and print your address."""
     profile = opts.profile()
     if profile.exists():
         raise UsageError(f"profile {profile.name!r} already exists at {profile.path}")
+    if key_file and passphrase:
+        raise UsageError("--key keeps the key file as it is (encrypted or not); --passphrase is for a new key")
+    imported = read_key_file(key_file) if key_file else None
     url = normalise_url(server)
     host = urlsplit(url).hostname or ""
     if url.startswith("http://") and host != "localhost" and not host.startswith("127.") and host != "::1":
@@ -65,11 +72,14 @@ def init(opts: Options, server: str, display_name: str, passphrase: bool, regist
     secret = new_passphrase() if passphrase and not profile.has_key() else None
 
     async def job(reactor: Any) -> None:
-        api = RelayAPI(url, reactor=reactor, ca_file=opts.ca_file, pinned_fingerprint=pinned, timeout=opts.timeout)
+        api = RelayClient(url, reactor=reactor, ca_file=opts.ca_file, pinned_fingerprint=pinned, timeout=opts.timeout)
         try:
             info = await api.server_info()
             profile.create_folder()
-            if profile.has_key():  # an earlier init stopped before registering: keep its key
+            if imported is not None and not profile.has_key():
+                profile.write_key_pem(imported[0])
+                key = imported[1]
+            elif profile.has_key():  # an earlier init stopped before registering: keep its key
                 key = profile.load_private_key(read_passphrase)
             else:
                 key = generate_private_key()
@@ -92,6 +102,15 @@ def init(opts: Options, server: str, display_name: str, passphrase: bool, regist
         out(f"your address:           {identity.address}")
 
     return job
+
+
+def read_key_file(path: str) -> tuple[bytes, rsa.RSAPrivateKey]:
+    """A key file to import and its key, checked now (its passphrase is asked if it has one)."""
+    try:
+        pem = open(path, "rb").read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e}")
+    return pem, private_key_from_pem(pem, read_passphrase() if pem_is_encrypted(pem) else None)
 
 
 @cli.command()

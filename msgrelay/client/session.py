@@ -7,25 +7,25 @@ from typing import Any, Callable, Optional
 
 from twisted.internet.defer import gatherResults
 
-from .api import DEFAULT_TIMEOUT, RelayAPI, ServerInfo, returns_deferred
+from .api import DEFAULT_TIMEOUT, RelayClient, ServerInfo, returns_deferred
 from .errors import TrustError, UsageError
 from .identity import Identity
 from .outbox import Outbox
 from .profile import Profile
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def normalise_fingerprint(text: str) -> str:
     """Accept `AB:CD:...` or spaced forms as people copy them; pin lowercase hex."""
     cleaned = re.sub(r"[\s:]", "", text).lower()
-    if not _HEX64.match(cleaned):
+    if not _HEX64.fullmatch(cleaned):
         raise UsageError(f"{text!r} is not a key fingerprint (64 hex digits, SHA-256)")
     return cleaned
 
 
 class Session:
-    """Owns the RelayAPI objects of one command, so that they are closed together."""
+    """Owns the RelayClient objects of one command, so that they are closed together."""
 
     def __init__(
         self,
@@ -45,7 +45,7 @@ class Session:
         self.ca_file = ca_file or config.get("ca_file")
         self.trust_fingerprint = normalise_fingerprint(trust_fingerprint) if trust_fingerprint else None
         self.timeout = timeout
-        self.api = RelayAPI(
+        self.api = RelayClient(
             config["server_url"],
             reactor=reactor,
             identity=identity,
@@ -54,7 +54,7 @@ class Session:
             timeout=timeout,
             label=f"relay {config['server_name']}",
         )
-        self._others: dict[str, RelayAPI] = {}
+        self._others: dict[str, RelayClient] = {}
         self.outbox = Outbox(profile.folder("outbox"), profile.folder("outbox-failed"))
 
     @classmethod
@@ -86,13 +86,13 @@ class Session:
             self.config = self.profile.update_config(repin)
         return info
 
-    def relay_for(self, server_name: str, relay_url: Optional[str] = None) -> RelayAPI:
+    def relay_for(self, server_name: str, relay_url: Optional[str] = None) -> RelayClient:
         """Our relay for contacts on it; else `relay_url` or https://<server_name> (unsigned lookups)."""
         if server_name.lower() == self.config["server_name"].lower() and not relay_url:
             return self.api
         url = relay_url or f"https://{server_name}"
         if url not in self._others:
-            self._others[url] = RelayAPI(
+            self._others[url] = RelayClient(
                 url, reactor=self.reactor, ca_file=self.ca_file, timeout=self.timeout, label=f"relay {server_name}"
             )
         return self._others[url]

@@ -82,8 +82,11 @@ class MaildirStore:
                         quota: Quota, now: int) -> Deferred:
         return self._run(self.files.deliver_checked, user_id, token_digest, dedup_key, message, quota, now)
 
-    def fetch(self, user_id: str, now: int, limit: int) -> Deferred:
-        return self._run(self.files.fetch, user_id, now, limit)
+    def fetch(self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None) -> Deferred:
+        return self._run(self.files.fetch, user_id, now, limit, max_bytes)
+
+    def usage(self, user_id: str, now: int) -> Deferred:
+        return self._run(self.files.usage, user_id, now)
 
     def acknowledge(self, user_id: str, message_ids: list[str]) -> Deferred:
         return self._run(self.files.acknowledge, user_id, list(message_ids))

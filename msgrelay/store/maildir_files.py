@@ -105,7 +105,7 @@ class MaildirFiles:
 
     def _user_dir(self, user_id: str) -> Optional[Path]:
         """The user's folder, or None if the id could not be a user id (so nothing exists)."""
-        if not isinstance(user_id, str) or not SAFE_NAME.match(user_id):
+        if not isinstance(user_id, str) or not SAFE_NAME.fullmatch(user_id):
             return None
         return self.users / user_id
 
@@ -115,7 +115,7 @@ class MaildirFiles:
 
     def user_ids(self) -> list[str]:
         """Ids of all users, sorted."""
-        return sorted(name for name in list_dir(self.users) if SAFE_NAME.match(name))
+        return sorted(name for name in list_dir(self.users) if SAFE_NAME.fullmatch(name))
 
     # -- users ---------------------------------------------------------------------------
 
@@ -190,7 +190,7 @@ class MaildirFiles:
 
     def _token_path(self, user_id: str, token_id: str) -> Optional[Path]:
         udir = self._user_dir(user_id)
-        if udir is None or not isinstance(token_id, str) or not SAFE_NAME.match(token_id):
+        if udir is None or not isinstance(token_id, str) or not SAFE_NAME.fullmatch(token_id):
             return None
         return udir / "tokens" / f"{token_id}.json"
 
@@ -199,7 +199,7 @@ class MaildirFiles:
         udir = self._user_dir(user_id)
         if udir is None:
             raise UnknownUser(user_id)
-        if not SAFE_NAME.match(token.id):
+        if not SAFE_NAME.fullmatch(token.id):
             raise ValueError("token id is not a safe file name")
         with locked_directory(udir) as exists:
             if not exists:
@@ -381,13 +381,13 @@ class MaildirFiles:
         return Accepted(user, self.deliver(user_id, dedup_key, message, quota, now))
 
     @disk_operation("read messages")
-    def fetch(self, user_id: str, now: int, limit: int) -> tuple[list[MessageRecord], int]:
+    def fetch(self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None) -> tuple[list[MessageRecord], int]:
         udir = self._user_dir(user_id)
         index = None if udir is None else self._messages(user_id, udir)
         if index is None:
             return [], 0
         try:
-            names, remaining = index.page(now, limit)
+            names, remaining = index.page(now, limit, max_bytes)
         finally:
             index.mutex.release()
         found: list[MessageRecord] = []
@@ -397,6 +397,18 @@ class MaildirFiles:
             if record is not None:
                 found.append(record)
         return found, remaining
+
+    @disk_operation("count messages")
+    def usage(self, user_id: str, now: int) -> tuple[int, int]:
+        """Pending unexpired messages and their quota bytes, from the index."""
+        udir = self._user_dir(user_id)
+        index = None if udir is None else self._messages(user_id, udir)
+        if index is None:
+            return 0, 0
+        try:
+            return index.live(now)
+        finally:
+            index.mutex.release()
 
     @disk_operation("delete messages")
     def acknowledge(self, user_id: str, message_ids: list[str]) -> int:

@@ -158,20 +158,23 @@ class UserIndex:
             size -= self.pending[name][1]
         return count, size
 
-    def page(self, now: int, limit: int) -> tuple[list[str], int]:
-        """Up to `limit` visible live names, oldest first, and how many more live ones follow.
+    def page(self, now: int, limit: int, max_bytes: Optional[int] = None) -> tuple[list[str], int]:
+        """Up to `limit` visible live names, oldest first, and how many more live ones follow;
+        with `max_bytes`, only as many as fit in it (but always the first).
 
         A message becomes visible once durable, and never before an older one: the page
         stops at the first delivery still in flight, so ids are seen in arrival order.
         """
         found: list[str] = []
-        for name, (expires, _, _) in self.pending.items():
+        used = 0
+        for name, (expires, size, _) in self.pending.items():
             if len(found) >= limit:
                 break
             if expires <= now:
                 continue
-            if name in self.in_flight:
+            if name in self.in_flight or (found and max_bytes is not None and used + size > max_bytes):
                 break
+            used += size
             found.append(name)
         total, _ = self.live(now)
         visible = total - sum(1 for n in self.in_flight if self.pending[n][0] > now)
