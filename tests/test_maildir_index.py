@@ -278,3 +278,28 @@ async def test_concurrent_deliveries_to_one_user_share_folder_fsyncs(tmp_path, m
     assert [m.message_id for m in messages] == sorted(r.message_id for r in results) and remaining == 0
     assert entered.count("new") == 40 and entered.count("dedup") == 40  # each waited for a sync
     assert fsyncs.count("new") <= 40 - 7  # the 8 writers of the first round shared two fsyncs
+
+
+def test_erasure_during_a_delivery_is_no_such_user_and_stores_nothing(tmp_path, monkeypatch):
+    from msgrelay.store import maildir_files
+
+    files = MaildirFiles.open(tmp_path / "state")
+    files.add_user(user(ALICE))
+    files.deliver(ALICE, "k0", message(), BIG, NOW)
+    real_write = maildir_files.write_new_file
+    erased = []
+
+    def erase_first(path, data, *args, **kwargs):
+        if not erased:  # the user erases the account after the reservation, before the write
+            erased.append(files.delete_user(ALICE))
+        return real_write(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(maildir_files, "write_new_file", erase_first)
+    with pytest.raises(LookupError):
+        files.deliver(ALICE, "k1", message(), BIG, NOW)
+    assert erased == [True]
+    assert files.fetch(ALICE, NOW, 10) == ([], 0) and files.stats(NOW)["messages"] == 0
+    assert list(files.trash.iterdir()) == [] and list(files.tmp.iterdir()) == []
+    files.add_user(user(ALICE))  # registering again starts empty, and delivers
+    assert files.deliver(ALICE, "k1", message(), BIG, NOW).duplicate is False
+    assert len(files.fetch(ALICE, NOW, 10)[0]) == 1
