@@ -10,12 +10,11 @@ import sys
 from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
-from twisted.python.threadpool import ThreadPool
 
 from . import __version__
 from .builder import Relay, build_relay
