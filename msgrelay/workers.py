@@ -98,7 +98,16 @@ class AdoptedListener(Service):
     def stopService(self) -> Any:
         super().stopService()
         port, self.port = self.port, None
-        return port.stopListening() if port is not None else None
+        if port is not None:
+            close_shared(port)
+
+
+def close_shared(port: Any) -> None:
+    """Stop accepting on a listening port whose socket other processes share, and close our
+    descriptor. `stopListening` would also shut the socket down (shutdown(2) acts on the
+    socket, not the descriptor), and every other worker's accept would fail with EINVAL."""
+    port.stopReading()
+    port.socket.close()
 
 
 class _NoConnections(Factory):
@@ -142,7 +151,8 @@ class BoundListener(Service):
     def stopService(self) -> Any:
         super().stopService()
         port, self.port = self.port, None
-        return port.stopListening() if port is not None else None
+        if port is not None:
+            close_shared(port)  # a socket from systemd stays usable for its next activation
 
 
 class _WorkerProcess(ProcessProtocol):
