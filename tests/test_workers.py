@@ -14,14 +14,21 @@ import subprocess
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from types import SimpleNamespace
+from typing import Any, Callable, cast
 
 import pytest
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from apiclient import SyncClient, sync_request
 from relayproc import RelayProcess, free_port, twistd_path
 from test_postgres_relay import database  # noqa: F401  (the fixture: a fresh database per test)
 from test_systemd import tool
+
+from msgrelay.workers import (RESTART_FIRST, RESTART_MOST, RESTART_RESET, STOP_GRACE, BoundListener,
+                              WorkerRole, WorkerSupervisor)
 
 pytestmark = pytest.mark.slow
 
@@ -208,3 +215,74 @@ def test_socket_activation_with_workers(tmp_path, database):  # noqa: F811
         if proc.stdout:
             proc.stdout.close()
     assert proc.returncode in (0, -15)
+
+
+# -- the supervisor's decisions, on a Clock ------------------------------------------------------
+
+class _FakeProcess:
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.signals: list[int] = []
+
+    def signalProcess(self, signum: int) -> None:
+        self.signals.append(signum)
+
+
+class _ProcessClock(Clock):
+    """A Clock that records spawned processes instead of starting them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, list[str], dict[int, Any], _FakeProcess]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], env: Any = None,
+                     childFDs: Any = None) -> _FakeProcess:
+        process = _FakeProcess(1000 + len(self.spawned))
+        protocol.makeConnection(process)
+        self.spawned.append((protocol, args, childFDs, process))
+        return process
+
+
+def _end(protocol: Any, **how: Any) -> None:
+    protocol.processEnded(Failure(ProcessTerminated(**how)))
+
+
+def test_supervisor_restarts_with_backoff_and_stops_every_worker():
+    clock = _ProcessClock()
+    listener = cast(BoundListener, SimpleNamespace(fd=7))
+    supervisor = WorkerSupervisor(clock, 2, lambda index: ["python", "twistd"], [listener], env={})
+    supervisor.startService()
+    try:
+        assert [args[-2:] for _, args, _, _ in clock.spawned] == [["--worker", "0:7"], ["--worker", "1:7"]]
+        assert all(fds[7] == 7 and fds[1] == "r" for _, _, fds, _ in clock.spawned)
+        for delay in (RESTART_FIRST, 2 * RESTART_FIRST):  # the backoff doubles while it keeps dying
+            before = len(clock.spawned)
+            _end(clock.spawned[-1][0], signal=9)
+            clock.advance(delay - 0.01)
+            assert len(clock.spawned) == before
+            clock.advance(0.01)
+            assert len(clock.spawned) == before + 1 and clock.spawned[-1][1][-1] == "1:7"
+        clock.advance(RESTART_RESET)  # a worker that ran a while starts the backoff afresh
+        _end(clock.spawned[-1][0], exitCode=1)
+        clock.advance(RESTART_FIRST)
+        assert len(clock.spawned) == 5
+        assert sorted(supervisor.pids()) == [1000, 1004]
+    finally:
+        stopped = supervisor.stopService()
+    running = [clock.spawned[0], clock.spawned[-1]]
+    assert [process.signals for _, _, _, process in running] == [[signal.SIGTERM]] * 2
+    results: list[object] = []
+    stopped.addBoth(results.append)
+    _end(running[0][0], signal=15)
+    clock.advance(STOP_GRACE)  # the second ignores SIGTERM: it is killed
+    assert running[1][3].signals == [signal.SIGTERM, signal.SIGKILL] and results == []
+    _end(running[1][0], signal=9)
+    assert len(results) == 1
+    clock.advance(RESTART_MOST)
+    assert len(clock.spawned) == 5  # nothing is restarted once stopping
+
+
+def test_worker_role_round_trips():
+    role = WorkerRole.parse("1:5,6")
+    assert (role.index, role.fds, role.first, str(role)) == (1, (5, 6), False, "1:5,6")
+    assert WorkerRole.parse("0:").fds == () and WorkerRole.parse("0:3").first
