@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -132,7 +132,10 @@ class Options(usage.Options):
         if self.role is not None:
             return  # the parent checked and bound the endpoints; their sockets are inherited
         for description in settings.server.listen:
-            _check_endpoint(description)
+            endpoint = _check_endpoint(description)
+            if settings.server.workers > 1 and isinstance(endpoint, SSL4ServerEndpoint):
+                fail(f"server.workers: {settings.server.workers} cannot serve the TLS listener {description!r}: "
+                     "workers inherit plain sockets; terminate TLS in a proxy in front, or run one worker")
         for description in settings.metrics.listen:
             _check_endpoint(description, "metrics.listen")
 
@@ -146,12 +149,12 @@ class Options(usage.Options):
         return resolve(file_values, overrides)
 
 
-def _check_endpoint(description: str, setting: str = "server.listen / --listen") -> None:
+def _check_endpoint(description: str, setting: str = "server.listen / --listen") -> Any:
     """Parse an endpoint string now, so a typo stops start-up with its name."""
     from twisted.internet import reactor
 
     try:
-        serverFromString(reactor, description)
+        return serverFromString(reactor, description)
     except IndexError:  # systemd:...:index=N with fewer sockets passed
         fail(f"{setting}: {description!r}: no such socket was passed by systemd (is the .socket unit active?)")
     except (ValueError, TypeError, KeyError, OSError) as e:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
@@ -131,10 +131,7 @@ class BoundListener(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        endpoint = serverFromString(self.reactor, self.description)
-        if isinstance(endpoint, SSL4ServerEndpoint):
-            self.on_failure(f"{self.description}: TLS listeners are not inherited by workers; with "
-                            "server.workers > 1 terminate TLS in a proxy in front, or run one worker")
+        endpoint = serverFromString(self.reactor, self.description)  # not TLS: service.Options refuses it
         outcome: list[Any] = []
         endpoint.listen(_NoConnections()).addBoth(outcome.append)
         if not outcome or isinstance(outcome[0], Failure):

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import time
+import urllib.request
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -98,8 +99,15 @@ class Only:
 
 
 def test_two_workers_serve_one_port_and_share_the_store(tmp_path, users, database):  # noqa: F811
-    relay, pids = start_workers(tmp_path, database)
+    metrics_port = free_port()
+    relay, pids = start_workers(tmp_path, database, f'[metrics]\nlisten = ["tcp:{metrics_port}:interface=127.0.0.1"]\n')
     try:
+        # The dedicated metrics listener is worker 0's alone.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            assert b"msgrelay_build_info" in response.read()
+        adopted = re.compile(r"worker (\d) pid \d+: .*\(metrics\) \(inherited socket\)")
+        wait_for(lambda: adopted.search(relay.log()), "the metrics listener's line")
+        assert adopted.findall(relay.log()) == ["0"]
         first, second = pids[0], pids[1]
         assert first != second and relay.proc is not None and relay.proc.pid not in (first, second)
         alice = users[0]
@@ -112,9 +120,12 @@ def test_two_workers_serve_one_port_and_share_the_store(tmp_path, users, databas
         with Only(pids, second):
             _, messages = SyncClient.connect(relay.url).fetch(alice)
             assert [m["id"] for m in messages] == [sent.body["message_id"]]
+        # Worker log lines reach the parent's log through a pipe: wait for them.
+        wait_for(lambda: re.search(rf"worker 0 pid {first}: .*POST /api/v1/message 200", relay.log()),
+                 "worker 0's access line for the POST")
+        wait_for(lambda: re.search(rf"worker 1 pid {second}: .*GET /api/v1/message 200", relay.log()),
+                 "worker 1's access line for the GET")
         log = relay.log()
-        assert re.search(rf"worker 0 pid {first}: .*POST /api/v1/message 200", log), log
-        assert re.search(rf"worker 1 pid {second}: .*GET /api/v1/message 200", log), log
         # The parent answers nothing itself, and only worker 0 holds the control socket.
         assert log.count("control socket at") == 1 and re.search(rf"worker 0 pid {first}: .*control socket at", log)
     finally:
@@ -139,7 +150,8 @@ def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(tmp_path, datab
         wait_for(lambda: serving(relay, new), "the new worker to listen")
         with Only({0: pids[0], 1: new}, new):
             assert sync_request("GET", relay.url + "/api/v1/health").body == {"status": "ok"}
-        assert re.search(rf"worker 1 pid {new}: .*GET /api/v1/health 200", relay.log())
+        wait_for(lambda: re.search(rf"worker 1 pid {new}: .*GET /api/v1/health 200", relay.log()),
+                 "the new worker's access line")
     finally:
         relay.stop()
 
@@ -173,6 +185,19 @@ def test_workers_with_the_maildir_store_are_refused_with_one_line(tmp_path):
     assert result.returncode == 2 and output.count("\n") == 0, output
     assert output.startswith("msgrelay: server.workers: 2 needs store.backend = 'postgresql'"), output
     assert "maildir" in output and not (tmp_path / "s").exists()
+
+
+def test_workers_with_a_tls_listener_are_refused_with_one_line(tmp_path, database):  # noqa: F811
+    from tlsfiles import make_ca_and_server_cert
+
+    _, key_path, cert_path = make_ca_and_server_cert(tmp_path, "localhost")
+    result = subprocess.run([twistd_path(), "--nodaemon", "--pidfile=", "msgrelay", "--state-dir", str(tmp_path / "s"),
+                             "--config", str(config_file(tmp_path, database)), "--workers", "2", "--listen",
+                             f"ssl:{free_port()}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2 and output.count("\n") == 0, output
+    assert output.startswith("msgrelay: server.workers: 2 cannot serve the TLS listener"), output
 
 
 def test_socket_activation_with_workers(tmp_path, database):  # noqa: F811
