@@ -13,6 +13,7 @@ from .backoff import Backoff
 from .deliverer import Deliverer
 from .netguard import GuardedEndpointFactory, Resolver, guarded_http_client, make_http_client, thread_resolver
 from .outbox import FederationOutbox
+from .outbox_interface import Outbox
 from .peerkeys import PeerKeys
 from .peers import FederationPolicy, parse_peer_table
 from .push import PushNotifier
@@ -33,7 +34,7 @@ def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] =
     """
     federation = settings.federation
     policy = _policy(settings)
-    outbox = FederationOutbox.open(outbox_path(settings))
+    outbox = open_outbox(settings)
     endpoints = GuardedEndpointFactory(reactor, tls_policy(load_trust_root(federation.ca_file)),
                                        resolve or thread_resolver(reactor), allow_private=False,
                                        timeout=federation.timeout)
@@ -42,7 +43,23 @@ def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] =
     deliverer = Deliverer(http, keys, reactor, settings.server.name, federation.timeout)
     backoff = Backoff(federation.backoff_min, federation.backoff_max)
     return FederationService(outbox, deliverer, backoff, policy, reactor, federation.max_queue,
-                             endpoints=endpoints, pool=pool, only=only)
+                             endpoints=endpoints, pool=pool, only=only, poll_interval=federation.poll_interval)
+
+
+def lease_seconds(settings: Settings) -> float:
+    """How long a claim on a destination lasts unrenewed: longer than one attempt (a key
+    fetch and a POST, each bounded by federation.timeout), renewed before every attempt."""
+    return 2 * settings.federation.timeout + 10
+
+
+def open_outbox(settings: Settings) -> Outbox:
+    """The outbox for these settings: in PostgreSQL, shared by every relay process on the
+    database, when the store is there; else files in the state directory (OutboxUnavailable)."""
+    if settings.store.backend == "postgresql":
+        from .pgoutbox import PostgresOutbox
+
+        return PostgresOutbox.open(settings.store.postgres_dsn, lease_seconds(settings))
+    return FederationOutbox.open(outbox_path(settings))
 
 
 def _policy(settings: Settings) -> FederationPolicy:

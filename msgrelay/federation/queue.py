@@ -121,9 +121,22 @@ class DestinationQueue:
         self._draining = False
         Deferred.fromCoroutine(self._wait("unexpected error", QueueState.BACKING_OFF, None))
 
+    @property
+    def draining(self) -> bool:
+        """A sending pass is running."""
+        return self._draining
+
+    async def _send(self) -> None:
+        """One sending pass (shared outboxes claim the destination around it: shared.py)."""
+        await self._deliver_all()
+
+    async def _hold(self) -> bool:
+        """Whether this process may still send the next packet (shared outboxes renew a lease)."""
+        return True
+
     async def _drain(self) -> None:
         try:
-            await self._deliver_all()
+            await self._send()
         finally:
             self._draining = False
             settled, self._settled = self._settled, []
@@ -143,6 +156,8 @@ class DestinationQueue:
                 self.dropped += 1
                 await self._forget(entry)
                 continue
+            if not await self._hold():
+                return
             peer, why = self.owner.policy.peer_for_delivery(self.name)
             if peer is None:
                 log.warn("federation: {queued} packets for {destination} wait: {why}",
