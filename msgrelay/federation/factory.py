@@ -35,6 +35,8 @@ def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] =
     federation = settings.federation
     policy = _policy(settings)
     outbox = open_outbox(settings)
+    if outbox.shared:  # the file outbox made it; the control socket needs it either way
+        settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     endpoints = GuardedEndpointFactory(reactor, tls_policy(load_trust_root(federation.ca_file)),
                                        resolve or thread_resolver(reactor), allow_private=False,
                                        timeout=federation.timeout)

@@ -36,6 +36,9 @@ class QueueState(enum.Enum):
 class DestinationQueue:
     """What the relay knows about one destination; see the module docstring."""
 
+    #: The entries in memory are the whole queue (no other process adds to it).
+    knows_whole_queue = True
+
     def __init__(self, name: str, owner: "Queues"):
         self.name = name
         self.owner = owner
@@ -109,7 +112,7 @@ class DestinationQueue:
         """Start sending unless already sending or waiting for the next attempt."""
         if not self.owner.sending or self._draining or self._timer is not None:
             return
-        if not self.entries:
+        if not self.entries and self.knows_whole_queue:
             self._emptied()
             return
         self._draining = True

@@ -27,6 +27,8 @@ log = Logger(namespace="msgrelay.federation")
 class SharedQueue(DestinationQueue):
     """A destination queue that sends only while it holds the destination's claim."""
 
+    knows_whole_queue = False  # other processes add to it: a kick claims, and the claim loads it
+
     async def _send(self) -> None:
         outbox = self.owner.outbox
         while self.owner.sending:
