@@ -50,6 +50,13 @@ class Setup:
         self.started.append(relay)
         return relay.start()
 
+    def b_with_user(self, user: Any) -> tuple[RelayProcess, SyncClient, Any, str]:
+        """Relay b started, with `user` registered there and a token for sending to them."""
+        b = self.b()
+        client = SyncClient.connect(b.url)
+        assert client.call("POST", "/api/v1/user", {"key": user.pem}).status == 200
+        return b, client, user, client.mint(user)
+
     def a(self, name: str) -> RelayProcess:
         relay = RelayProcess(self.tmp / name, "a.test", extra_args=["--config", str(self.config)])
         self.started.append(relay)
@@ -88,12 +95,8 @@ def posts_accepted(b: RelayProcess) -> int:
 def test_two_processes_share_the_queue_while_the_peer_comes_and_goes(tmp_path, users, database):  # noqa: F811
     setup = Setup(tmp_path, database)
     try:
-        b = setup.b()
+        b, client_b, bob, token = setup.b_with_user(users[1])
         one, two = setup.a("one"), setup.a("two")
-        client_b = SyncClient.connect(b.url)
-        bob = users[1]
-        assert client_b.call("POST", "/api/v1/user", {"key": bob.pem}).status == 200
-        token = client_b.mint(bob)
         via_one, via_two = sender(one, bob, token), sender(two, bob, token)
 
         via_one("m0")
@@ -127,11 +130,7 @@ def test_two_processes_share_the_queue_while_the_peer_comes_and_goes(tmp_path, u
 def test_packets_of_a_killed_process_are_delivered_by_the_other(tmp_path, users, database):  # noqa: F811
     setup = Setup(tmp_path, database)
     try:
-        b = setup.b()
-        client_b = SyncClient.connect(b.url)
-        bob = users[1]
-        assert client_b.call("POST", "/api/v1/user", {"key": bob.pem}).status == 200
-        token = client_b.mint(bob)
+        b, client_b, bob, token = setup.b_with_user(users[1])
         b.stop()
         one, two = setup.a("one"), setup.a("two")
         send = sender(one, bob, token)
@@ -157,11 +156,7 @@ def test_packets_of_a_killed_process_are_delivered_by_the_other(tmp_path, users,
 def test_retry_now_without_a_running_relay_sends_from_the_command(tmp_path, users, database):  # noqa: F811
     setup = Setup(tmp_path, database)
     try:
-        b = setup.b()
-        client_b = SyncClient.connect(b.url)
-        bob = users[1]
-        assert client_b.call("POST", "/api/v1/user", {"key": bob.pem}).status == 200
-        token = client_b.mint(bob)
+        b, client_b, bob, token = setup.b_with_user(users[1])
         b.stop()
         one = setup.a("one")
         send = sender(one, bob, token)
