@@ -19,7 +19,7 @@ from msgrelay.federation.peers import FederationPolicy, parse_peer_table
 from msgrelay.federation.pgoutbox import PostgresOutbox
 from msgrelay.federation.queue import QueueState
 from msgrelay.federation.service import FederationService
-from test_federation_fakes import FakePeer, peer_key
+from test_federation_fakes import FakePeer, logs, peer_key  # noqa: F401 (fixture)
 from test_federation_units import T0, HostRouter, fired, packet
 from test_store_postgres import DSN, pg_schema  # noqa: F401 (fixture)
 
@@ -109,3 +109,18 @@ def test_packets_a_dead_process_held_are_sent_by_the_other_after_its_lease(relay
     clock.advance(POLL)  # the lease ran out; two's poll finds the queue and claims it
     assert ids(peer) == ["p0", "p1"]
     assert two.outbox.pending(clock.seconds()) == {}
+
+
+def test_a_database_outage_is_refused_with_180_and_logged_in_one_line_per_poll(relays, logs):
+    from msgrelay.wire.errors import ProtocolError
+
+    peer = FakePeer("b.test", peer_key(0))
+    one, _, clock = relays(peer)
+    one.outbox.core.close()  # the database goes away under the running relay
+    with pytest.raises(ProtocolError) as info:
+        one.send(0)
+    assert info.value.errno == 180
+    clock.advance(POLL)
+    lines = [line for line in logs() if "cannot poll the shared outbox" in line]
+    assert len(lines) == 1 and "not open" in lines[0]
+    assert not any("Traceback" in line for line in logs())

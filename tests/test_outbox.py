@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import psycopg
 import pytest
@@ -108,6 +108,23 @@ def test_concurrent_writers_keep_commit_order_and_store_a_duplicate_once(make_ou
     assert len(firsts) == 2 and {entry for entry, _ in results} == firsts
     queued = outboxes[0].entries(B)
     assert set(queued) == firsts and [e.seq for e in queued] == sorted(e.seq for e in queued)
+
+
+def test_of_processes_claiming_at_the_same_moment_exactly_one_wins(make_outbox):
+    outboxes = [make_outbox(f"p{n}") for n in range(4)]
+    outboxes[0].add(B, packet(0), NOW, NOW + 600)
+    barrier = threading.Barrier(8)
+
+    def claim(n: int) -> Optional[str]:
+        barrier.wait()
+        outbox = outboxes[n % 4]  # two threads per process
+        return outbox.owner if outbox.claim(B, NOW).granted else None
+
+    with ThreadPoolExecutor(8) as pool:
+        winners = {owner for owner in pool.map(claim, range(8)) if owner is not None}
+    assert len(winners) == 1
+    assert [row.holder for row in outboxes[0].summary(NOW)] == list(winners)
+    assert [o.owner for o in outboxes if o.renew(B, NOW)] == list(winners)
 
 
 def test_max_queue_is_counted_in_the_database(make_outbox):

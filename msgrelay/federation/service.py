@@ -23,7 +23,7 @@ from .backoff import Backoff
 from .deliverer import Deliverer
 from .forwarder import Forwarder
 from .netguard import GuardedEndpointFactory
-from .outbox import BackoffState, Entry, OutboxLock
+from .outbox import BackoffState, Entry, OutboxLock, OutboxUnavailable
 from .outbox_interface import Outbox
 from .peers import FederationPolicy
 from .queues import Queues
@@ -105,8 +105,15 @@ class FederationService(Service):
             return succeed(None)
         d = self.queues.run(self.outbox.pending, self.clock.seconds())
         d.addCallback(lambda pending: wake_pending(self.queues, pending))
-        d.addErrback(lambda f: log.failure("federation: polling the shared outbox failed", f))
+        d.addErrback(self._poll_failed)
         return d
+
+    @staticmethod
+    def _poll_failed(failure: Any) -> None:
+        if failure.check(OutboxUnavailable):  # the database is down: one line per poll, no traceback
+            log.warn("federation: cannot poll the shared outbox: {problem}", problem=failure.getErrorMessage())
+        else:
+            log.failure("federation: polling the shared outbox failed", failure)
 
     def stopService(self) -> Any:
         super().stopService()
