@@ -124,3 +124,17 @@ def test_a_database_outage_is_refused_with_180_and_logged_in_one_line_per_poll(r
     lines = [line for line in logs() if "cannot poll the shared outbox" in line]
     assert len(lines) == 1 and "not open" in lines[0]
     assert not any("Traceback" in line for line in logs())
+
+
+def test_max_queue_counts_the_packets_of_every_process(relays):
+    from msgrelay.wire.errors import ProtocolError
+
+    peer = FakePeer("b.test", peer_key(0))
+    peer.script = [(503, {"errno": 180}, {})]
+    one, two, _ = relays(peer)
+    one.service.forwarder.max_queue = two.service.forwarder.max_queue = 2
+    one.send(0)
+    two.send(1)
+    with pytest.raises(ProtocolError) as info:
+        one.send(2)
+    assert info.value.errno == 160

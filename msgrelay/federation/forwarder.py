@@ -41,7 +41,9 @@ class Forwarder:
         if not self.queues.running:
             raise ProtocolError(180, "the relay is shutting down; send again in a moment")
         queue = self.queues.get(destination)
-        if len(queue.entries) + queue.adding >= self.max_queue:
+        # A shared outbox counts every process's packets in the database (OutboxFull below);
+        # this process's view of the queue may be stale there.
+        if not self.queues.outbox.shared and len(queue.entries) + queue.adding >= self.max_queue:
             raise ProtocolError(160, f"the outgoing queue for {destination} is full; try again later")
         queue.adding += 1
         try:
