@@ -126,6 +126,11 @@ class RelayMetrics:
         self.timeouts = Counter("msgrelay_connections_timed_out",
                                 "Connections cut off: idle, or headers or body too slow", ["phase"], registry=r)
         self.open_connections = Gauge("msgrelay_http_open_connections", "Open client connections", registry=r)
+        self.connections_refused = Counter("msgrelay_connections_refused",
+                                           "Connections refused by a connection cap (503 errno 180)", ["cap"],
+                                           registry=r)
+        self.dns_pending = Gauge("msgrelay_dns_lookups_pending", "DNS lookups in progress (push and federation)",
+                                 registry=r)
         self.store_messages = Gauge("msgrelay_store_messages", "Unexpired messages in the store", registry=r)
         self.store_bytes = Gauge("msgrelay_store_bytes", "Payload bytes of unexpired messages in the store",
                                  registry=r)
@@ -191,6 +196,11 @@ class RelayMetrics:
         if limits is not None:
             limits.observers.append(self.observe_rate_limited)
         self.registry.register(FederationCollector(federation))
+
+    def attach_transport(self, limiter: Any, resolver: Any) -> None:
+        """Hook this into the connection limiter and the DNS resolver."""
+        limiter.refusal_observers.append(lambda cap: self.connections_refused.labels(cap).inc())
+        self.dns_pending.set_function(lambda: resolver.pending)
 
     def exposition(self, accept: Optional[str]) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")
@@ -279,6 +289,8 @@ class MetricsPage(Resource):
 
 class MetricsSite(server.Site):
     """The dedicated metrics listener: `/metrics` only, same connection deadlines, no access log."""
+
+    noisy = False
 
     def __init__(self, page: MetricsPage, clock: Any, idle_timeout: Callable[[], float],
                  header_timeout: Callable[[], float], body_timeout: Callable[[], float]):

@@ -26,11 +26,13 @@ from .relay import RelayCore
 from .control.server import build_control
 from .keyrotation import KeyringWatcher, load_keyring, previous_keys_dir
 from .serverkey import ServerKeyError
-from .settings import SettingError, Settings, read_toml, resolve
+from .settings import SettingError, Settings, looks_public, read_toml, resolve
+from .startrecord import write_record
 from .store.factory import open_store
 from .store.interface import StoreUnavailable
 from .web.api import RelayAPI, allowed_methods
 from .web.app import web_client_routes
+from .web.connlimit import connection_limiter
 from .web.site import RelaySite
 
 log = Logger()
@@ -45,15 +47,18 @@ def fail(message: str, status: int = 2) -> None:
 
 class Options(usage.Options):
     synopsis = ("[--config PATH] [--listen ENDPOINT ...] [--state-dir DIR] [--server-name NAME] "
-                "[--peer NAME=URL[#FINGERPRINT] ...]")
+                "[--peer NAME=URL[#FINGERPRINT] ...] [--federation off|allowlist|open]")
     longdesc = (
         "Run a msgrelay relay. With no options it serves http://127.0.0.1:8080 from a maildir "
         "store in ./msgrelay-data. Command-line values override the config file."
     )
     optParameters = [
-        ["config", "c", None, "TOML config file (see etc/msgrelay.toml)."],
+        ["config", "c", None, "TOML config file (`msgrelay-admin config example` prints one with every setting)."],
         ["state-dir", "d", None, "State directory: server key and maildir store. [default: ./msgrelay-data]"],
-        ["server-name", "n", None, "Public DNS name (with optional :port) of this relay. [default: host name]"],
+        # No short flag: twistd users type -n for --nodaemon.
+        ["server-name", None, None, "Public DNS name (with optional :port) of this relay. [default: host name]"],
+        ["federation", None, None, "Federation mode: off, allowlist or open; overrides federation.mode. "
+                                   "[default: allowlist when --peer is given, else off]"],
         ["log-format", None, None, "Log as 'text' or 'json' (one JSON object per line); overrides log.format. "
                                    "[default: text]"],
         ["log-level", None, None, "Least severe level logged: debug, info, warn, error or critical; "
@@ -68,7 +73,7 @@ class Options(usage.Options):
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted server endpoint string to listen on, repeatable
-        (e.g. tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem).
+        (e.g. tcp:8080:interface=127.0.0.1, ssl:8443:interface=127.0.0.1:privateKey=key.pem:certKey=cert.pem).
         [default: tcp:8080:interface=127.0.0.1]"""
         self["listen"].append(endpoint)
 
@@ -97,6 +102,8 @@ class Options(usage.Options):
             overrides["server.name"] = self["server-name"]
         if self["peer"]:
             overrides["federation.peers"] = list(self["peer"])
+        if self["federation"] is not None:
+            overrides["federation.mode"] = self["federation"]
         if self["log-format"] is not None:
             overrides["log.format"] = self["log-format"]
         if self["log-level"] is not None:
@@ -118,7 +125,10 @@ class Options(usage.Options):
         """Config file (read now) and command-line overrides, resolved; SettingError if bad.
         Used at start-up and again on each SIGHUP."""
         file_values = read_toml(self["config"]) if self["config"] else {}
-        return resolve(file_values, getattr(self, "overrides", {}))
+        overrides = getattr(self, "overrides", {})
+        if "federation.peers" in overrides and "federation.mode" not in {**file_values, **overrides}:
+            overrides = {**overrides, "federation.mode": "allowlist"}  # peers given: meant to be reached
+        return resolve(file_values, overrides)
 
 
 def _check_endpoint(description: str, setting: str = "server.listen / --listen") -> None:
@@ -138,14 +148,17 @@ class ListeningService(StreamServerEndpointService):
 
     _raiseSynchronously = True
 
-    def __init__(self, endpoint: Any, factory: Any, description: str):
+    def __init__(self, endpoint: Any, factory: Any, description: str, on_failure: Any = None):
         super().__init__(endpoint, factory)
         self.description = description
+        self.on_failure = on_failure
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except Exception as e:
+            if self.on_failure is not None:
+                self.on_failure()
             fail(f"cannot listen on {self.description}: {e}", status=1)
         log.info("listening on {endpoint}", endpoint=self.description)
 
@@ -165,7 +178,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor  # type: ignore[no-redef]
     settings = options.settings
     assert settings is not None
+    new_key = not settings.key_path().exists()
     core = build_core(settings, reactor)
+    write_record(settings.state_dir, options["config"], getattr(options, "overrides", {}))
     limits = RateLimits(settings, reactor)
     api = RelayAPI(core, limits)
     site = RelaySite(
@@ -187,8 +202,17 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     federation = _add_federation(top, core, settings, reactor, reloader)
     if settings.web_client.enabled:  # the browser client at /app/ (msgrelay/web/app.py)
         site.routes.update(web_client_routes(settings.server.errors_url or None))
+    limiter = connection_limiter(site, settings, limits, reactor)
+    top.connections = limiter  # type: ignore[attr-defined]
+    top.metrics.attach_transport(limiter, top.resolver)  # type: ignore[attr-defined]
+
+    def forget_new_key() -> None:  # a start that failed leaves no key behind
+        if new_key:
+            settings.key_path().unlink(missing_ok=True)
+
     for description in settings.server.listen:
-        ListeningService(serverFromString(reactor, description), site, description).setServiceParent(top)
+        ListeningService(serverFromString(reactor, description), limiter, description,
+                         forget_new_key).setServiceParent(top)
     expiry = TimerService(settings.store.expire_interval, _expire, core)
     expiry.clock = reactor
     expiry.setServiceParent(top)
@@ -202,6 +226,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     build_control(settings, federation, watcher, reactor).setServiceParent(top)  # msgrelay-admin's socket
     log.info("msgrelay {version} serving {name} from {backend} store",
              version=__version__, name=core.name, backend=core.store.name)
+    if settings.name_from_host and not looks_public(core.name):
+        log.warn("server.name is unset and the host name {name!r} does not look like a public DNS name; "
+                 "addresses and signatures use it, so set server.name (or --server-name) to the relay's "
+                 "public name", name=core.name)
+    if settings.federation.mode == "allowlist" and not settings.federation.peers:
+        log.warn("federation allowlist has no peers yet: every remote address is refused (errno 122) until "
+                 "you add one to federation.peers and reload (SIGHUP), or restart with --peer NAME=URL[#FP]")
     return top
 
 
@@ -210,6 +241,13 @@ class RelayService(MultiService):
     uses an `ILogObserver` component of the application unless given `--logger`."""
 
     log_observer: Any = None
+
+    def stopService(self) -> Any:
+        stopped = super().stopService()
+        core = getattr(self, "core", None)
+        if core is not None:  # its worker threads, once every child service has stopped
+            stopped.addBoth(lambda result: (core.close(), result)[1])
+        return stopped
 
     def setServiceParent(self, parent: Any) -> Any:
         if (self.log_observer is not None and isinstance(parent, Componentized)
@@ -260,11 +298,13 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
     """
     from .federation.factory import build_push, build_sender
     from .federation.outbox import OutboxBusy, OutboxUnavailable
+    from .federation.resolver import build_resolver
 
     try:
-        sender = build_sender(settings, reactor)
+        resolver = build_resolver(settings, reactor)  # one DNS cache for push and federation
+        sender = build_sender(settings, reactor, resolver.resolve)
         sender.acquire_lock()
-        push = build_push(settings, core.store, reactor)
+        push = build_push(settings, core.store, reactor, resolver.resolve)
     except OutboxBusy as e:
         fail(f"federation outbox: {e}; is another relay using state_dir {settings.state_dir}?", status=1)
     except (OutboxUnavailable, OSError, ValueError) as e:
@@ -278,8 +318,10 @@ def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reac
             reload_policy(sender, settings)
 
     reloader.on_reload.append(federation_reloaded)
+    resolver.setServiceParent(top)
     sender.setServiceParent(top)
     push.setServiceParent(top)
+    top.resolver = resolver  # type: ignore[attr-defined]
     top.federation = sender  # type: ignore[attr-defined]
     top.push = push  # type: ignore[attr-defined]
     return sender

@@ -53,6 +53,29 @@ def _server_name(value: str) -> Optional[str]:
     return None if is_server_name(value) else f"{value!r} is not a DNS name with an optional :port"
 
 
+#: Suffixes of names that never resolve on the public Internet (RFC 2606, 6761, 6762, 8375
+#: and common private conventions).
+_PRIVATE_SUFFIXES = ("localhost", "local", "localdomain", "lan", "home", "home.arpa", "internal", "intranet",
+                     "corp", "private", "test", "example", "invalid")
+
+
+def looks_public(name: str) -> bool:
+    """Whether a server name looks like a public DNS name: dotted, not an IP address, and
+    not under a suffix that only resolves locally. A host name often is none of these."""
+    host = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+    host = host.lower().rstrip(".")
+    try:
+        import ipaddress
+
+        ipaddress.ip_address(host)
+        return False
+    except ValueError:
+        pass
+    if "." not in host:
+        return False
+    return not any(host == s or host.endswith("." + s) for s in _PRIVATE_SUFFIXES)
+
+
 def _non_empty_list(value: list) -> Optional[str]:
     return None if value else "needs at least one entry"
 
@@ -95,6 +118,17 @@ def _peer_table(value: list) -> Optional[str]:
     return None
 
 
+def _name_servers(value: list) -> Optional[str]:
+    from .federation.resolver import parse_server
+
+    for entry in value:
+        try:
+            parse_server(entry)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
 def _readable_file(value: str) -> Optional[str]:
     if value and not Path(value).is_file():
         return f"{value!r} is not a readable file"
@@ -109,6 +143,8 @@ SETTINGS: list[Setting] = [
     # Read by `msgrelay-admin rotate-key` when it retires a key; the deadline is then fixed.
     Setting("server", "key_grace_period", int, 604800, _non_negative, reloadable=True),
     Setting("server", "key_check_interval", int, 5, _positive),
+    # How long /api/v1/server lists a key transition (PROTOCOL.md section 5: at least a year).
+    Setting("server", "key_transition_keep", int, 34560000, _between(31536000, 2**31), reloadable=True),
     Setting("server", "errors_url", str, ""),
     Setting("store", "backend", str, "maildir", _one_of("maildir", "postgresql")),
     Setting("store", "postgres_dsn", str, ""),
@@ -125,18 +161,28 @@ SETTINGS: list[Setting] = [
     Setting("limits", "quota_messages", int, 10000, _positive, reloadable=True),
     Setting("limits", "quota_bytes", int, 104857600, _positive, reloadable=True),
     Setting("limits", "fetch_default", int, 100, None, reloadable=True),
+    # Bound on a fetch answer's plaintext; at least max_body_bytes (PROTOCOL.md section 6).
+    Setting("limits", "max_fetch_bytes", int, 4194304, _positive, reloadable=True),
+    Setting("limits", "max_tokens_per_user", int, 100, _positive, reloadable=True),
     # Operations (issue 5): proxies, rate limits, timeouts, metrics, logs.
     Setting("server", "trusted_proxies", list, [], _networks, reloadable=True),
     Setting("rate_limits", "register_per_address", str, "20/3600", _rate, reloadable=True),
     Setting("rate_limits", "send_per_address", str, "300/60", _rate, reloadable=True),
     Setting("rate_limits", "fetch_per_user", str, "120/60", _rate, reloadable=True),
     Setting("rate_limits", "token_per_user", str, "60/3600", _rate, reloadable=True),
+    Setting("rate_limits", "account_per_user", str, "30/60", _rate, reloadable=True),
+    Setting("rate_limits", "token_manage_per_user", str, "60/60", _rate, reloadable=True),
+    Setting("rate_limits", "ack_per_user", str, "120/60", _rate, reloadable=True),
     Setting("rate_limits", "exempt", list, [], _networks, reloadable=True),
     Setting("rate_limits", "ipv6_prefix", int, 64, _between(16, 128), reloadable=True),
     Setting("rate_limits", "max_tracked", int, 50000, _positive, reloadable=True),
     Setting("timeouts", "idle", int, 60, _positive, reloadable=True),
     Setting("timeouts", "headers", int, 20, _positive, reloadable=True),
     Setting("timeouts", "body", int, 120, _positive, reloadable=True),
+    # Connection caps (issue 9): msgrelay/web/connlimit.py.
+    Setting("connections", "per_address", int, 64, _positive, reloadable=True),
+    Setting("connections", "max_total", int, 2048, _positive, reloadable=True),
+    Setting("connections", "reserve_fds", int, 256, _non_negative, reloadable=True),
     Setting("metrics", "listen", list, []),
     Setting("metrics", "token", str, "", reloadable=True, secret=True),
     Setting("metrics", "stats_interval", int, 60, _positive, reloadable=True),
@@ -161,6 +207,13 @@ SETTINGS: list[Setting] = [
     Setting("push", "backoff_max", int, 60, _positive),
     # The browser client at /app/ (issue 12, docs/web-client.md); needs a restart.
     Setting("web_client", "enabled", bool, True),
+    # DNS for push endpoints and federation (issue 9): msgrelay/federation/resolver.py.
+    Setting("dns", "servers", list, [], _name_servers),
+    Setting("dns", "timeout", int, 5, _between(1, 60)),
+    Setting("dns", "max_concurrent", int, 64, _positive),
+    Setting("dns", "cache_ttl", int, 300, _non_negative),
+    Setting("dns", "negative_ttl", int, 60, _non_negative),
+    Setting("dns", "cache_size", int, 10000, _positive),
 ]
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -203,6 +256,7 @@ def read_toml(path: str) -> dict[str, Any]:
 def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings":
     """Defaults < file < command line; every value typed and checked."""
     values: dict[str, Any] = {}
+    from_host = False
     merged = {**file_values, **overrides}
     for name in merged:
         if name not in BY_NAME:
@@ -212,6 +266,7 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings
         value = _typed(setting, value)
         if setting.name == "server.name" and not value:
             value = socket.gethostname().lower()
+            from_host = True
         if setting.check is not None:
             problem = setting.check(value)
             if problem:
@@ -225,8 +280,13 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings
         raise SettingError("store.postgres_dsn: needed when store.backend is 'postgresql'")
     if not 1 <= values["limits.fetch_default"] <= 1000:
         raise SettingError("limits.fetch_default: must be between 1 and 1000")
+    if values["limits.max_fetch_bytes"] < values["limits.max_body_bytes"]:
+        raise SettingError("limits.max_fetch_bytes: must be at least limits.max_body_bytes, "
+                           "so that any message a relay accepts can be fetched")
     _check_federation(values)
-    return Settings(values)
+    settings = Settings(values)
+    settings.name_from_host = from_host
+    return settings
 
 
 def _check_federation(values: dict[str, Any]) -> None:
@@ -235,8 +295,8 @@ def _check_federation(values: dict[str, Any]) -> None:
         raise SettingError("federation.backoff_min: must not exceed federation.backoff_max")
     if values["push.backoff_min"] > values["push.backoff_max"]:
         raise SettingError("push.backoff_min: must not exceed push.backoff_max")
-    if values["federation.mode"] == "allowlist" and not values["federation.peers"]:
-        raise SettingError("federation.peers: mode 'allowlist' needs at least one peer (--peer NAME=URL)")
+    # An allowlist with no peers yet is allowed (the relay logs a warning): you need the
+    # other relay's fingerprint first, and peers are added later with a SIGHUP.
     own = values["server.name"].lower()
     for entry in values["federation.peers"]:
         if entry.partition("=")[0].strip().lower() == own:
@@ -245,6 +305,9 @@ def _check_federation(values: dict[str, Any]) -> None:
 
 class Settings:
     """Resolved settings with attribute access by section: `settings.limits.max_ttl`."""
+
+    #: True when server.name was not set and is the machine's host name.
+    name_from_host = False
 
     def __init__(self, values: dict[str, Any]):
         self.values = dict(values)

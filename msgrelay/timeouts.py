@@ -81,6 +81,13 @@ class RelayChannel(http.HTTPChannel):
         self._report("idle")
         super().timeoutConnection()
 
+    def stop_deadlines(self) -> None:
+        """The request was answered early (413) and the connection is closing: no timer
+        may answer it again, and nothing more is parsed."""
+        self._cut_off = True
+        self._cancel()
+        self.setTimeout(None)
+
     # -- deadlines ---------------------------------------------------------------
 
     def _start(self, phase: str, seconds: Optional[float]) -> None:

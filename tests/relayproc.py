@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 
 def free_port() -> int:
@@ -40,6 +40,7 @@ class RelayProcess:
         scheme: str = "http",
         listen: Optional[str] = None,
         env: Optional[dict[str, str]] = None,
+        preexec_fn: Optional[Callable[[], None]] = None,
     ):
         self.state_dir = Path(state_dir)
         self.server_name = server_name
@@ -49,6 +50,7 @@ class RelayProcess:
         self.listen = listen or f"tcp:{self.port}:interface=127.0.0.1"
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}-{self.port}.log"
         self.env = env
+        self.preexec_fn = preexec_fn  # e.g. to lower the relay's resource limits
         self.proc: Optional[subprocess.Popen] = None
 
     @property
@@ -69,7 +71,8 @@ class RelayProcess:
         # test must exercise the installed package, not the checkout.
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=self.state_dir.parent
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=self.state_dir.parent,
+            preexec_fn=self.preexec_fn,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -18,9 +18,9 @@ async def test_server_info_headers_and_cors(relay):
     answer = await request("GET", relay.url + "/api/v1/server")
     assert answer.status == 200
     body = answer.body
-    assert set(body) == {"name", "key", "fingerprint", "algorithms", "max_body_bytes", "default_ttl",
-                         "max_ttl", "max_validity", "version", "previous_keys"}
-    assert body["name"] == "relay.test" and body["previous_keys"] == []
+    assert set(body) == {"name", "key", "fingerprint", "algorithms", "max_body_bytes", "max_fetch_bytes", "default_ttl",
+                         "max_ttl", "max_validity", "version", "previous_keys", "key_transitions"}
+    assert body["name"] == "relay.test" and body["previous_keys"] == [] and body["key_transitions"] == []
     assert body["algorithms"] == ["AES-256-GCM", "CHACHA20-POLY1305"]
     assert len(body["fingerprint"]) == 64
     assert answer.headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]
@@ -66,7 +66,7 @@ async def test_register_lookup_and_key_errors(relay, users):
     assert (await client.call("POST", "/api/v1/user", raw=duplicate.encode())).errno == 100
     on_query = await client.call("POST", "/api/v1/user", {"key": users[1].pem}, query={"x": "1"})
     assert on_query.errno == 100 and "query" in on_query.body["message"]
-    bad_push = await client.call("POST", "/api/v1/user", {"key": users[1].pem, "push_endpoint": "http://x"})
+    bad_push = await client.call("POST", "/api/v1/user", {"key": users[1].pem, "push_endpoint": "https://x"})
     assert bad_push.errno == 100 and "push_endpoint" in bad_push.body["message"]
 
 
@@ -153,7 +153,7 @@ async def test_send_fetch_acknowledge_cycle(relay, users):
     alice = users[0]
     await client.register(alice)
     token = await client.mint(alice)
-    sent = [await client.send(alice, token, body=json.dumps({"n": n}).encode(), signature="sig") for n in range(3)]
+    sent = [await client.send(alice, token, body=json.dumps({"n": n}).encode(), signature="c2ln") for n in range(3)]
     assert all(a.status == 200 for a in sent)
     answer, messages = await client.fetch(alice, limit=2)
     assert answer.body["algorithm"] == "AES-256-GCM"
@@ -161,7 +161,7 @@ async def test_send_fetch_acknowledge_cycle(relay, users):
     assert [m["id"] for m in messages] == [a.body["message_id"] for a in sent[:2]]
     token_id = (await client.signed(alice, "GET", "/api/v1/token")).body["tokens"][0]["id"]
     assert set(messages[0]) == {"id", "token", "data", "algorithm", "password", "received", "expires", "signature"}
-    assert messages[0]["token"] == token_id and messages[0]["signature"] == "sig"
+    assert messages[0]["token"] == token_id and messages[0]["signature"] == "c2ln"
     from msgrelay.wire.envelope import open_envelope
     assert json.loads(open_envelope([alice.key], messages[1])) == {"n": 1}
     again, refetched = await client.fetch(alice)

@@ -105,6 +105,9 @@ def test_three_relays_queue_survive_restarts_and_deliver_in_order_exactly_once(t
         assert wait_for(lambda: texts(client_b, bob) == ["b0", "b1"])
         assert wait_for(lambda: texts(client_c, carol) == ["c0"])
 
+        # B stores a packet before A hears B's answer and dequeues it: wait for A's queues to
+        # empty, so that exactly the five packets below are queued while B is down.
+        assert wait_for(lambda: all(r["queued"] == 0 for r in queues(tmp_path / "a")["destinations"]))
         # B is stopped: A keeps queuing for B, and C still receives at once.
         b.stop()
         for n in range(2, 7):

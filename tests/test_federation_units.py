@@ -362,7 +362,6 @@ def test_bad_peer_entries_are_named(entry):
 @pytest.mark.parametrize("values, named", [
     ({"federation.mode": "maybe"}, "federation.mode"),
     ({"federation.peers": ["b.test"]}, "federation.peers"),
-    ({"federation.mode": "allowlist"}, "federation.peers"),
     ({"federation.peers": ["a.test=https://a.test"]}, "federation.peers"),
     ({"federation.backoff_min": 10, "federation.backoff_max": 5}, "federation.backoff_min"),
     ({"federation.ca_file": "/nonexistent/ca.pem"}, "federation.ca_file"),

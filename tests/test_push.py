@@ -38,8 +38,10 @@ def push_config(tmp_path, sink, allow_private: bool) -> str:
 
 
 async def register_with_push(relay, user, endpoint: str) -> str:
-    answer = await relay.client.call("POST", "/api/v1/user", {"key": user.pem, "push_endpoint": endpoint})
+    answer = await relay.client.register(user)
     assert answer.status == 200, answer.body
+    changed = await relay.client.signed(user, "PUT", "/api/v1/user", push_endpoint=endpoint)
+    assert changed.body == {}, changed.body
     return await relay.client.mint(user)
 
 

@@ -24,7 +24,8 @@ from ..wire.keys import is_user_id
 from ..store.factory import maildir_root
 from .backends import AdminStore, PostgresAdmin, open_admin_store
 from .context import EXIT_USAGE, AdminContext, AdminFailure, common_options, describe_age, pass_admin
-from .key_commands import keys, retire_key, rotate_key
+from .config_commands import config
+from .key_commands import keep_key, keys, retire_key, rotate_key
 from .key_fsck import check_key_files
 from .queue_commands import queue
 
@@ -262,5 +263,7 @@ def user_delete(admin: AdminContext, user_id: str, yes: bool) -> None:
 
 main.add_command(rotate_key)
 main.add_command(retire_key)
+main.add_command(keep_key)
 main.add_command(keys)
 main.add_command(queue)
+main.add_command(config)

@@ -32,6 +32,7 @@ from ..wire.envelope import AES_GCM, NONCE_BYTES, TAG_BYTES, open_envelope, seal
 from ..wire.errors import ProtocolError
 from ..wire.keys import fingerprint, is_user_id, load_public_key, user_id_for_key
 from ..wire.signing import sign_params
+from ..wire.transitions import TransitionError, follow_chain, parse_transitions
 from .errors import RelayError, RelayUnreachable, TrustError, UsageError
 from .identity import Identity
 
@@ -169,6 +170,7 @@ class RelayClient:
         timeout: float = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.time,
         label: str = "the relay",
+        follow_transitions: bool = False,
     ):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -177,6 +179,11 @@ class RelayClient:
         self.url = normalise_url(url)
         self.identity = identity
         self.pinned_fingerprint = pinned_fingerprint
+        # Follow key transitions only where the URL itself is trusted: the relay URL a person
+        # configured (https is verified by the agent; plain http only because they wrote it).
+        self.follow_transitions = follow_transitions
+        #: (old pin, new fingerprint, steps) once a chain of key transitions was followed.
+        self.followed: Optional[tuple[str, str, int]] = None
         self.timeout = timeout
         self.label = label
         self._clock = clock
@@ -210,7 +217,7 @@ class RelayClient:
             response, raw = await attempt
         except Exception as e:  # every transport failure, whatever Twisted calls it
             reason = f"no answer within {self.timeout:g} s" if not timer.active() else describe_failure(e)
-            raise RelayUnreachable(self.url, reason) from e
+            raise RelayUnreachable(self.url, reason + self._hint(reason)) from e
         finally:
             if timer.active():
                 timer.cancel()
@@ -226,7 +233,8 @@ class RelayClient:
         if obj is None or not isinstance(obj.get("errno"), int):
             phrase = RESPONSES.get(status, b"").decode("ascii", "replace")
             raise RelayUnreachable(
-                self.url, f"{method} {path} answered HTTP {status} {phrase} without a msgrelay error body"
+                self.url, f"{method} {path} answered HTTP {status} {phrase} without a msgrelay error body: "
+                "not a msgrelay relay (check the URL and port)"
             )
         retry = response.headers.getRawHeaders(b"retry-after")
         raise RelayError(
@@ -237,6 +245,17 @@ class RelayClient:
             retry_after=int(retry[0]) if retry and retry[0].strip().isdigit() else None,
             where=self.label,
         )
+
+    def _hint(self, reason: str) -> str:
+        """What to try, for the failures people cause by giving the wrong URL."""
+        low = reason.lower()
+        parts = urlsplit(self.url)
+        if parts.scheme == "https" and ("wrong version number" in low or "http request" in low):
+            return (f"; is this an http:// relay? It does not speak TLS: try "
+                    f"http://{parts.netloc}{parts.path}")
+        if "closed cleanly" in low or "was lost" in low:
+            return "; the server hung up without an HTTP answer: is it a msgrelay relay? (check the URL and port)"
+        return ""
 
     def _now(self) -> float:
         return self._clock() + (self._info.clock_offset if self._info else 0.0)
@@ -277,16 +296,32 @@ class RelayClient:
         except (ValueError, ProtocolError) as e:
             raise RelayUnreachable(self.url, f"server info is unusable: {e}")
         if self.pinned_fingerprint and info.fingerprint != self.pinned_fingerprint:
-            until = info.previous_key_until(self.pinned_fingerprint)
-            rotated = f" The relay lists the pinned key as rotated out (valid until {until})." if until else ""
-            raise TrustError(
-                f"THE RELAY'S KEY HAS CHANGED: {self.url} ({info.name}) now has key fingerprint "
-                f"{info.fingerprint}, but this profile pinned {self.pinned_fingerprint}.{rotated} "
-                "Nothing was sent. If you verified the new fingerprint with the relay's operator, "
-                f"run again with --trust-fingerprint {info.fingerprint}"
-            )
+            self._follow_or_refuse(info)
         self._info = info
         return info
+
+    def _follow_or_refuse(self, info: ServerInfo) -> None:
+        """Re-pin along a verified chain of key transitions, else the loud TrustError."""
+        assert self.pinned_fingerprint is not None
+        broken = ""
+        if self.follow_transitions:
+            try:
+                steps = follow_chain(self.pinned_fingerprint, info.fingerprint,
+                                     parse_transitions(info.raw.get("key_transitions")), info.name)
+            except TransitionError as e:
+                broken = f" The relay shows no valid chain of key transitions from the pinned key ({e})."
+            else:
+                self.followed = (self.pinned_fingerprint, info.fingerprint, len(steps))
+                self.pinned_fingerprint = info.fingerprint
+                return
+        until = info.previous_key_until(self.pinned_fingerprint)
+        rotated = f" The relay lists the pinned key as rotated out (valid until {until})." if until else ""
+        raise TrustError(
+            f"THE RELAY'S KEY HAS CHANGED: {self.url} ({info.name}) now has key fingerprint "
+            f"{info.fingerprint}, but this profile pinned {self.pinned_fingerprint}.{rotated}{broken} "
+            "Nothing was sent. If you verified the new fingerprint with the relay's operator, "
+            f"run again with --trust-fingerprint {info.fingerprint}"
+        )
 
     @returns_deferred
     async def health(self) -> dict[str, Any]:
@@ -370,7 +405,9 @@ class RelayClient:
         obj = await self._signed("GET", f"{API}/message", {"limit": limit} if limit else None)
         try:
             plaintext = open_envelope([self.identity.private_key], obj, allowed=(AES_GCM,))
-            messages = parse_json(plaintext, errno=103, what="fetch response plaintext")
+            # Lone surrogates are judged message by message (receiving.py), so that one bad
+            # message is set aside instead of making the whole mailbox unreadable.
+            messages = parse_json(plaintext, errno=103, what="fetch response plaintext", allow_surrogates=True)
         except ProtocolError as e:
             raise RelayUnreachable(self.url, f"the fetch response cannot be opened with this profile's key: {e.message}")
         if not isinstance(messages, list):
@@ -388,7 +425,16 @@ class RelayClient:
 
     @returns_deferred
     async def set_push_endpoint(self, endpoint: str) -> None:
+        """PUT /user: the only way to set (or, with "", clear) the push endpoint (revision 2)."""
         await self._signed("PUT", f"{API}/user", {"push_endpoint": endpoint})
+
+    @returns_deferred
+    async def account(self) -> dict[str, Any]:
+        """GET /user: our own account as the relay keeps it (push endpoint, pending, tokens, quota)."""
+        obj = await self._signed("GET", f"{API}/user")
+        if obj.get("user_id") != (self.identity.user_id if self.identity else None):
+            raise RelayUnreachable(self.url, "GET /user answered for another user id")
+        return obj
 
     @returns_deferred
     async def delete_user(self) -> None:

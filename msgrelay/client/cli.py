@@ -27,6 +27,10 @@ from .output import error_line, json_line, out, warn
 from .session import Session, normalise_fingerprint
 
 
+#: Options of the group: given after a command name they are "no such option" (main says where they go).
+GLOBAL_OPTIONS = ("--profile", "-p", "--ca", "--trust-fingerprint", "--timeout")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--profile", "-p", "profile_name", default="default", show_default=True, envvar="MSGRELAY_PROFILE",
               help="Profile folder under $XDG_CONFIG_HOME/msgrelay/ (env MSGRELAY_PROFILE).")
@@ -59,7 +63,12 @@ def init(opts: Options, server: str, display_name: str, passphrase: bool, regist
     """Create a key pair, pin the relay's key, register, and print your address."""
     profile = opts.profile()
     if profile.exists():
-        raise UsageError(f"profile {profile.name!r} already exists at {profile.path}")
+        flag = "" if profile.name == "default" else f" --profile {profile.name}"
+        raise UsageError(
+            f"profile {profile.name!r} already exists at {profile.path}: it is registered already "
+            f"(msgrelay-client{flag} whoami). For another identity pick a new name "
+            f"(msgrelay-client --profile NEW-NAME init ...); to move it to another relay URL run "
+            f"msgrelay-client{flag} set-server URL")
     if key_file and passphrase:
         raise UsageError("--key keeps the key file as it is (encrypted or not); --passphrase is for a new key")
     imported = read_key_file(key_file) if key_file else None
@@ -133,6 +142,45 @@ def whoami(opts: Options, as_json: bool) -> None:
         out(f"{key + ':':20}{value}")
 
 
+@cli.command("set-server")
+@click.argument("url")
+@pass_options
+def set_server(opts: Options, url: str) -> Job:
+    """Change the URL of this profile's relay (e.g. when it moves to https://).
+
+    The relay at URL must be the same relay: same name and the pinned key (or a key reached
+    along its verified key transitions, or the one --trust-fingerprint names).
+    """
+    profile = opts.profile()
+    config = profile.load_config()
+    new_url = normalise_url(url)
+    trusted = normalise_fingerprint(opts.trust_fingerprint) if opts.trust_fingerprint else None
+
+    async def job(reactor: Any) -> None:
+        api = RelayAPI(new_url, reactor=reactor, ca_file=opts.ca_file or config.get("ca_file"),
+                       pinned_fingerprint=trusted or config["server_fingerprint"], timeout=opts.timeout,
+                       follow_transitions=trusted is None, label=f"relay at {new_url}")
+        try:
+            info = await api.server_info()
+        finally:
+            await api.close()
+        if info.name != config["server_name"]:
+            raise TrustError(f"the relay at {new_url} calls itself {info.name!r}, but this profile is registered at "
+                             f"{config['server_name']!r}: not changed (a different relay needs a new profile)")
+
+        def change(current: dict[str, Any]) -> None:
+            current["server_url"], current["server_fingerprint"] = new_url, info.fingerprint
+            if opts.ca_file:
+                current["ca_file"] = opts.ca_file
+
+        profile.update_config(change)
+        out(f"relay URL of profile {profile.name}: {new_url} (was {config['server_url']})")
+        if info.fingerprint != config["server_fingerprint"]:
+            out(f"relay key now pinned: {info.fingerprint} (was {config['server_fingerprint']})")
+
+    return job
+
+
 @cli.command("delete-account")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_options
@@ -166,6 +214,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     except click.exceptions.Abort:
         warn("aborted: nothing was done")
         sys.exit(EXIT_ABORTED)
+    except click.NoSuchOption as e:
+        if e.option_name in GLOBAL_OPTIONS:
+            e.message = (f"{e.option_name} is an option of msgrelay-client itself: put it before the command, "
+                         f"e.g. msgrelay-client {e.option_name} ... {e.ctx.info_name if e.ctx else 'COMMAND'} ...")
+        e.show()
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

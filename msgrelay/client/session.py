@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Optional
 
+import click
 from twisted.internet.defer import gatherResults
 
 from .api import DEFAULT_TIMEOUT, RelayClient, ServerInfo, returns_deferred
@@ -13,13 +14,18 @@ from .identity import Identity
 from .outbox import Outbox
 from .profile import Profile
 
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+def warn(text: str) -> None:
+    """One line for the person on stderr (output.py imports the sending side, hence here)."""
+    click.echo(text, err=True)
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def normalise_fingerprint(text: str) -> str:
     """Accept `AB:CD:...` or spaced forms as people copy them; pin lowercase hex."""
     cleaned = re.sub(r"[\s:]", "", text).lower()
-    if not _HEX64.match(cleaned):
+    if not _HEX64.fullmatch(cleaned):
         raise UsageError(f"{text!r} is not a key fingerprint (64 hex digits, SHA-256)")
     return cleaned
 
@@ -53,6 +59,7 @@ class Session:
             pinned_fingerprint=self.trust_fingerprint or config["server_fingerprint"],
             timeout=timeout,
             label=f"relay {config['server_name']}",
+            follow_transitions=self.trust_fingerprint is None,
         )
         self._others: dict[str, RelayClient] = {}
         self.outbox = Outbox(profile.folder("outbox"), profile.folder("outbox-failed"))
@@ -78,12 +85,22 @@ class Session:
                 f"the relay at {self.api.url} now calls itself {info.name!r}, but this profile is "
                 f"registered at {self.config['server_name']!r}: refusing to continue"
             )
-        if info.fingerprint != self.config["server_fingerprint"]:
-            # Only reachable when --trust-fingerprint named exactly this key.
+        before = self.config["server_fingerprint"]
+        if info.fingerprint != before:
+            # Reached along a verified chain of key transitions, or because --trust-fingerprint
+            # named exactly this key: either way the person hears about it, in one line.
             def repin(config: dict[str, Any]) -> None:
                 config["server_fingerprint"] = info.fingerprint
 
             self.config = self.profile.update_config(repin)
+            if self.api.followed is not None:
+                steps = self.api.followed[2]
+                warn(f"the relay {info.name} rotated its key: now pinned {info.fingerprint} (was {before}), "
+                     f"following {steps} key transition{'s' if steps != 1 else ''} signed by the previous key")
+            else:
+                warn(f"--trust-fingerprint: now pinned the relay key {info.fingerprint} of {info.name} (was {before})")
+        elif self.trust_fingerprint is not None:
+            warn(f"--trust-fingerprint: the relay key {info.fingerprint} of {info.name} was already pinned; nothing changed")
         return info
 
     def relay_for(self, server_name: str, relay_url: Optional[str] = None) -> RelayClient:

@@ -11,13 +11,14 @@ from ..settings import Settings
 from ..store.interface import IStore
 from .backoff import Backoff
 from .deliverer import Deliverer
-from .netguard import GuardedEndpointFactory, Resolver, guarded_http_client, make_http_client, thread_resolver
+from .netguard import GuardedEndpointFactory, Resolver, guarded_http_client, make_http_client
 from .outbox import FederationOutbox
 from .outbox_interface import Outbox
 from .peerkeys import PeerKeys
 from .peers import FederationPolicy, parse_peer_table
 from .push import PushNotifier
 from .service import FederationService
+from .resolver import build_resolver
 
 
 def outbox_path(settings: Settings) -> Path:
@@ -38,7 +39,7 @@ def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] =
     if outbox.shared:  # the file outbox made it; the control socket needs it either way
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     endpoints = GuardedEndpointFactory(reactor, tls_policy(load_trust_root(federation.ca_file)),
-                                       resolve or thread_resolver(reactor), allow_private=False,
+                                       resolve or build_resolver(settings, reactor).resolve, allow_private=False,
                                        timeout=federation.timeout)
     http, pool = guarded_http_client(reactor, endpoints, persistent=True)
     keys = PeerKeys(http, reactor, federation.key_refresh, federation.timeout)
@@ -76,7 +77,7 @@ def reload_policy(federation: FederationService, settings: Settings) -> None:
 
 def build_push(settings: Settings, store: IStore, reactor: Any, resolve: Optional[Resolver] = None) -> PushNotifier:
     push = settings.push
-    http, _ = make_http_client(reactor, push.ca_file, resolve or thread_resolver(reactor),
+    http, _ = make_http_client(reactor, push.ca_file, resolve or build_resolver(settings, reactor).resolve,
                                allow_private=push.allow_private, persistent=False, timeout=push.timeout)
     return PushNotifier(store, reactor, http, retries=push.retries, timeout=push.timeout,
                         backoff=Backoff(push.backoff_min, push.backoff_max))

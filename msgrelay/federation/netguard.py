@@ -5,18 +5,18 @@ through `BrowserLikePolicyForHTTPS`), against the platform's roots or a private 
 Hosts a user or a stranger chose (push endpoints, unlisted peers in "open" mode) are
 resolved once, every address is checked, and the connection goes to the address that was
 checked, with the original name still used for SNI and certificate verification: a DNS
-answer cannot change between the check and the connection (no rebinding).
+answer cannot change between the check and the connection (no rebinding). Every name,
+the operator's peers included, is resolved by the asynchronous, bounded, caching resolver
+of `resolver.py`, never by getaddrinfo in a thread pool.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -35,11 +35,40 @@ class AddressRefused(ConnectionError):
     """The host resolves to an address outgoing requests may not reach."""
 
 
+#: Special-purpose ranges (IANA registries) that `ipaddress` counts as global, or that wrap
+#: an IPv4 address a gateway would reach for us (6to4, NAT64, Teredo, IPv4-compatible).
+NON_PUBLIC_RANGES: tuple[tuple[str, Any], ...] = tuple(
+    (name, ipaddress.ip_network(network)) for name, network in (
+        ("6to4", "2002::/16"),
+        ("site-local", "fec0::/10"),
+        ("NAT64", "64:ff9b::/96"),
+        ("local-use NAT64", "64:ff9b:1::/48"),
+        ("Teredo", "2001::/32"),
+        ("documentation", "2001:db8::/32"),
+        ("documentation", "3fff::/20"),
+        ("discard-only", "100::/64"),
+        ("IPv4-compatible", "::/96"),
+        ("shared address space", "100.64.0.0/10"),
+        ("benchmarking", "198.18.0.0/15"),
+        ("IETF protocol assignments", "192.0.0.0/24"),
+        ("documentation", "192.0.2.0/24"),
+        ("documentation", "198.51.100.0/24"),
+        ("documentation", "203.0.113.0/24"),
+        ("6to4 relay anycast", "192.88.99.0/24"),
+        ("reserved", "240.0.0.0/4"),
+        ("this network", "0.0.0.0/8"),
+    )
+)
+
+
 def address_problem(text: str) -> Optional[str]:
     """Why an IP address is not a public unicast address, or None if it is one."""
     address = ipaddress.ip_address(text.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
+    for name, network in NON_PUBLIC_RANGES:
+        if address.version == network.version and address in network:
+            return f"{address} is in a {name} range ({network})"
     for problem, flag in (("loopback", address.is_loopback), ("private", address.is_private),
                           ("link-local", address.is_link_local), ("unspecified", address.is_unspecified),
                           ("multicast", address.is_multicast), ("reserved", address.is_reserved)):
@@ -56,22 +85,6 @@ def is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def thread_resolver(reactor: Any) -> Resolver:
-    """getaddrinfo in the reactor's thread pool (it blocks)."""
-
-    async def resolve(host: str, port: int) -> Sequence[str]:
-        infos = await deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo,
-                                        host, port, 0, socket.SOCK_STREAM)
-        seen: list[str] = []
-        for info in infos:
-            address = str(info[4][0])
-            if address not in seen:
-                seen.append(address)
-        return seen
-
-    return resolve
 
 
 async def checked_addresses(host: str, port: int, resolve: Resolver, allow_private: bool) -> list[str]:
@@ -139,12 +152,10 @@ class GuardedEndpointFactory:
 
     def endpointForURI(self, uri: Any) -> Any:
         host = uri.host.decode("ascii")
-        endpoint: Any
-        if (host.lower(), uri.port) in self.trusted:
-            endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.timeout)
-        else:
-            endpoint = CheckedAddressEndpoint(self.reactor, host, uri.port, self.resolve, self.allow_private,
-                                              self.timeout)
+        # Trusted hosts skip only the address check: they are resolved the same way.
+        trusted = (host.lower(), uri.port) in self.trusted
+        endpoint: Any = CheckedAddressEndpoint(self.reactor, host, uri.port, self.resolve,
+                                               self.allow_private or trusted, self.timeout)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 LOCK_NAME = ".lock"
 DEDUP_DIR = ".dedup"
 BACKOFF_NAME = ".backoff"
-_ENTRY = re.compile(r"^(\d{16})-(\d{1,12})-(\d{1,12})-([0-9a-f]{8})\.json$")
+_ENTRY = re.compile(r"([0-9]{16})-([0-9]{1,12})-([0-9]{1,12})-([0-9a-f]{8})\.json")
 
 
 class OutboxUnavailable(Exception):
@@ -197,7 +197,7 @@ class FederationOutbox:
             return []
         found = []
         for name in names:
-            match = _ENTRY.match(name)
+            match = _ENTRY.fullmatch(name)
             if match:
                 seq, received, expires, nonce = match.groups()
                 found.append(Entry(destination, int(seq), int(received), int(expires), nonce))

@@ -18,7 +18,7 @@ from ..wire.addresses import is_server_name
 from ..wire.errors import ProtocolError
 
 MODES = ("off", "allowlist", "open")
-_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 class PeerError(ValueError):
@@ -47,7 +47,7 @@ def parse_peer(entry: str) -> Peer:
     url, _, pin = rest.strip().partition("#")
     if pin:
         pin = pin.strip().lower().replace(":", "")
-        if not _FINGERPRINT.match(pin):
+        if not _FINGERPRINT.fullmatch(pin):
             raise PeerError(f"{name}: the pinned fingerprint must be 64 hex digits (SHA-256 of the key)")
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http"):

@@ -78,8 +78,11 @@ class MaildirStore:
     def deliver(self, user_id: str, dedup_key: str, message: NewMessage, quota: Quota, now: int) -> Deferred:
         return self._run(self.files.deliver, user_id, dedup_key, message, quota, now)
 
-    def fetch(self, user_id: str, now: int, limit: int) -> Deferred:
-        return self._run(self.files.fetch, user_id, now, limit)
+    def fetch(self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None) -> Deferred:
+        return self._run(self.files.fetch, user_id, now, limit, max_bytes)
+
+    def usage(self, user_id: str, now: int) -> Deferred:
+        return self._run(self.files.usage, user_id, now)
 
     def acknowledge(self, user_id: str, message_ids: list[str]) -> Deferred:
         return self._run(self.files.acknowledge, user_id, list(message_ids))

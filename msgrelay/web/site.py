@@ -13,7 +13,8 @@ from twisted.web.resource import IResource
 from ..ratelimit import client_host, parse_networks
 from ..timeouts import RelayChannel
 from ..wire.errors import ProtocolError
-from .responses import JSON_TYPE, encode_json, info_base
+from .connlimit import LINGER_BYTES, LINGER_SECONDS, linger_close
+from .responses import JSON_TYPE, encode_json, info_base, is_utf8_path, shown_path
 
 log = Logger(namespace="msgrelay.access")
 
@@ -70,7 +71,7 @@ class RelayRequest(server.Request):
             super().requestReceived(command, path, version)
 
     def _refuse(self, message: str) -> None:
-        """Answer 413 at once and close: the body is never read into memory or disk."""
+        """Answer 413 at once and close: the body is never kept in memory or on disk."""
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")
         error = ProtocolError(140, message)
@@ -84,7 +85,10 @@ class RelayRequest(server.Request):
             b"Timestamp: " + str(int(self.relay_site.clock.seconds())).encode(),
         ] + [name + b": " + value for name, value in CORS_HEADERS.items()]
         self.channel.transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
-        self.channel.transport.loseConnection()
+        # Read and discard the body the client may still be sending, so it gets this answer
+        # rather than a reset (PROTOCOL.md section 1, lingering close).
+        self.channel.stop_deadlines()
+        linger_close(self.channel.transport, LINGER_BYTES, LINGER_SECONDS)
         self.code = 413
         self.method = getattr(self.channel, "_command", None) or b"?"
         raw_path = getattr(self.channel, "_path", None) or b"?"
@@ -94,6 +98,11 @@ class RelayRequest(server.Request):
         for name, value in CORS_HEADERS.items():
             self.setHeader(name, value)
         self.setHeader(b"Timestamp", str(int(self.relay_site.clock.seconds())).encode())
+        if not is_utf8_path(self.path):  # Klein would answer HTML and log a traceback
+            self.site = self.relay_site
+            self._write_error(ProtocolError(100, "request path is not valid UTF-8 once percent-decoded"))
+            self.finish()
+            return
         if self.method == b"OPTIONS":
             self._preflight()
             return
@@ -103,11 +112,7 @@ class RelayRequest(server.Request):
         self.site = self.relay_site
         methods = self.relay_site.allowed_methods(self.path.decode("utf-8", "replace"))
         if not methods:
-            self.setResponseCode(404)
-            self.errno = 132
-            self.setHeader(b"Content-Type", JSON_TYPE.encode())
-            error = ProtocolError(132, "no endpoint at this path")
-            self.write(encode_json(error.body(info_base(self, self.relay_site.errors_url()))))
+            self._write_error(ProtocolError(132, "no endpoint at this path"))
         else:
             self.setResponseCode(204)
             allowed = ", ".join(sorted(set(methods) | {"OPTIONS"}))
@@ -119,15 +124,18 @@ class RelayRequest(server.Request):
     def processingFailed(self, reason):
         """Last resort: never an HTML traceback to a client."""
         log.failure("request processing failed", reason)
-        error = ProtocolError(999, "the relay failed unexpectedly; the operator's log has the details")
+        self._write_error(ProtocolError(999, "the relay failed unexpectedly; the operator's log has the details"))
+        self.finish()
+        return reason
+
+    def _write_error(self, error: ProtocolError) -> None:
+        """A section 9 error body, written outside Klein (which has not routed this request)."""
         body = encode_json(error.body(info_base(self, self.relay_site.errors_url())))
-        self.errno = 999
-        self.setResponseCode(500)
+        self.errno = error.errno
+        self.setResponseCode(error.status)
         self.setHeader(b"Content-Type", JSON_TYPE.encode())
         self.setHeader(b"Content-Length", str(len(body)).encode())
         self.write(body)
-        self.finish()
-        return reason
 
 
 class RelaySite(server.Site):
@@ -136,6 +144,7 @@ class RelaySite(server.Site):
     requestFactory = RelayRequest
     protocol = RelayChannel  # HTTP/1.1 with header and body deadlines (msgrelay/timeouts.py)
     displayTracebacks = False
+    noisy = False  # no "Starting factory <RelaySite object at 0x...>": "listening on" says it
 
     def __init__(
         self,
@@ -194,9 +203,11 @@ class RelaySite(server.Site):
         """Method, path (never the query: it carries signatures), status, errno, time taken."""
         elapsed = time.monotonic() - request._started
         log.info(
-            "{method} {path} {status} errno={errno} {duration_ms}ms",
+            # errno only when there is one (the field itself is always there, None on success)
+            "{method} {path} {status} {duration_ms}ms" if request.errno is None
+            else "{method} {path} {status} errno={errno} {duration_ms}ms",
             method=request.method.decode("ascii", "replace"),
-            path=path.decode("utf-8", "replace"),
+            path=shown_path(path),
             status=request.code,
             errno=request.errno,
             duration_ms=round(elapsed * 1000, 1),
