@@ -61,7 +61,19 @@ setup(
         "psycopg[binary]>=3.1",
         "psycopg-pool>=3.2",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-twisted>=1.14", "selenium>=4.10", "hypothesis>=6.100"]},
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.14",
+            "selenium>=4.10",  # the web client's tests, in Debian's chromium
+            "hypothesis>=6.100",
+            # docs/openapi.yaml: validating the document and the relay's answers, and fuzzing
+            "pyyaml>=6",
+            "jsonschema>=4.18",
+            "openapi-spec-validator>=0.7",
+            "schemathesis>=4.0",
+        ]
+    },
     entry_points={
         "console_scripts": [
             "msgrelay-client = msgrelay.client.cli:main",

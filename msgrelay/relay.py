@@ -1,4 +1,4 @@
-"""The relay's domain operations (PROTOCOL.md sections 4-6), free of HTTP.
+"""The relay's domain operations (docs/protocol.md sections 4-6), free of HTTP.
 
 The store, clock and keyring are injected; the web layer only translates. Observers
 hear of each stored message (push) and a forwarder, when set, takes remote packets.
@@ -48,7 +48,7 @@ Executor = Callable[..., Deferred]
 
 
 class Forwarder(Protocol):
-    """Takes packets for users of other relays (federation, PROTOCOL.md section 7)."""
+    """Takes packets for users of other relays (federation, docs/protocol.md section 7)."""
 
     def forward(self, packet: Packet, received: int, expires: int, forwarded_by: Optional[str]) -> Any:
         """Queue durably; fire (message id, expires), the first packet's for a duplicate.

@@ -292,7 +292,7 @@ def _add_operations(top: RelayService, options: Options, settings: Settings, cor
 
 def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reactor: Any,
                     reloader: ReloadService) -> Any:
-    """Federation sender (PROTOCOL.md section 7) and push notifier (section 8).
+    """Federation sender (docs/protocol.md section 7) and push notifier (section 8).
 
     Added before the listeners, so it is started first and stopped last.
     """

@@ -143,7 +143,7 @@ SETTINGS: list[Setting] = [
     # Read by `msgrelay-admin rotate-key` when it retires a key; the deadline is then fixed.
     Setting("server", "key_grace_period", int, 604800, _non_negative, reloadable=True),
     Setting("server", "key_check_interval", int, 5, _positive),
-    # How long /api/v1/server lists a key transition (PROTOCOL.md section 5: at least a year).
+    # How long /api/v1/server lists a key transition (docs/protocol.md section 5: at least a year).
     Setting("server", "key_transition_keep", int, 34560000, _between(31536000, 2**31), reloadable=True),
     Setting("server", "errors_url", str, ""),
     Setting("store", "backend", str, "maildir", _one_of("maildir", "postgresql")),
@@ -161,7 +161,7 @@ SETTINGS: list[Setting] = [
     Setting("limits", "quota_messages", int, 10000, _positive, reloadable=True),
     Setting("limits", "quota_bytes", int, 104857600, _positive, reloadable=True),
     Setting("limits", "fetch_default", int, 100, None, reloadable=True),
-    # Bound on a fetch answer's plaintext; at least max_body_bytes (PROTOCOL.md section 6).
+    # Bound on a fetch answer's plaintext; at least max_body_bytes (docs/protocol.md section 6).
     Setting("limits", "max_fetch_bytes", int, 4194304, _positive, reloadable=True),
     Setting("limits", "max_tokens_per_user", int, 100, _positive, reloadable=True),
     # Operations (issue 5): proxies, rate limits, timeouts, metrics, logs.
@@ -188,7 +188,7 @@ SETTINGS: list[Setting] = [
     Setting("metrics", "stats_interval", int, 60, _positive, reloadable=True),
     Setting("log", "format", str, "text", _one_of("text", "json")),
     Setting("log", "level", str, "info", _one_of("debug", "info", "warn", "error", "critical"), reloadable=True),
-    # Federation and push (issue 4): PROTOCOL.md sections 7 and 8; see docs/federation.md.
+    # Federation and push (issue 4): docs/protocol.md sections 7 and 8; see docs/federation.md.
     Setting("federation", "mode", str, "off", _one_of("off", "allowlist", "open"), reloadable=True),
     Setting("federation", "peers", list, [], _peer_table, reloadable=True),
     Setting("federation", "ca_file", str, "", _readable_file),

@@ -1,4 +1,4 @@
-"""A raw HTTP client for server tests: builds requests by hand from PROTOCOL.md, over real sockets."""
+"""A raw HTTP client for server tests: builds requests by hand from docs/protocol.md, over real sockets."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Usage in a backend's test module::
             return ...  # a ready, EMPTY IStore provider (fresh for every test)
 
 Nothing here knows about files or databases: times are passed explicitly (`now`), nothing
-sleeps, and every expectation comes from `msgrelay/store/interface.py` and PROTOCOL.md
+sleeps, and every expectation comes from `msgrelay/store/interface.py` and docs/protocol.md
 section 6. Conventions pinned down here where the interface is terse:
 
 - a message, dedup record or token is live while `now < expires`; at `now == expires` it
@@ -364,7 +364,7 @@ class StoreContract:
 
     @pytest_twisted.ensureDeferred
     async def test_quota_counts_utf8_bytes_not_characters(self, store):
-        """PROTOCOL.md section 6: quotas count stored bytes (an emoji is 4 of them)."""
+        """docs/protocol.md section 6: quotas count stored bytes (an emoji is 4 of them)."""
         await store.add_user(user(ALICE))
         emoji = message(data="\U0001F600" * 20, password="é" * 5, signature=None)
         assert emoji.size == 20 * 4 + 5 * 2

@@ -1,4 +1,4 @@
-"""Every endpoint of PROTOCOL.md section 5 and the errnos of section 9, over real sockets
+"""Every endpoint of docs/protocol.md section 5 and the errnos of section 9, over real sockets
 against the real service tree (makeService) with the default maildir store."""
 
 from __future__ import annotations

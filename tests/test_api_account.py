@@ -1,4 +1,4 @@
-"""PROTOCOL.md revision 2 accounts over real sockets: push_endpoint only through the signed
+"""docs/protocol.md revision 2 accounts over real sockets: push_endpoint only through the signed
 PUT /user, the signed GET /user, per-user rate limits on every signed endpoint and the
 per-user token cap (issue 9 items 4 and 9)."""
 

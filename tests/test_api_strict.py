@@ -1,4 +1,4 @@
-"""PROTOCOL.md revision 2 over real sockets: valid Unicode, whole-string patterns and canonical
+"""docs/protocol.md revision 2 over real sockets: valid Unicode, whole-string patterns and canonical
 base64 packet fields (issue 9 items 3 and 7), against the real service tree."""
 
 from __future__ import annotations

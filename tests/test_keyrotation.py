@@ -266,7 +266,7 @@ async def test_sighup_reload_reads_the_key_files_at_once(start_relay, tmp_path):
     assert [fp(p.key) for p in relay.core.keyring.previous] == [before]
 
 
-# -- key transitions (PROTOCOL.md section 5) ------------------------------------------------------
+# -- key transitions (docs/protocol.md section 5) ------------------------------------------------------
 
 def test_rotations_write_transitions_signed_by_the_old_key(settings, keyring):
     from msgrelay.keytransitions import load_transitions, transitions_path

@@ -1,4 +1,4 @@
-"""Push notifications (PROTOCOL.md section 8) over real sockets: a local HTTPS endpoint with a
+"""Push notifications (docs/protocol.md section 8) over real sockets: a local HTTPS endpoint with a
 test CA, the private-address refusal, retries, the connection going to the checked address,
 and the signed change and clearing of the endpoint."""
 

@@ -1,4 +1,4 @@
-"""Key transitions (PROTOCOL.md section 5) in the pure wire layer, against fixed vectors."""
+"""Key transitions (docs/protocol.md section 5) in the pure wire layer, against fixed vectors."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Property-based tests of the wire parsers (issue 9): round trips, and "never raises anything
 but ProtocolError" on arbitrary input. CI runs the `ci` profile (a few hundred cases per
-property); `HYPOTHESIS_PROFILE=long` runs the long fuzz documented in docs/protocol-decisions.md.
+property); `HYPOTHESIS_PROFILE=long` runs the long fuzz documented in docs/testing.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PROTOCOL.md revision 2 strictness in the wire layer: valid Unicode everywhere, whole-string
+"""docs/protocol.md revision 2 strictness in the wire layer: valid Unicode everywhere, whole-string
 ASCII patterns, canonical base64 packet fields (issue 9 items 3 and 7)."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""RelayClient: one Deferred-returning call per endpoint of PROTOCOL.md section 5, over treq.
+"""RelayClient: one Deferred-returning call per endpoint of docs/protocol.md section 5, over treq.
 
 Requests that act for the user are signed afresh on every call (section 4) with the relay's
 `name` as `server`, a `date` of now corrected by the relay's `Timestamp` header, and a short

@@ -157,7 +157,7 @@ def set_server(opts: Options, url: str) -> Job:
     trusted = normalise_fingerprint(opts.trust_fingerprint) if opts.trust_fingerprint else None
 
     async def job(reactor: Any) -> None:
-        api = RelayAPI(new_url, reactor=reactor, ca_file=opts.ca_file or config.get("ca_file"),
+        api = RelayClient(new_url, reactor=reactor, ca_file=opts.ca_file or config.get("ca_file"),
                        pinned_fingerprint=trusted or config["server_fingerprint"], timeout=opts.timeout,
                        follow_transitions=trusted is None, label=f"relay at {new_url}")
         try:

@@ -20,7 +20,7 @@ log = Logger(namespace="msgrelay.federation")
 
 
 def dedup_key(destination: str, packet: Packet) -> str:
-    """Same recipient, token and packet id: the same packet (PROTOCOL.md section 6)."""
+    """Same recipient, token and packet id: the same packet (docs/protocol.md section 6)."""
     text = "\n".join((destination, packet.address.user_id, packet.token, packet.id))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

@@ -6,7 +6,7 @@ fetches it again. The key's fingerprint is computed here from the key itself, ne
 from the peer's `fingerprint` field, and the peer must call itself by the name we deliver to:
 otherwise it would see the packet as remote and refuse it (or worse, be the wrong relay).
 
-A pinned peer that rotated its key lists key transitions signed by each old key (PROTOCOL.md
+A pinned peer that rotated its key lists key transitions signed by each old key (docs/protocol.md
 section 5). When the fetched key is not the pin but a verified chain leads from the pin to it,
 the pin follows (in memory, with a log line asking the operator to update the entry);
 otherwise the key is refused and the queue held. The URL is the configured one or

@@ -1,4 +1,4 @@
-"""The peer table and federation policy (PROTOCOL.md section 7).
+"""The peer table and federation policy (docs/protocol.md section 7).
 
 A peer entry is `NAME=URL[#fingerprint]`: the server name used in addresses, the base URL
 its API lives under, and optionally the pinned SHA-256 fingerprint of its key. Plain

@@ -1,4 +1,4 @@
-"""Push notifications (PROTOCOL.md section 8): a content-free POST after a message is stored.
+"""Push notifications (docs/protocol.md section 8): a content-free POST after a message is stored.
 
 The observer returns at once: the sender already has its `200` by the time anything here
 touches the network. The POST carries only `{"user_id", "pending"}`. Endpoints go through

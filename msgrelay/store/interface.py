@@ -65,7 +65,7 @@ class NewMessage:
     received: int
     expires: int
     #: Bytes counted against the byte quota: the UTF-8 length of the opaque payload the relay
-    #: keeps (PROTOCOL.md section 6), computed once here so that every store counts alike.
+    #: keeps (docs/protocol.md section 6), computed once here so that every store counts alike.
     size: int = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -85,7 +85,7 @@ class MessageRecord:
     expires: int
 
     def to_json(self) -> dict[str, Any]:
-        """The server message object of PROTOCOL.md section 6."""
+        """The server message object of docs/protocol.md section 6."""
         obj: dict[str, Any] = {
             "id": self.message_id,
             "token": self.token_id,

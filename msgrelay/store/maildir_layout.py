@@ -30,7 +30,7 @@ DIR_MODE = 0o700
 #: User ids and token ids become path components: no dots (so never "." or ".."), no slashes.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")  # use fullmatch
 
-#: A message file name, which is also its message id (PROTOCOL.md section 6 allows
+#: A message file name, which is also its message id (docs/protocol.md section 6 allows
 #: [A-Za-z0-9._-]{1,128}): arrival time in ns (fixed width, so ids sort in arrival order),
 #: a random tie-breaker between processes, then received, expires and quota size, so that
 #: expiry, quota and stats need only a directory listing, never the message body.

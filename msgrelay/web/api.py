@@ -1,4 +1,4 @@
-"""The HTTP API of PROTOCOL.md section 5: a thin Klein layer over `RelayCore`.
+"""The HTTP API of docs/protocol.md section 5: a thin Klein layer over `RelayCore`.
 
 Handlers parse parameters, call one core operation and answer JSON; every failure goes
 through `handle_errors` into the section 9 error body.

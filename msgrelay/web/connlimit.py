@@ -11,7 +11,7 @@ DNS) is smaller. A connection over a cap is answered `503` errno 180 with `Retry
 closed; if many are being refused at once, further ones are closed without an answer, so
 refusing costs nothing that grows.
 
-Lingering close (PROTOCOL.md section 1, issue 9 item 10). A server that answers before it has
+Lingering close (docs/protocol.md section 1, issue 9 item 10). A server that answers before it has
 read the whole request (413 from Content-Length, or the 503 above) and closes at once makes
 the kernel reset the connection while the client is still sending, and the client loses the
 answer. `Linger` instead shuts down only the sending side (plain TCP), then reads and discards
@@ -162,6 +162,7 @@ class ConnectionLimiter(WrappingFactory):
     """
 
     protocol = LimitedConnection
+    noisy = False  # no "Starting factory <ConnectionLimiter ...>": "listening on" says it
 
     def __init__(self, site: Any, clock: Any, per_address: Callable[[], int], total: Callable[[], int],
                  key: Callable[[str], Optional[str]], errors_url: Callable[[], str] = lambda: ""):

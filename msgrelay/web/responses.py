@@ -28,7 +28,7 @@ def shown_path(raw: bytes) -> str:
 
 
 def is_utf8_path(raw: bytes) -> bool:
-    """True when the percent-decoded path is valid UTF-8 (PROTOCOL.md section 1)."""
+    """True when the percent-decoded path is valid UTF-8 (docs/protocol.md section 1)."""
     try:
         unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:

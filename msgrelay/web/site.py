@@ -86,7 +86,7 @@ class RelayRequest(server.Request):
         ] + [name + b": " + value for name, value in CORS_HEADERS.items()]
         self.channel.transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
         # Read and discard the body the client may still be sending, so it gets this answer
-        # rather than a reset (PROTOCOL.md section 1, lingering close).
+        # rather than a reset (docs/protocol.md section 1, lingering close).
         self.channel.stop_deadlines()
         linger_close(self.channel.transport, LINGER_BYTES, LINGER_SECONDS)
         self.code = 413

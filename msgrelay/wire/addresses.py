@@ -1,4 +1,4 @@
-"""Qualified addresses `<user_id>@<server_name>` (PROTOCOL.md section 2)."""
+"""Qualified addresses `<user_id>@<server_name>` (docs/protocol.md section 2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .errors import ProtocolError
 from .keys import is_user_id
 
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-#: Matched with fullmatch: ASCII only, never a trailing newline (PROTOCOL.md section 1).
+#: Matched with fullmatch: ASCII only, never a trailing newline (docs/protocol.md section 1).
 _SERVER_NAME = re.compile(rf"(?:{_LABEL})(?:\.{_LABEL})*(?::([0-9]{{1,5}}))?")
 
 

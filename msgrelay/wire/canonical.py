@@ -1,4 +1,4 @@
-"""Strict JSON in and canonical JSON out (PROTOCOL.md sections 1 and 4)."""
+"""Strict JSON in and canonical JSON out (docs/protocol.md sections 1 and 4)."""
 
 from __future__ import annotations
 

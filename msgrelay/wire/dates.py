@@ -1,4 +1,4 @@
-"""RFC 3339 UTC times (PROTOCOL.md section 1)."""
+"""RFC 3339 UTC times (docs/protocol.md section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hybrid encryption envelopes (PROTOCOL.md section 3)."""
+"""Hybrid encryption envelopes (docs/protocol.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The plaintext of a fetch answer (PROTOCOL.md section 6): a JSON list bounded in bytes."""
+"""The plaintext of a fetch answer (docs/protocol.md section 6): a JSON list bounded in bytes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RSA keys, user ids and fingerprints (PROTOCOL.md section 2)."""
+"""RSA keys, user ids and fingerprints (docs/protocol.md section 2)."""
 
 from __future__ import annotations
 

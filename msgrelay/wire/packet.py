@@ -1,4 +1,4 @@
-"""Packets (PROTOCOL.md section 6): what a sender seals to a relay."""
+"""Packets (docs/protocol.md section 6): what a sender seals to a relay."""
 
 from __future__ import annotations
 

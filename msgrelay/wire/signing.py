@@ -1,4 +1,4 @@
-"""Signed requests (PROTOCOL.md section 4): parameter shape, signature base, RSA-PSS, time window."""
+"""Signed requests (docs/protocol.md section 4): parameter shape, signature base, RSA-PSS, time window."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Key transitions (PROTOCOL.md section 5): the old server key endorses its successor.
+"""Key transitions (docs/protocol.md section 5): the old server key endorses its successor.
 
 A relay that rotates its key signs, with the OLD private key, the canonical JSON of
 `{"type": "msgrelay-key-transition", "server", "from", "to", "date"}`. Whoever pinned an old
