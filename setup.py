@@ -50,7 +50,7 @@ setup(
     package_data={"msgrelay.web": ["errors.md"], "msgrelay.webapp": ["static/*", "static/*/*"], "twisted.plugins": ["msgrelay_plugin.py"]},
     cmdclass={"build_py": BuildPy},
     install_requires=[
-        "twisted[tls]>=25.5",
+        "twisted[tls]>=25.5,<27",  # 26 tested; see msgrelay/twisted_compat.py
         "klein>=23.5",
         "treq>=23.11",
         "cryptography>=41",
@@ -72,7 +72,9 @@ setup(
             "jsonschema>=4.18",
             "openapi-spec-validator>=0.7",
             "schemathesis>=4.0",
-        ]
+        ],
+        # Static checks run by .ci/run (mypy.ini, ruff.toml).
+        "lint": ["mypy>=1.10", "mypy-zope>=1.0", "ruff>=0.5"],
     },
     entry_points={
         "console_scripts": [

@@ -22,7 +22,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.logger import Logger
@@ -32,7 +32,7 @@ from .serverkey import (
     SERVER_KEY_BITS, PreviousKey, ServerKeyError, ServerKeyring, load_or_create, read_private_key,
     write_private_key,
 )
-from .settings import Settings
+from .settings import EVERY_RELOAD, Reload, Settings
 from .wire.keys import fingerprint
 from .wire.transitions import sign_transition
 
@@ -234,7 +234,10 @@ class KeyringWatcher:
     """Keeps a running relay's keyring in step with its key files (called on a short timer).
 
     The keyring object is changed in place, so every holder of it sees the new keys.
+    A SIGHUP re-reads the key files at once, whatever else it changes.
     """
+
+    settings_sections: ClassVar[frozenset[str]] = EVERY_RELOAD
 
     def __init__(self, keyring: ServerKeyring, key_path: Path, directory: Path, clock: Any,
                  transitions: Optional[Path] = None):
@@ -250,6 +253,9 @@ class KeyringWatcher:
         """Cheap change detector: the key and transitions files' identities, the retired keys' names."""
         return (_identity(self.key_path), tuple(entry.path.name for entry in list_retired(self.directory)),
                 _identity(self.transitions))
+
+    def reconfigure(self, reload: Reload) -> None:
+        self.check()
 
     def check(self) -> bool:
         """Prune expired keys, then reload if the files changed. True if the keyring changed."""

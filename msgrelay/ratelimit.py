@@ -22,12 +22,15 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Optional, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .wire.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from .settings import Reload, Settings
 
 log = Logger()
 
@@ -148,12 +151,17 @@ class RateLimits:
         "ack": ("ack_per_user", "user", "acknowledgements"),
     }
 
-    def __init__(self, settings: Any, clock: IReactorTime):
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"rate_limits"})
+
+    def __init__(self, settings: Settings, clock: IReactorTime, observers: Sequence[Callable[[str], None]] = ()):
         self.settings = settings
         self.clock = clock
         self.buckets = {name: TokenBuckets(clock) for name in self.LIMITS}
-        self.observers: list[Callable[[str], None]] = []  # told the limit's name on each refusal
+        self.observers = list(observers)  # told the limit's name on each refusal
         self._parsed: dict[str, tuple[str, Optional[Rate]]] = {}
+
+    def reconfigure(self, reload: Reload) -> None:
+        self.settings = reload.running
 
     def _rate(self, name: str) -> Optional[Rate]:
         text = getattr(self.settings.rate_limits, self.LIMITS[name][0])

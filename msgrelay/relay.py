@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import math
 import secrets
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from . import __version__
 from .keytransitions import listed
 from .serverkey import ServerKeyring
-from .settings import Settings
+from .settings import Reload, Settings
 from .store.interface import (
     IStore, MessageRecord, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, UserRecord,
 )
@@ -40,7 +40,8 @@ log = Logger()
 #: The longest token lifetime a client may ask for (ten years), beyond which `expires_in` is refused.
 MAX_TOKEN_SECONDS = 10 * 365 * 86400
 MAX_LABEL_CHARS = 200
-MAX_ACK_IDS = 1000
+MAX_ACK_IDS = 1000  # message ids in one acknowledgement
+MAX_FETCH_LIMIT = 1000  # messages in one fetch answer (`limit`, `limits.fetch_default`)
 MAX_PUSH_URL_CHARS = 2048
 
 #: Runs a CPU-bound call off the reactor thread and fires its result: `run(fn, *args)`.
@@ -93,23 +94,36 @@ async def _guard(deferred: Any) -> Any:
 
 
 class RelayCore:
-    def __init__(self, settings: Settings, store: IStore, keyring: ServerKeyring, clock: IReactorTime,
+    #: Reconfigurable: a reload hands over the whole new settings object.
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"server", "limits", "registration"})
+
+    def __init__(self, settings: Settings, store: IStore, keyring: ServerKeyring, clock: IReactorTime, *,
+                 forwarder: Optional[Forwarder] = None,
+                 message_observers: Sequence[Callable[[UserRecord, str], None]] = (),
+                 stored_observers: Sequence[Callable[[NewMessage], None]] = (),
+                 expired_observers: Sequence[Callable[[int], None]] = (),
                  run_crypto: Optional[Executor] = None):
         """`run_crypto` runs work that grows with input size (sealing fetch answers) off the
-        reactor thread; by default a small pool of the core's own, stopped at shutdown."""
+        reactor thread: the relay's crypto pool (msgrelay/pools.py); by default a small pool
+        of the core's own, stopped at shutdown."""
         self.settings = settings
         self.store = store
         self.keyring = keyring
         self.clock = clock
-        self.forwarder: Optional[Forwarder] = None
-        self.message_observers: list[Callable[[UserRecord, str], None]] = []
+        #: Takes packets for other relays; None: federation is not wired (errno 122).
+        self.forwarder = forwarder
+        #: Told (recipient, message id) of each stored message (push).
+        self.message_observers = list(message_observers)
         #: Told each newly stored message (not duplicates), e.g. for metrics.
-        self.stored_observers: list[Callable[[NewMessage], None]] = []
+        self.stored_observers = list(stored_observers)
         #: Told how many messages each expiry sweep removed.
-        self.expired_observers: list[Callable[[int], None]] = []
+        self.expired_observers = list(expired_observers)
         self._own_pool: Optional[ThreadPool] = None
         self._own_pool_trigger: Any = None
         self.run_crypto: Executor = run_crypto or self._in_own_pool
+
+    def reconfigure(self, reload: Reload) -> None:
+        self.settings = reload.running
 
     def _in_own_pool(self, function: Callable[..., Any], *args: Any) -> Deferred:
         if self._own_pool is None:
@@ -117,7 +131,7 @@ class RelayCore:
             self._own_pool.start()
             self._own_pool_trigger = self.clock.addSystemEventTrigger(  # type: ignore[attr-defined]
                 "during", "shutdown", self.close)
-        return deferToThreadPool(self.clock, self._own_pool, function, *args)
+        return deferToThreadPool(cast(Any, self.clock), self._own_pool, function, *args)
 
     def close(self) -> None:
         """Stop the core's own worker threads, if it started any (the service stops it)."""

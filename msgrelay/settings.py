@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import socket
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
 from .wire.addresses import is_server_name
 
@@ -214,6 +213,10 @@ SETTINGS: list[Setting] = [
     Setting("dns", "cache_ttl", int, 300, _non_negative),
     Setting("dns", "negative_ttl", int, 60, _non_negative),
     Setting("dns", "cache_size", int, 10000, _positive),
+    # Thread pools (issue 8): the most threads for each kind of blocking work.
+    Setting("pools", "store", int, 8, _between(1, 256)),
+    Setting("pools", "outbox", int, 4, _between(1, 64)),
+    Setting("pools", "crypto", int, 2, _between(1, 64)),
 ]
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -227,8 +230,10 @@ def _typed(setting: Setting, value: Any) -> Any:
         raise SettingError(f"{setting.name}: must be true or false, not {value!r}")
     if kind is str and not isinstance(value, str):
         raise SettingError(f"{setting.name}: must be a string, not {value!r}")
-    if kind is list and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
-        raise SettingError(f"{setting.name}: must be a list of strings, not {value!r}")
+    if kind is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise SettingError(f"{setting.name}: must be a list of strings, not {value!r}")
+        return tuple(value)  # frozen settings hold tuples
     return value
 
 
@@ -278,15 +283,15 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings
         raise SettingError("registration.tokens: mode 'token' needs at least one registration token")
     if values["store.backend"] == "postgresql" and not values["store.postgres_dsn"]:
         raise SettingError("store.postgres_dsn: needed when store.backend is 'postgresql'")
-    if not 1 <= values["limits.fetch_default"] <= 1000:
-        raise SettingError("limits.fetch_default: must be between 1 and 1000")
+    from .relay import MAX_FETCH_LIMIT
+
+    if not 1 <= values["limits.fetch_default"] <= MAX_FETCH_LIMIT:
+        raise SettingError(f"limits.fetch_default: must be between 1 and {MAX_FETCH_LIMIT}")
     if values["limits.max_fetch_bytes"] < values["limits.max_body_bytes"]:
         raise SettingError("limits.max_fetch_bytes: must be at least limits.max_body_bytes, "
                            "so that any message a relay accepts can be fetched")
     _check_federation(values)
-    settings = Settings(values)
-    settings.name_from_host = from_host
-    return settings
+    return Settings.from_values(values, name_from_host=from_host)
 
 
 def _check_federation(values: dict[str, Any]) -> None:
@@ -303,20 +308,182 @@ def _check_federation(values: dict[str, Any]) -> None:
             raise SettingError(f"federation.peers: {own} is this relay's own name, not a peer")
 
 
+# -- the typed, frozen settings ------------------------------------------------------
+#
+# One frozen dataclass per section, one field per SETTINGS row of that section (lists are
+# tuples). Adding a setting is two lines: its row in SETTINGS and its field here. Import
+# fails (and tests/test_settings.py says which) if the two disagree.
+
+Strings = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    name: str
+    listen: Strings
+    state_dir: str
+    key_file: str
+    key_grace_period: int
+    key_check_interval: int
+    errors_url: str
+    trusted_proxies: Strings
+    key_transition_keep: int
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    backend: str
+    postgres_dsn: str
+    expire_interval: int
+
+
+@dataclass(frozen=True)
+class RegistrationSettings:
+    mode: str
+    tokens: Strings
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    max_body_bytes: int
+    default_ttl: int
+    max_ttl: int
+    max_validity: int
+    max_skew: int
+    token_lifetime: int
+    allow_permanent_tokens: bool
+    quota_messages: int
+    quota_bytes: int
+    fetch_default: int
+    max_fetch_bytes: int
+    max_tokens_per_user: int
+
+
+@dataclass(frozen=True)
+class RateLimitsSettings:
+    register_per_address: str
+    send_per_address: str
+    fetch_per_user: str
+    token_per_user: str
+    exempt: Strings
+    ipv6_prefix: int
+    max_tracked: int
+    account_per_user: str
+    token_manage_per_user: str
+    ack_per_user: str
+
+
+@dataclass(frozen=True)
+class TimeoutsSettings:
+    idle: int
+    headers: int
+    body: int
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: Strings
+    token: str
+    stats_interval: int
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str
+    level: str
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    mode: str
+    peers: Strings
+    ca_file: str
+    backoff_min: int
+    backoff_max: int
+    timeout: int
+    key_refresh: int
+    max_queue: int
+    poll_interval: int
+
+
+@dataclass(frozen=True)
+class PushSettings:
+    allow_private: bool
+    ca_file: str
+    retries: int
+    timeout: int
+    backoff_min: int
+    backoff_max: int
+
+
+@dataclass(frozen=True)
+class PoolsSettings:
+    store: int
+    outbox: int
+    crypto: int
+
+
+@dataclass(frozen=True)
+class ConnectionsSettings:
+    per_address: int
+    max_total: int
+    reserve_fds: int
+
+
+@dataclass(frozen=True)
+class WebClientSettings:
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    servers: Strings
+    timeout: int
+    max_concurrent: int
+    cache_ttl: int
+    negative_ttl: int
+    cache_size: int
+
+
+@dataclass(frozen=True)
 class Settings:
-    """Resolved settings with attribute access by section: `settings.limits.max_ttl`."""
+    """Resolved settings, frozen: `settings.limits.max_ttl`. A reload makes a new object."""
 
-    #: True when server.name was not set and is the machine's host name.
-    name_from_host = False
+    server: ServerSettings
+    store: StoreSettings
+    registration: RegistrationSettings
+    limits: LimitsSettings
+    rate_limits: RateLimitsSettings
+    timeouts: TimeoutsSettings
+    metrics: MetricsSettings
+    log: LogSettings
+    federation: FederationSettings
+    push: PushSettings
+    pools: PoolsSettings
+    connections: ConnectionsSettings
+    web_client: WebClientSettings
+    dns: DnsSettings
+    #: True when server.name was not set and is the machine's host name (a start-up warning).
+    name_from_host: bool = False
 
-    def __init__(self, values: dict[str, Any]):
-        self.values = dict(values)
+    @classmethod
+    def from_values(cls, values: dict[str, Any], name_from_host: bool = False) -> "Settings":
+        """From {"section.key": value} holding every setting (as `resolve` makes it)."""
         sections: dict[str, dict[str, Any]] = {}
         for name, value in values.items():
             section, key = name.split(".", 1)
-            sections.setdefault(section, {})[key] = value
-        for section, table in sections.items():
-            setattr(self, section, SimpleNamespace(**table))
+            sections.setdefault(section, {})[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**{name: SECTION_TYPES[name](**sections[name]) for name in SECTION_TYPES},
+                   name_from_host=name_from_host)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every setting as {"section.key": value}."""
+        return {s.name: self.get(s.name) for s in SETTINGS}
+
+    def get(self, name: str) -> Any:
+        section, key = name.split(".", 1)
+        return getattr(getattr(self, section), key)
 
     @property
     def state_dir(self) -> Path:
@@ -325,31 +492,97 @@ class Settings:
     def key_path(self) -> Path:
         return Path(self.server.key_file) if self.server.key_file else self.state_dir / "server_key.pem"
 
-    def reload_from(self, new: "Settings") -> tuple[list[str], list[str]]:
-        """Apply `new`'s reloadable values to THIS object in place (SIGHUP).
-
-        The running code reads settings on every use, so a changed value takes effect for
-        the next request. A changed setting that is not reloadable keeps its running value
-        and is logged as needing a restart. Returns (applied, needing_restart) names.
-        """
+    def reload_to(self, new: "Settings") -> "Reload":
+        """What a SIGHUP does with a freshly read `new`: a reload whose `running` object holds
+        `new`'s reloadable values and this object's other values (they need a restart).
+        Each change is logged; a secret's values never are."""
         from twisted.logger import Logger
 
         log = Logger(namespace="msgrelay.settings")
         applied: list[str] = []
         needs_restart: list[str] = []
+        running = self.values
         for setting in SETTINGS:
             name = setting.name
-            old, value = self.values.get(name), new.values.get(name)
+            old, value = self.get(name), new.get(name)
             if old == value:
                 continue
-            shown_old, shown_new = ("(hidden)", "(hidden)") if setting.secret else (repr(old), repr(value))
+            shown_old, shown_new = ("(hidden)", "(hidden)") if setting.secret else (_shown(old), _shown(value))
             if setting.reloadable:
-                self.values[name] = value
-                setattr(getattr(self, setting.section), setting.key, value)
+                running[name] = value
                 applied.append(name)
                 log.info("reload: {setting} changed from {old} to {new}", setting=name, old=shown_old, new=shown_new)
             else:
                 needs_restart.append(name)
                 log.warn("reload: {setting} changed in the configuration ({old} to {new}) but needs a restart; "
                          "still using {old}", setting=name, old=shown_old, new=shown_new)
-        return applied, needs_restart
+        return Reload(self, Settings.from_values(running, self.name_from_host), tuple(applied), tuple(needs_restart))
+
+
+def _shown(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+SECTION_TYPES: dict[str, type] = {
+    "server": ServerSettings, "store": StoreSettings, "registration": RegistrationSettings,
+    "limits": LimitsSettings, "rate_limits": RateLimitsSettings, "timeouts": TimeoutsSettings,
+    "metrics": MetricsSettings, "log": LogSettings, "federation": FederationSettings,
+    "push": PushSettings, "pools": PoolsSettings, "connections": ConnectionsSettings,
+    "web_client": WebClientSettings, "dns": DnsSettings,
+}
+
+_ANNOTATION = {int: "int", str: "str", bool: "bool", list: "Strings"}
+
+
+def table_mismatches() -> list[str]:
+    """Where SETTINGS and the dataclasses above disagree (empty when they agree)."""
+    problems: list[str] = []
+    rows = {s.name: s for s in SETTINGS}
+    sections = {f.name for f in fields(Settings) if f.name != "name_from_host"}
+    for section in sorted(({s.section for s in SETTINGS} | set(SECTION_TYPES)) ^ sections):
+        problems.append(f"section {section!r}: needs a field of Settings and an entry in SECTION_TYPES")
+    for section, kind in SECTION_TYPES.items():
+        declared = {f"{section}.{f.name}": f.type for f in fields(kind)}
+        for name in sorted(set(declared) - set(rows)):
+            problems.append(f"{name}: a field of {kind.__name__} without a SETTINGS row")
+        for name, row in rows.items():
+            if row.section != section:
+                continue
+            if name not in declared:
+                problems.append(f"{name}: a SETTINGS row without a field in {kind.__name__}")
+            elif declared[name] != _ANNOTATION[row.kind]:
+                problems.append(f"{name}: field type {declared[name]} but the row says {row.kind.__name__}")
+    return problems
+
+
+_problems = table_mismatches()
+if _problems:
+    raise ImportError("msgrelay.settings: SETTINGS and the section dataclasses disagree: " + "; ".join(_problems))
+
+
+@dataclass(frozen=True)
+class Reload:
+    """One SIGHUP: the settings before, the settings now running, and what changed."""
+
+    old: Settings
+    running: Settings
+    applied: tuple[str, ...]
+    needs_restart: tuple[str, ...]
+
+    @property
+    def sections(self) -> frozenset[str]:
+        """The sections with an applied change."""
+        return frozenset(name.split(".", 1)[0] for name in self.applied)
+
+
+#: `settings_sections` of a component told of every reload, even one changing nothing.
+EVERY_RELOAD: frozenset[str] = frozenset({"*"})
+
+
+class Reconfigurable(Protocol):
+    """A component told of a reload changing a section it reads (`settings_sections`)."""
+
+    settings_sections: ClassVar[frozenset[str]]
+
+    def reconfigure(self, reload: Reload) -> None:
+        """Take `reload.running` (the whole new frozen object) for the next use."""

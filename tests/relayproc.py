@@ -16,6 +16,26 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 
+KEYS = Path(__file__).parent / "keys"
+_SERVER_NAMES: list[str] = []
+
+
+def seed_server_key(state_dir: Path, server_name: str) -> None:
+    """Give a relay about to start in a new state directory a fixed test key (tests/keys/),
+    instead of having it generate a 3072-bit key. Distinct names get distinct keys (up to
+    four). An existing state directory is left alone: its relay keeps or creates its key."""
+    state_dir = Path(state_dir)
+    if state_dir.exists():
+        return
+    if server_name not in _SERVER_NAMES:
+        _SERVER_NAMES.append(server_name)
+    index = _SERVER_NAMES.index(server_name) % 4
+    state_dir.mkdir(parents=True, mode=0o700)
+    target = state_dir / "server_key.pem"
+    shutil.copyfile(KEYS / f"server-{index}.pem", target)
+    os.chmod(target, 0o600)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,6 +61,7 @@ class RelayProcess:
         listen: Optional[str] = None,
         env: Optional[dict[str, str]] = None,
         preexec_fn: Optional[Callable[[], None]] = None,
+        seed_key: bool = True,
     ):
         self.state_dir = Path(state_dir)
         self.server_name = server_name
@@ -52,6 +73,8 @@ class RelayProcess:
         self.env = env
         self.preexec_fn = preexec_fn  # e.g. to lower the relay's resource limits
         self.proc: Optional[subprocess.Popen] = None
+        if seed_key:
+            seed_server_key(self.state_dir, server_name)
 
     @property
     def url(self) -> str:

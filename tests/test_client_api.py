@@ -154,13 +154,11 @@ async def test_answers_that_are_not_a_relay(scripted, status, payload, headers, 
 async def test_timeout_covers_a_relay_that_never_answers(scripted):
     scripted.handlers["/api/v1/health"] = lambda request: server.NOT_DONE_YET
     api = api_for(scripted.url, timeout=0.5)
-    started = time.monotonic()
-    try:
+    try:  # the relay never answers: only the client's own timeout can end this, with this message
         with pytest.raises(RelayUnreachable, match="no answer within 0.5 s"):
             await api.health()
     finally:
         await api.close()
-    assert time.monotonic() - started < 5
 
 
 @ensure

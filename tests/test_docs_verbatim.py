@@ -199,7 +199,7 @@ def test_federation_example_on_one_machine(first_relay, clone):
                                "### Two relays on one machine", "## The outbox"))
     assert len(blocks) == 5
     for port in (8081, 8082, 8443):
-        wait_until(lambda: not port_open(port), 60, f"port {port} to be free")
+        wait_until(lambda port=port: not port_open(port), 60, f"port {port} to be free")
     demo = clone / "fed-demo"
     try:
         output, codes = run_blocks(blocks, clone)

@@ -5,7 +5,7 @@ takeover when a holder dies. Real PostgreSQL; the twistd version is test_federat
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import pytest
 from treq.testing import StubTreq

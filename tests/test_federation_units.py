@@ -7,7 +7,7 @@ import json
 import os
 import random
 import stat
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from treq.testing import StubTreq
@@ -63,11 +63,12 @@ class HostRouter(Resource):
 
 
 class Harness:
-    def __init__(self, tmp_path, peers: dict[str, FakePeer], mode: str = "allowlist", pins: dict[str, str] = {},
+    def __init__(self, tmp_path, peers: dict[str, FakePeer], mode: str = "allowlist", pins: Optional[dict[str, str]] = None,
                  **config: Any):
         self.clock = task.Clock()
         self.clock.advance(T0)
         self.peers = peers
+        pins = pins or {}
         entries = [f"{name}=https://{name}" + (f"#{pins[name]}" if name in pins else "") for name in peers]
         self.policy = FederationPolicy(mode, parse_peer_table(entries), "a.test")
         self.tmp_path = tmp_path

@@ -7,7 +7,6 @@ test_docs_verbatim.py; key rotation is in test_key_transitions_e2e.py.
 from __future__ import annotations
 
 import http.server
-import json
 import re
 import secrets
 import signal

@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import subprocess
-import uuid
 
 import pytest
 import pytest_twisted
@@ -155,7 +154,7 @@ async def test_disk_full_answers_180_and_loses_nothing(start_relay, users, small
 
 
 def _tmp_files(state):
-    for dirpath, dirnames, filenames in os.walk(state):
+    for dirpath, _dirnames, filenames in os.walk(state):
         if os.path.basename(dirpath) == "tmp":
             yield from filenames
 

@@ -108,11 +108,10 @@ async def test_push_is_retried_and_never_delays_the_sender(start_relay, users, t
     relay.service.push.backoff = Backoff(0.2, 1)
     sink.script = [503]
     token = await register_with_push(relay, users[0], f"https://127.0.0.1:{sink.port}/hook")
-    started = time.monotonic()
     assert (await relay.client.send(users[0], token)).status == 200
     assert sink.bodies == []  # the sender had its answer before any notification was accepted
     await eventually(lambda: sink.bodies)
-    assert len(sink.hosts) == 2 and time.monotonic() - started >= 0.1
+    assert len(sink.hosts) == 2  # the first attempt was answered 503 and retried
 
 
 @ensure

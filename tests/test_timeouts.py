@@ -34,11 +34,13 @@ class Hello(Resource):
 
 
 def clock_site(clock, idle=60, headers=5, body=10):
-    site = RelaySite(Hello(), clock, max_body_bytes=lambda: 1 << 20, errors_url=lambda: "",
-                     allowed_methods=lambda path: ["GET"], idle_timeout=lambda: idle,
-                     header_timeout=lambda: headers, body_timeout=lambda: body)
+    from msgrelay.settings import resolve
+
+    settings = resolve({"timeouts.idle": idle, "timeouts.headers": headers, "timeouts.body": body},
+                       {"server.name": "relay.test"})
     phases = []
-    site.timeout_observers.append(phases.append)
+    site = RelaySite(Hello(), clock, settings, allowed_methods=lambda path: ["GET"],
+                     timeout_observers=[phases.append])
     return site, phases
 
 
@@ -55,7 +57,7 @@ def test_headers_trickling_byte_by_byte_are_cut_off_at_the_deadline():
     channel, transport = connect(site)
     assert site.open_connections == 1
     line = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
-    for i, byte in enumerate(line[:20]):
+    for byte in line[:20]:
         channel.dataReceived(bytes([byte]))
         clock.advance(0.2)  # well inside the idle timeout: each byte resets it
     assert not transport.disconnecting

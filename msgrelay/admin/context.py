@@ -34,11 +34,9 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 class AdminFailure(click.ClickException):
     """An expected failure: one line on stderr, no traceback."""
 
-    exit_code = EXIT_FAILED
-
     def __init__(self, message: str, exit_code: int = EXIT_FAILED):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance too
 
     def show(self, file: Any = None) -> None:
         click.echo(f"msgrelay-admin: error: {self.format_message()}", err=True)
@@ -61,7 +59,8 @@ class AdminContext:
             overrides: dict[str, Any] = {}
             if self.state_dir is not None:
                 overrides["server.state_dir"] = self.state_dir
-            state_dir, recorded = "?", {}
+            state_dir = "?"
+            recorded: dict[str, Any] = {}
             try:
                 file_values = read_toml(self.config) if self.config else {}
                 state_dir = overrides.get("server.state_dir") or file_values.get("server.state_dir") \

@@ -181,8 +181,8 @@ def keys(admin: AdminContext) -> None:
     ]
     lines = [f"current key  {current or '(none yet: created at first start)'}  {key_path}"
              + ("  (operator-managed)" if key_is_external(settings) else "")]
-    for p, e in zip(previous, retired):
-        state = "expired, awaiting removal" if p["expired"] else f"{describe_age(e.until - now)} left"
+    for p, entry in zip(previous, retired):
+        state = "expired, awaiting removal" if p["expired"] else f"{describe_age(entry.until - now)} left"
         lines.append(f"previous key {p['fingerprint']}  until {p['until']}  ({state})")
     if not previous:
         lines.append("no previous keys")

@@ -13,7 +13,7 @@ import functools
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Coroutine, Mapping, Optional, ParamSpec, TypeVar
+from typing import Any, Callable, Coroutine, Mapping, Optional, ParamSpec, TypeVar
 from urllib.parse import quote, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -198,7 +198,7 @@ class RelayClient:
         self, method: str, path: str, *, query: str = "", body: Optional[Mapping[str, Any]] = None
     ) -> tuple[dict[str, Any], Any]:
         url = self.url + path + (f"?{query}" if query else "")
-        headers = {b"Accept": [b"application/json"]}
+        headers: dict[bytes | str, list[bytes | str]] = {b"Accept": [b"application/json"]}
         data = None
         if body is not None:
             data = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -440,6 +440,6 @@ class RelayClient:
     async def delete_user(self) -> None:
         await self._signed("DELETE", f"{API}/user")
 
-    def close(self) -> Awaitable[None]:
+    def close(self) -> "Deferred[None]":
         """Close kept-alive connections (tests need a clean reactor)."""
         return self._pool.closeCachedConnections()

@@ -216,8 +216,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(EXIT_ABORTED)
     except click.NoSuchOption as e:
         if e.option_name in GLOBAL_OPTIONS:
-            e.message = (f"{e.option_name} is an option of msgrelay-client itself: put it before the command, "
-                         f"e.g. msgrelay-client {e.option_name} ... {e.ctx.info_name if e.ctx else 'COMMAND'} ...")
+            hint = click.UsageError(
+                f"{e.option_name} is an option of msgrelay-client itself: put it before the command, "
+                f"e.g. msgrelay-client {e.option_name} ... {e.ctx.info_name if e.ctx else 'COMMAND'} ...", e.ctx)
+            hint.show()
+            sys.exit(hint.exit_code)
         e.show()
         sys.exit(e.exit_code)
     except click.ClickException as e:

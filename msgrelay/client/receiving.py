@@ -154,7 +154,7 @@ async def fetch(session: Session, output: Optional[Path] = None, limit: Optional
     records: list[dict[str, Any]] = []
     for _ in range(MAX_ROUNDS):
         batch = await session.api.fetch(limit)
-        handled = []
+        handled: list[Any] = []
         for sm in batch.messages:
             if not isinstance(sm.get("id"), str) or not is_valid_unicode(sm["id"]):
                 records.append({"id": None, "status": "rejected", "error": "the relay sent a message without a usable id"})
@@ -178,7 +178,7 @@ async def fetch(session: Session, output: Optional[Path] = None, limit: Optional
 @returns_deferred
 async def watch(
     session: Session,
-    on_records: Callable[[list[dict[str, Any]]], None],
+    on_records: Callable[[list[dict[str, Any]]], Any],
     on_error: Callable[[Exception, float], None],
     output: Optional[Path] = None,
     interval: float = 2.0,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Optional
 
 from ..net.http import tls_policy
 from ..net.trust import load_trust_root
+from ..pools import run_in
 from ..settings import Settings
 from ..store.interface import IStore
 from .backoff import Backoff
@@ -25,8 +27,8 @@ def outbox_path(settings: Settings) -> Path:
     return settings.state_dir / "outbox"
 
 
-def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] = None,
-                 only: Optional[str] = None) -> FederationService:
+def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] = None, *,
+                 only: Optional[str] = None, outbox_pool: Any = None, http: Any = None) -> FederationService:
     """The federation service for these settings (OutboxUnavailable / OSError / ValueError on a bad setup).
 
     Hosts of the peer table are the operator's choice and are reached as named; any other
@@ -41,12 +43,16 @@ def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] =
     endpoints = GuardedEndpointFactory(reactor, tls_policy(load_trust_root(federation.ca_file)),
                                        resolve or build_resolver(settings, reactor).resolve, allow_private=False,
                                        timeout=federation.timeout)
-    http, pool = guarded_http_client(reactor, endpoints, persistent=True)
+    pool = None
+    if http is None:  # else a client given by the builder's caller (tests)
+        http, pool = guarded_http_client(reactor, endpoints, persistent=True)
     keys = PeerKeys(http, reactor, federation.key_refresh, federation.timeout)
     deliverer = Deliverer(http, keys, reactor, settings.server.name, federation.timeout)
     backoff = Backoff(federation.backoff_min, federation.backoff_max)
+    run = None if outbox_pool is None else functools.partial(run_in, reactor, outbox_pool)
     return FederationService(outbox, deliverer, backoff, policy, reactor, federation.max_queue,
-                             endpoints=endpoints, pool=pool, only=only, poll_interval=federation.poll_interval)
+                             endpoints=endpoints, pool=pool, run=run, only=only,
+                             poll_interval=federation.poll_interval)
 
 
 def lease_seconds(settings: Settings) -> float:
@@ -61,7 +67,9 @@ def open_outbox(settings: Settings) -> Outbox:
     if settings.store.backend == "postgresql":
         from .pgoutbox import PostgresOutbox
 
-        return PostgresOutbox.open(settings.store.postgres_dsn, lease_seconds(settings))
+        # as many connections as the outbox pool has threads: more would sit idle
+        return PostgresOutbox.open(settings.store.postgres_dsn, lease_seconds(settings),
+                                   connections=settings.pools.outbox)
     return FederationOutbox.open(outbox_path(settings))
 
 
@@ -75,9 +83,11 @@ def reload_policy(federation: FederationService, settings: Settings) -> None:
     federation.set_policy(_policy(settings))
 
 
-def build_push(settings: Settings, store: IStore, reactor: Any, resolve: Optional[Resolver] = None) -> PushNotifier:
+def build_push(settings: Settings, store: IStore, reactor: Any, resolve: Optional[Resolver] = None, *,
+               http: Any = None) -> PushNotifier:
     push = settings.push
-    http, _ = make_http_client(reactor, push.ca_file, resolve or build_resolver(settings, reactor).resolve,
-                               allow_private=push.allow_private, persistent=False, timeout=push.timeout)
+    if http is None:
+        http, _ = make_http_client(reactor, push.ca_file, resolve or build_resolver(settings, reactor).resolve,
+                                   allow_private=push.allow_private, persistent=False, timeout=push.timeout)
     return PushNotifier(store, reactor, http, retries=push.retries, timeout=push.timeout,
                         backoff=Backoff(push.backoff_min, push.backoff_max))

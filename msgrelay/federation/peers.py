@@ -55,7 +55,7 @@ def parse_peer(entry: str) -> Peer:
     if not parts.hostname or parts.query or parts.username or parts.password:
         raise PeerError(f"{name}: URL {url!r} needs a host and no query or credentials")
     try:
-        parts.port
+        _ = parts.port  # raises for a bad port
     except ValueError:
         raise PeerError(f"{name}: URL {url!r} has an invalid port")
     return Peer(name, url.rstrip("/"), pin or None)

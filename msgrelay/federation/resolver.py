@@ -127,7 +127,7 @@ def _describe(reason: Failure, timeout: float) -> str:
         return "name server failure"
     if reason.check(error.DNSQueryRefusedError):
         return "the name server refused the query"
-    return f"lookup failed: {reason.type.__name__}"
+    return f"lookup failed: {getattr(reason.type, '__name__', reason.type)}"
 
 
 class CachingResolver(Service):

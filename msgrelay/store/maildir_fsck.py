@@ -20,6 +20,7 @@ import os
 import re
 import stat
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -176,7 +177,11 @@ class MaildirFsck:
             return
         if os.path.lexists(path):
             self._move(path, "should be a folder")
-        self._recreate(path, "folder", lambda: (os.mkdir(path, DIR_MODE), fsync_dir(path.parent)))
+        def make() -> None:
+            os.mkdir(path, DIR_MODE)
+            fsync_dir(path.parent)
+
+        self._recreate(path, "folder", make)
 
     def _checked(self, path: Path, problem_of: Callable[[], Optional[str]], kind: str) -> None:
         """Run one record check; a file that vanished meanwhile is skipped."""
@@ -237,19 +242,19 @@ class MaildirFsck:
             if parsed is None:
                 self._move(path, "is not a message name")
             else:
-                self._checked(path, lambda: message_problem(path, parsed), "messages")
+                self._checked(path, partial(message_problem, path, parsed), "messages")
         for entry in sorted(list_dir(udir / "tokens")):
             path, token_id = udir / "tokens" / entry, entry.removesuffix(".json")
             if not entry.endswith(".json") or not SAFE_NAME.fullmatch(token_id):
                 self._move(path, "is not a token file name")
             else:
-                self._checked(path, lambda: token_problem(path, token_id), "tokens")
+                self._checked(path, partial(token_problem, path, token_id), "tokens")
         for entry in sorted(list_dir(udir / "dedup")):
             path = udir / "dedup" / entry
             if not HEX64.fullmatch(entry):
                 self._move(path, "is not a dedup record name")
             else:
-                self._checked(path, lambda: dedup_problem(path), "dedup")
+                self._checked(path, partial(dedup_problem, path), "dedup")
 
     def _check_replay(self) -> None:
         for shard in sorted(list_dir(self.files.replay)):
@@ -262,7 +267,7 @@ class MaildirFsck:
                 if not HEX64.fullmatch(entry) or not entry.startswith(shard):
                     self._move(path, "does not belong in this replay shard")
                 else:
-                    self._checked(path, lambda: replay_problem(path), "replay")
+                    self._checked(path, partial(replay_problem, path), "replay")
         if not self.files.replay.is_dir():
             return  # dry run: already reported missing
         present = set(list_dir(self.files.replay))

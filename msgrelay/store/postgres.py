@@ -386,7 +386,8 @@ class PostgresCore:
                 "SELECT id, size FROM messages WHERE user_id = %s AND expires > %s ORDER BY id LIMIT %s",
                 (user_id, now, max(0, int(limit))),
             ).fetchall()
-            page, used = [], 0
+            page: list[Any] = []
+            used = 0
             for seq, size in sizes:  # bodies are read only for the rows that fit
                 if page and max_bytes is not None and used + int(size) > max_bytes:
                     break

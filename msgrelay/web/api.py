@@ -15,13 +15,14 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..ratelimit import RateLimits
-from ..relay import RelayCore
+from ..relay import MAX_ACK_IDS, MAX_FETCH_LIMIT, RelayCore
 from ..store.interface import UserRecord
 from ..wire.canonical import parse_json_object
 from ..wire.errors import ProtocolError, malformed
 from ..wire.signing import INT, STR, STR_LIST, SignedRequest, parse_signed_body, parse_signed_query
 from .errors_page import ERRORS_MARKDOWN, ERRORS_PAGE
 from .responses import info_base, shown_path, write_error, write_json
+from .site import request_client_host
 
 log = Logger()
 
@@ -55,7 +56,7 @@ class RelayAPI:
     def _limit_address(self, name: str, request: IRequest) -> None:
         """Per-address limit, checked before any expensive work (RSA decryption, storage)."""
         if self.limits is not None:
-            self.limits.check_address(name, request.client_host())
+            self.limits.check_address(name, request_client_host(request))
 
     def _user_limit(self, name: str) -> Optional[Callable[[UserRecord], None]]:
         """The per-user limit `name`, for `authenticate` to check once the signature verified."""
@@ -188,16 +189,16 @@ class RelayAPI:
     async def fetch_messages(self, request: IRequest) -> bytes:
         signed = self._parse_signed(request, {"limit": (INT, False)})
         limit = signed.own.get("limit")
-        if limit is not None and not 1 <= limit <= 1000:
-            raise malformed("limit must be between 1 and 1000")
+        if limit is not None and not 1 <= limit <= MAX_FETCH_LIMIT:
+            raise malformed(f"limit must be between 1 and {MAX_FETCH_LIMIT}")
         user = await self._authenticate(request, signed, "fetch")
         return write_json(request, await self.core.fetch(user, limit))
 
     @app.route("/api/v1/message", methods=["DELETE"])
     async def acknowledge(self, request: IRequest) -> bytes:
         signed = self._parse_signed(request, {"ids": (STR_LIST, True)})
-        if len(signed.own["ids"]) > 1000:
-            raise malformed("ids holds more than 1000 message ids; acknowledge in batches")
+        if len(signed.own["ids"]) > MAX_ACK_IDS:
+            raise malformed(f"ids holds more than {MAX_ACK_IDS} message ids; acknowledge in batches")
         user = await self._authenticate(request, signed, "ack")
         return write_json(request, await self.core.acknowledge(user, signed.own["ids"]))
 

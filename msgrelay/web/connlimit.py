@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import resource
-from typing import Any, Callable, Optional, cast
+from typing import Any, Callable, ClassVar, Optional, cast
 
 from twisted.internet.interfaces import ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
@@ -244,26 +244,46 @@ def open_file_limit() -> int:
     return 1 << 20 if soft == resource.RLIM_INFINITY else soft
 
 
-def connection_limiter(site: Any, settings: Any, limits: Any, clock: Any) -> ConnectionLimiter:
-    """The limiter for the relay's listeners, reading `connections.*` per connection (reloadable).
-    Call after the open-file limit was raised."""
-    nofile = open_file_limit()
+class RelayConnectionLimiter(ConnectionLimiter):
+    """The limiter of the relay's listeners: its caps come from the running settings, read per
+    connection, and a reload of `connections.*` or `server.*` applies at once (Reconfigurable)."""
 
-    def total() -> int:
-        section = settings.connections
-        return connection_capacity(section.max_total, nofile, section.reserve_fds)
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"connections", "server"})
 
-    def key(host: str) -> Optional[str]:
+    def __init__(self, site: Any, settings: Any, limits: Any, clock: Any, nofile: int):
+        super().__init__(site, clock, self._per_address, self._total, self._key, self._errors_url)
+        self.settings = settings
+        self.limits = limits
+        self.nofile = nofile
+
+    def reconfigure(self, reload: Any) -> None:
+        self.settings = reload.running
+
+    def _per_address(self) -> int:
+        return int(self.settings.connections.per_address)
+
+    def _total(self) -> int:
+        section = self.settings.connections
+        return connection_capacity(section.max_total, self.nofile, section.reserve_fds)
+
+    def _errors_url(self) -> str:
+        return str(self.settings.server.errors_url)
+
+    def _key(self, host: str) -> Optional[str]:
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
-            return limits.address_key(host)
-        if any(address in network for network in parse_networks(settings.server.trusted_proxies)):
+            return self.limits.address_key(host)
+        if any(address in network for network in parse_networks(self.settings.server.trusted_proxies)):
             return None  # a reverse proxy: its clients are counted by the rate limits instead
-        return limits.address_key(host)
+        return self.limits.address_key(host)
 
+
+def connection_limiter(site: Any, settings: Any, limits: Any, clock: Any) -> RelayConnectionLimiter:
+    """The limiter for the relay's listeners. Call after the open-file limit was raised."""
+    nofile = open_file_limit()
+    limiter = RelayConnectionLimiter(site, settings, limits, clock, nofile)
     log.info("connection limits: {per_address} per client address, {total} in total (open-file limit {nofile}, "
-             "{reserve} kept in reserve)", per_address=settings.connections.per_address, total=total(),
+             "{reserve} kept in reserve)", per_address=settings.connections.per_address, total=limiter.total(),
              nofile=nofile, reserve=settings.connections.reserve_fds)
-    return ConnectionLimiter(site, clock, lambda: settings.connections.per_address, total, key,
-                             lambda: settings.server.errors_url)
+    return limiter

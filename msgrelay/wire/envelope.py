@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -17,7 +17,7 @@ from .errors import ProtocolError
 AES_GCM = "AES-256-GCM"
 CHACHA = "CHACHA20-POLY1305"
 ALGORITHMS = (AES_GCM, CHACHA)
-_CIPHERS = {AES_GCM: AESGCM, CHACHA: ChaCha20Poly1305}
+_CIPHERS: dict[str, Callable[[bytes], Union[AESGCM, ChaCha20Poly1305]]] = {AES_GCM: AESGCM, CHACHA: ChaCha20Poly1305}
 ENVELOPE_FIELDS = ("algorithm", "password", "data")
 #: One message for every decryption failure: telling an RSA failure from a tag failure
 #: would hand an attacker an oracle on the key unwrapping.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -157,11 +157,3 @@ def parse_signed_query(
             params[name] = value
     return _parse(params, spec)
 
-
-def parse_optional_int(value: Optional[int], name: str, low: int, high: int, default: int) -> int:
-    """An optional integer parameter in [low, high] (errno 100 naming the limit)."""
-    if value is None:
-        return default
-    if not low <= value <= high:
-        raise malformed(f"{name} must be between {low} and {high}")
-    return value
