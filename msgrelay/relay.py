@@ -24,7 +24,7 @@ from .keytransitions import listed
 from .serverkey import ServerKeyring
 from .settings import Reload, Settings
 from .store.interface import (
-    IStore, MessageRecord, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, UserRecord,
+    IStore, MessageRecord, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, TokenRefused, UserRecord,
 )
 from .wire.canonical import parse_json_object
 from .wire.dates import format_date
@@ -103,9 +103,10 @@ class RelayCore:
                  stored_observers: Sequence[Callable[[NewMessage], None]] = (),
                  expired_observers: Sequence[Callable[[int], None]] = (),
                  run_crypto: Optional[Executor] = None):
-        """`run_crypto` runs work that grows with input size (sealing fetch answers) off the
-        reactor thread: the relay's crypto pool (msgrelay/pools.py); by default a small pool
-        of the core's own, stopped at shutdown."""
+        """`run_crypto` runs work that grows with input size (opening packets: RSA, which
+        releases the GIL, so it uses another core; sealing fetch answers) off the reactor
+        thread: the relay's crypto pool (msgrelay/pools.py); by default a small pool of the
+        core's own, stopped at shutdown."""
         self.settings = settings
         self.store = store
         self.keyring = keyring
@@ -316,13 +317,6 @@ class RelayCore:
             raise ProtocolError(131, "no such token for this user")
         return {"revoked": 1}
 
-    async def _valid_token(self, user_id: str, token: str) -> TokenRecord:
-        digest = token_digest(token)
-        record = await _guard(self.store.get_token(user_id, digest[:16]))
-        if record is None or not hmac.compare_digest(record.digest, digest) or not record.is_valid(self.clock.seconds()):
-            raise ProtocolError(120, "access token is invalid, expired or revoked")
-        return record
-
     # -- messages -------------------------------------------------------------
 
     def open_packet(self, envelope: dict[str, Any]) -> Packet:
@@ -331,7 +325,7 @@ class RelayCore:
         return parse_packet(parse_json_object(plaintext, errno=104, what="packet"))
 
     async def accept_message(self, envelope: dict[str, Any], forwarded_by: Optional[str] = None) -> dict[str, Any]:
-        packet = self.open_packet(envelope)
+        packet = await self.run_crypto(self.open_packet, envelope)
         now = self.now()
         limits = self.settings.limits
         ttl = min(packet.ttl if packet.ttl is not None else limits.default_ttl, limits.max_ttl)
@@ -343,21 +337,23 @@ class RelayCore:
                 raise ProtocolError(122, f"federation is off; {packet.address.server_name} is not this relay")
             message_id, expires = await self.forwarder.forward(packet, now, expires, forwarded_by)
             return {"message_id": message_id, "expires": format_date(expires)}
-        user = await _guard(self.store.get_user(packet.address.user_id))
-        if user is None:
-            raise ProtocolError(130, f"no user {packet.address.user_id} on this relay")
-        token = await self._valid_token(user.user_id, packet.token)
-        message = NewMessage(token.id, packet.data, packet.algorithm, packet.password, packet.signature, now, expires)
+        # User, token and delivery in one store call: the token id is the digest's first
+        # 16 characters, so the message and its dedup key are known before any lookup.
+        user_id, digest = packet.address.user_id, token_digest(packet.token)
+        message = NewMessage(digest[:16], packet.data, packet.algorithm, packet.password, packet.signature, now, expires)
         quota = Quota(limits.quota_messages, limits.quota_bytes)
         try:
-            delivery = await _guard(self.store.deliver(user.user_id, f"{token.digest}:{packet.id}", message, quota, now))
+            accepted = await _guard(self.store.deliver_checked(user_id, digest, f"{digest}:{packet.id}", message, quota, now))
+        except LookupError:
+            raise ProtocolError(130, f"no user {user_id} on this relay")
+        except TokenRefused:
+            raise ProtocolError(120, "access token is invalid, expired or revoked")
         except QuotaExceeded as e:
             raise ProtocolError(160, f"the recipient's mailbox is full: {e}")
-        except LookupError:  # erased between the lookup and the delivery
-            raise ProtocolError(130, f"no user {user.user_id} on this relay")
+        delivery = accepted.delivery
         if not delivery.duplicate:
             _tell(self.stored_observers, message)
-            _tell(self.message_observers, user, delivery.message_id)
+            _tell(self.message_observers, accepted.user, delivery.message_id)
         return {"message_id": delivery.message_id, "expires": format_date(delivery.expires)}
 
     async def fetch(self, user: UserRecord, limit: Optional[int]) -> dict[str, Any]:

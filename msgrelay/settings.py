@@ -214,7 +214,7 @@ SETTINGS: list[Setting] = [
     Setting("dns", "negative_ttl", int, 60, _non_negative),
     Setting("dns", "cache_size", int, 10000, _positive),
     # Thread pools (issue 8): the most threads for each kind of blocking work.
-    Setting("pools", "store", int, 8, _between(1, 256)),
+    Setting("pools", "store", int, 32, _between(1, 256)),
     Setting("pools", "outbox", int, 4, _between(1, 64)),
     Setting("pools", "crypto", int, 2, _between(1, 64)),
 ]

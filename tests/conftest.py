@@ -20,8 +20,12 @@ def _key(index: int) -> rsa.RSAPrivateKey:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     while len(_KEYS) <= index:
-        key = load_pem_private_key((KEYS / f"user-{len(_KEYS)}.pem").read_bytes(), None)
-        assert isinstance(key, rsa.RSAPrivateKey)
+        path = KEYS / f"user-{len(_KEYS)}.pem"
+        if path.exists():
+            key = load_pem_private_key(path.read_bytes(), None)
+            assert isinstance(key, rsa.RSAPrivateKey)
+        else:  # beyond the fixed ones: made once per session (tests with many users)
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         _KEYS.append(key)
     return _KEYS[index]
 

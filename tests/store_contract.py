@@ -32,7 +32,8 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from msgrelay.store.interface import (
-    Delivery, IStore, MessageRecord, NewMessage, Quota, QuotaExceeded, TokenRecord, UserRecord,
+    Accepted, Delivery, IStore, MessageRecord, NewMessage, Quota, QuotaExceeded, TokenRecord, TokenRefused,
+    UserRecord,
 )
 
 NOW = 1_800_000_000
@@ -279,6 +280,42 @@ class StoreContract:
         await store.add_user(user(ALICE))
         assert await fetch_all(store) == []
         assert (await store.deliver(ALICE, "k", message(), BIG, NOW)).duplicate is False
+
+    # -- the accept path in one call -------------------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_deliver_checked_stores_only_with_a_valid_token(self, store):
+        good, old, other = token("good"), token("old", expires=NOW + 10), token("other")
+        sent = message(token_id=good.id, data="hello")
+        with pytest.raises(LookupError):
+            await store.deliver_checked(ALICE, good.digest, "k", sent, BIG, NOW)
+        await store.add_user(user(ALICE, push="https://push.example/a"))
+        await store.add_user(user(BOB))
+        with pytest.raises(TokenRefused):  # no token at all
+            await store.deliver_checked(ALICE, good.digest, "k", sent, BIG, NOW)
+        await store.add_token(ALICE, good)
+        await store.add_token(ALICE, old)
+        await store.add_token(BOB, other)
+        # Same 16-character id but another digest: refused (the full digest must match).
+        forged = good.id + "0" * 48
+        with pytest.raises(TokenRefused):
+            await store.deliver_checked(ALICE, forged, "k", sent, BIG, NOW)
+        with pytest.raises(TokenRefused):  # Bob's token does not open Alice's mailbox
+            await store.deliver_checked(ALICE, other.digest, "k", sent, BIG, NOW)
+        with pytest.raises(TokenRefused):  # expired at its expires instant
+            await store.deliver_checked(ALICE, old.digest, "k", message(token_id=old.id), BIG, NOW + 10)
+        assert await fetch_all(store) == []
+        accepted = await store.deliver_checked(ALICE, good.digest, f"{good.digest}:p1", sent, BIG, NOW)
+        assert isinstance(accepted, Accepted) and accepted.user == user(ALICE, push="https://push.example/a")
+        assert accepted.delivery.duplicate is False
+        again = await store.deliver_checked(ALICE, good.digest, f"{good.digest}:p1", sent, BIG, NOW + 1)
+        assert again.delivery == Delivery(accepted.delivery.message_id, sent.expires, True)
+        assert await fetch_all(store) == [record_of(accepted.delivery, sent)]
+        with pytest.raises(QuotaExceeded):
+            await store.deliver_checked(ALICE, good.digest, "k2", sent, Quota(1, 10_000), NOW)
+        await store.revoke_token(ALICE, good.id)
+        with pytest.raises(TokenRefused):
+            await store.deliver_checked(ALICE, good.digest, "k3", sent, BIG, NOW)
 
     # -- dedup -----------------------------------------------------------------------------
 

@@ -83,10 +83,10 @@ async def test_every_signed_endpoint_has_a_per_user_rate_limit(start_relay, user
             assert answer.errno in (None, 131), (method, path, answer.body)
         method, path, params = calls[2]
         refused = client.signed_params(alice, method, path, **params)
-        if method == "GET":
-            answer = await client.call(method, path, query=refused)
-        else:
-            answer = await client.call(method, path, refused)
+        def send(params: dict, method: str = method, path: str = path):
+            return client.call(method, path, query=params) if method == "GET" else client.call(method, path, params)
+
+        answer = await send(refused)
         assert (answer.status, answer.errno) == (429, 150), (method, path, answer.body)
         assert int(answer.headers.getRawHeaders("Retry-After")[0]) >= 1
         assert "rate_limits." in answer.body["message"]

@@ -23,7 +23,7 @@ def test_a_relay_builds_without_sockets_key_files_or_the_outbox_lock(tmp_path):
     first = build_relay(settings, clock, store=store, keyring=keyring)
     second = build_relay(settings, clock, store=store, keyring=keyring)  # no lock was taken
     assert not settings.key_path().exists()  # the given keyring: no key file read or made
-    assert first.core.forwarder is first.federation and first.core.message_observers == [first.push]
+    assert first.core.forwarder is first.federation.forwarder and first.core.message_observers == [first.push]
     assert first.core.keyring is keyring and first.core.store is store and first.core.clock is clock
     assert first.api.limits is first.limits and first.site.routes[b"/metrics"] is not None
     assert first.pools.store.max == 3 and first.pools.store.name == "msgrelay-store"

@@ -59,16 +59,17 @@ async def test_fetch_answer_is_encoded_and_sealed_off_the_reactor_thread(relay, 
 
 
 @ensure
-async def test_stopping_the_service_stops_the_cores_worker_threads(tmp_path, users):
+async def test_the_relay_seals_in_its_crypto_pool_and_stopping_stops_it(tmp_path, users):
     from conftest import LiveRelay
 
     relay = await LiveRelay(tmp_path / "state", []).start()
+    pool = relay.service.relay.pools.crypto
     try:
         client, alice = relay.client, users[0]
         await client.register(alice)
         assert (await client.fetch(alice))[0].status == 200
-        pool = relay.core._own_pool
-        assert pool is not None and pool.started
+        assert pool.started and pool.threads  # the sealing ran there
+        assert relay.core._own_pool is None  # the core's fallback pool was never needed
     finally:
         await relay.stop()
-    assert relay.core._own_pool is None and not pool.started
+    assert not pool.started

@@ -101,7 +101,7 @@ def test_admin_reads_what_the_relay_was_started_with(tmp_path):
     relay.stop()
     admin = AdminContext()
     admin.config, admin.state_dir = str(config), str(tmp_path / "a")
-    assert admin.settings.federation.peers == [peer] and admin.settings.server.name == "a.test"
+    assert admin.settings.federation.peers == (peer,) and admin.settings.server.name == "a.test"
     listed = subprocess.run([ADMIN, "--config", str(config), "--state-dir", str(tmp_path / "a"), "queue", "list"],
                             capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0, listed.stderr
@@ -190,7 +190,7 @@ def test_set_server_moves_a_profile_to_another_url_of_the_same_relay(tmp_path):
     first, second = free_port(), free_port()
     relay = RelayProcess(tmp_path / "state", "relay.test", port=first,
                          extra_args=["--listen", f"tcp:{second}:interface=127.0.0.1"]).start()
-    other = start_relay(tmp_path / "other")  # same name, another key
+    other = start_relay(tmp_path / "other", seed_key=False)  # same name, another key (made at start)
     try:
         alice = Person(tmp_path / "config", "alice").init(relay.url)
         moved = alice.run("set-server", f"http://127.0.0.1:{second}")
@@ -269,7 +269,7 @@ def test_a_start_that_fails_on_a_taken_port_leaves_no_server_key(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(RuntimeError, match="exited with 1") as failed:
-            RelayProcess(tmp_path / "state", port=port).start()
+            RelayProcess(tmp_path / "state", port=port, seed_key=False).start()
     assert "cannot listen on" in str(failed.value)
     assert not (tmp_path / "state" / "server_key.pem").exists()
 

@@ -113,7 +113,7 @@ def test_layout_and_permissions(files):
         mode = stat.S_IMODE(path.lstat().st_mode)
         assert mode == (0o700 if path.is_dir() else 0o600), path
     udir = files.users / ALICE
-    assert sorted(p.name for p in udir.iterdir()) == ["dedup", "new", "tmp", "tokens", "user.json"]
+    assert sorted(p.name for p in udir.iterdir()) == ["dedup", "generation", "new", "tmp", "tokens", "user.json"]
     assert list((udir / "tmp").iterdir()) == [] and list(files.tmp.iterdir()) == []
     # Only the digest is kept for a token, and the dedup key is stored hashed.
     assert (udir / "tokens" / f"{token('t').id}.json").read_text().count(token("t").digest) == 1
@@ -457,6 +457,8 @@ async def test_blocking_work_runs_off_the_reactor_thread(tmp_path):
     await store.list_tokens(ALICE)
     await store.revoke_token(ALICE, t.id)
     delivery = await store.deliver(ALICE, "k", message(), BIG, NOW)
+    await store.add_token(ALICE, t)
+    await store.deliver_checked(ALICE, t.digest, "k2", message(token_id=t.id), BIG, NOW)
     await store.fetch(ALICE, NOW, 10)
     await store.usage(ALICE, NOW)
     await store.acknowledge(ALICE, [delivery.message_id])

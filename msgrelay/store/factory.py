@@ -11,6 +11,10 @@ from ..settings import Settings
 from .interface import IStore
 
 
+#: The most database connections one relay process opens (its store threads share them).
+POSTGRES_CONNECTIONS = 16
+
+
 def maildir_root(settings: Settings) -> Path:
     """The maildir's own folder: it sweeps its tmp/ and trash/, which nothing else may share."""
     return settings.state_dir / "maildir"
@@ -26,7 +30,7 @@ def open_store(settings: Settings, reactor: Any, pool: Optional[ThreadPool] = No
         from .postgres import PostgresStore
 
         store = PostgresStore(settings.store.postgres_dsn, reactor, threadpool=pool,
-                              max_size=pool.max if pool is not None else 8)
+                              max_size=min(pool.max, POSTGRES_CONNECTIONS) if pool is not None else 8)
         store.open_blocking()
         return store
     from .maildir import MaildirStore

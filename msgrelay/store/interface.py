@@ -25,6 +25,10 @@ class QuotaExceeded(Exception):
     """The recipient's mailbox holds as many messages or bytes as its quota allows."""
 
 
+class TokenRefused(Exception):
+    """The access token is not one of the recipient's, or it expired (errno 120)."""
+
+
 @dataclass(frozen=True)
 class UserRecord:
     user_id: str
@@ -113,6 +117,14 @@ class Delivery:
     duplicate: bool  # True: an earlier packet with the same key was stored; nothing new was
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """What `deliver_checked` found and did: the recipient (for push) and the delivery."""
+
+    user: UserRecord
+    delivery: Delivery
+
+
 class IStore(Interface):
     """Users, tokens, messages and the replay cache of one relay."""
 
@@ -151,6 +163,16 @@ class IStore(Interface):
         QuotaExceeded), store the message and a dedup record lasting until message.expires,
         and fire Delivery(duplicate=False) once both are durable. Message ids sort in
         arrival order and match [A-Za-z0-9._-]{1,128}.
+        """
+
+    def deliver_checked(user_id: str, token_digest: str, dedup_key: str, message: NewMessage,
+                        quota: Quota, now: int):
+        """`get_user`, the token check and `deliver` in one store call (one thread hop, one
+        transaction): the accept path of every packet.
+
+        Fails with LookupError for an unknown user, then TokenRefused unless the user holds
+        a token whose full digest equals `token_digest` (compared in constant time) and
+        that is valid at `now`; else behaves as `deliver`. Fires an Accepted.
         """
 
     def fetch(user_id: str, now: int, limit: int, max_bytes: Optional[int] = None):

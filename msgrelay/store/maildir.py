@@ -95,6 +95,10 @@ class MaildirStore:
     def deliver(self, user_id: str, dedup_key: str, message: NewMessage, quota: Quota, now: int) -> Deferred:
         return self._run(self.files.deliver, user_id, dedup_key, message, quota, now)
 
+    def deliver_checked(self, user_id: str, token_digest: str, dedup_key: str, message: NewMessage,
+                        quota: Quota, now: int) -> Deferred:
+        return self._run(self.files.deliver_checked, user_id, token_digest, dedup_key, message, quota, now)
+
     def fetch(self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None) -> Deferred:
         return self._run(self.files.fetch, user_id, now, limit, max_bytes)
 

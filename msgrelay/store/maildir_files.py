@@ -4,6 +4,7 @@ Layout under the root (dirs 0700, files 0600)::
 
     FORMAT                          "msgrelay-maildir 1"
     users/<user_id>/user.json       the UserRecord
+    users/<user_id>/generation      one byte appended per change of new/ (see maildir_index)
     users/<user_id>/tokens/<id>.json  TokenRecords (digest only; mtime = expiry hint)
     users/<user_id>/new/<message_id>  pending messages; the name encodes expiry and size
     users/<user_id>/dedup/<sha256(dedup_key)>  {"message_id", "expires"}; mtime = expires
@@ -14,24 +15,30 @@ Layout under the root (dirs 0700, files 0600)::
 
 Expiry hints kept in mtimes are never later than the truth in the file, so sweepers can
 skip a file on stat() alone and read it only once the hint says it may have expired.
+Quota, fetch and expiry use a per-user in-memory index (`maildir_index`), rebuilt from the
+folder after a crash or whenever another process changed it.
 The relay wraps this class in `maildir.MaildirStore`; `msgrelay-admin` uses it directly.
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
 import os
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from twisted.logger import Logger
 
 from . import maildir_records as records
+from .dirsync import DirSync
 from .interface import (
-    Delivery, MessageRecord, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord,
-    UserRecord,
+    Accepted, Delivery, MessageRecord, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord,
+    TokenRefused, UserRecord,
 )
-from ..durable import fsync_dir, link_durably, remove_durably, unlink_quietly, write_durably
+from ..durable import fsync_dir, link_durably, remove_durably, unlink_quietly, write_durably, write_new_file
+from .maildir_index import GENERATION, UserIndex, generation_key, note_change
 from .maildir_layout import (
     DIR_MODE, SAFE_NAME, ArrivalClock, MessageName, describe_os_error, disk_operation, is_older, list_dir,
     locked_directory, remove_tree,
@@ -52,7 +59,10 @@ class UnknownUser(LookupError):
 
 
 class MaildirFiles:
-    """A maildir state directory. Thread-safe; several processes may share one directory."""
+    """A maildir state directory. Thread-safe; other processes (`msgrelay-admin`) may work on
+    it meanwhile. Quota and dedup are exact within one process, whose deliveries to one user
+    are reserved under that user's index mutex; several relay processes on one directory
+    could each admit the deliveries they have in flight, so they use PostgreSQL instead."""
 
     def __init__(self, root: Union[str, Path]):
         """Use `MaildirFiles.open`, which creates and checks the layout."""
@@ -62,6 +72,8 @@ class MaildirFiles:
         self.tmp = self.root / "tmp"
         self.trash = self.root / "trash"
         self._clock = ArrivalClock()
+        self._indexes: dict[str, UserIndex] = {}
+        self._indexes_lock = threading.Lock()
 
     @classmethod
     def open(cls, root: Union[str, Path]) -> "MaildirFiles":
@@ -120,6 +132,7 @@ class MaildirFiles:
         try:
             for sub in USER_SUBDIRS:
                 os.mkdir(stage / sub, DIR_MODE)
+            os.close(os.open(stage / GENERATION, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
             write_durably(stage / "tmp", stage / "user.json", records.encode(records.user_json(user)))
             try:
                 os.rename(stage, final)
@@ -166,6 +179,7 @@ class MaildirFiles:
             os.rename(udir, doomed)
             fsync_dir(self.users)
             fsync_dir(self.trash)
+        self._forget(user_id)
         try:
             remove_tree(doomed)
         except OSError as e:
@@ -224,92 +238,222 @@ class MaildirFiles:
 
     # -- messages ------------------------------------------------------------------------
 
-    def _messages(self, udir: Path) -> list[MessageName]:
-        """Every message file of a user, expired or not, by name alone (never opened)."""
-        names = (MessageName.parse(name) for name in list_dir(udir / "new"))
-        return [name for name in names if name is not None]
+    def _index(self, user_id: str, udir: Path) -> UserIndex:
+        with self._indexes_lock:
+            index = self._indexes.get(user_id)
+            if index is None:
+                index = self._indexes[user_id] = UserIndex()
+                index.new_sync = DirSync(udir / "new")
+                index.dedup_sync = DirSync(udir / "dedup")
+            return index
+
+    def _forget(self, user_id: str, index: Optional[UserIndex] = None) -> None:
+        with self._indexes_lock:
+            if index is None or self._indexes.get(user_id) is index:
+                self._indexes.pop(user_id, None)
+
+    def _current(self, user_id: str, udir: Path, index: UserIndex) -> bool:
+        """Under index.mutex: bring the index up to date with the folder, if anything else
+        changed it. False (and the index is forgotten) when the user folder is gone."""
+        key = generation_key(udir)
+        if key is None:
+            if not udir.is_dir():
+                self._forget(user_id, index)
+                return False
+            index.rebuild(udir, None)  # a folder from before indexes: rebuilt on every use
+        elif key != index.key:
+            index.rebuild(udir, key)
+        return True
+
+    def _changed(self, udir: Path, index: UserIndex) -> None:
+        """Under index.mutex, after changing new/: tell other processes; keep our index valid
+        if ours was the only change since it was last checked."""
+        before = index.key
+        after = note_change(udir)
+        if before is not None and after == (before[0], before[1] + 1):
+            index.key = after
+
+    def _messages(self, user_id: str, udir: Path) -> Optional[UserIndex]:
+        """The user's index, current (the caller holds its mutex afterwards), or None."""
+        index = self._index(user_id, udir)
+        index.mutex.acquire()
+        try:
+            if self._current(user_id, udir, index):
+                return index
+        except BaseException:
+            index.mutex.release()
+            raise
+        index.mutex.release()
+        return None
 
     @disk_operation("store a message")
     def deliver(self, user_id: str, dedup_key: str, message: NewMessage, quota: Quota, now: int) -> Delivery:
-        """Dedup check, quota check and write under the user's lock; message durable first."""
+        """Reserve under the index mutex (dedup, quota, id), write and fsync without it, with
+        the folder fsyncs shared by concurrent deliveries (group commit); message durable first."""
         udir = self._user_dir(user_id)
         if udir is None:
             raise UnknownUser(user_id)
         if message.received < 0 or message.expires < 0:
             raise ValueError("received and expires must be POSIX seconds")
-        dedup_path = udir / "dedup" / records.hash_name(dedup_key)
-        with locked_directory(udir) as exists:
-            if not exists:
-                raise UnknownUser(user_id)
+        dedup_name = records.hash_name(dedup_key)
+        dedup_path = udir / "dedup" / dedup_name
+        size = message.size
+        index = self._messages(user_id, udir)
+        if index is None:
+            raise UnknownUser(user_id)
+        try:
+            while dedup_name in index.dedup_waits:  # the same packet, being stored right now
+                index.changed.wait()
+                if not self._current(user_id, udir, index):
+                    raise UnknownUser(user_id)
             earlier = records.read_dedup(dedup_path, now)
             if earlier is not None:
                 return Delivery(earlier[0], earlier[1], True)
-            stored = self._messages(udir)
-            live = [m for m in stored if m.is_live(now)]
-            if len(live) + 1 > quota.max_messages or sum(m.size for m in live) + message.size > quota.max_bytes:
+            count, used = index.live(now)
+            if count + 1 > quota.max_messages or used + size > quota.max_bytes:
                 raise QuotaExceeded(f"quota of {quota.max_messages} messages or {quota.max_bytes} bytes reached")
-            latest = max((m.arrival_ns for m in stored), default=0)
-            name = str(self._clock.message_name(message.received, message.expires, message.size, latest))
-            body = records.encode(records.message_json(message))
-            write_durably(udir / "tmp", udir / "new" / name, body, tmp_name=name)
+            name = self._clock.message_name(message.received, message.expires, size, index.latest)
+            index.reserve(name)
+            index.dedup_waits[dedup_name] = str(name)
+        finally:
+            index.mutex.release()
+        try:
+            self._write_message(udir, index, str(name), message, dedup_path)
+        except BaseException:
+            with index.mutex:
+                index.remove(str(name))
+                del index.dedup_waits[dedup_name]
+                index.changed.notify_all()
+            raise
+        with index.mutex:
+            index.commit(str(name))
+            del index.dedup_waits[dedup_name]
+            index.changed.notify_all()
             try:
-                record = records.encode({"message_id": name, "expires": message.expires})
-                write_durably(udir / "tmp", dedup_path, record, message.expires)
+                self._changed(udir, index)
+            except FileNotFoundError:
+                pass  # erased meanwhile: the message went with the folder
+        return Delivery(str(name), message.expires, False)
+
+    def _write_message(self, udir: Path, index: UserIndex, name: str, message: NewMessage, dedup_path: Path) -> None:
+        """The message, then its dedup record, each durable (data fsync here, folder fsync shared)."""
+        final = udir / "new" / name
+        tmp = udir / "tmp" / name
+        record = records.encode({"message_id": name, "expires": message.expires})
+        dedup_tmp = udir / "tmp" / f"{name}.dedup"
+        try:
+            try:
+                write_new_file(tmp, records.encode(records.message_json(message)))
+                write_new_file(dedup_tmp, record, mtime=message.expires)
+                os.rename(tmp, final)
+                index.new_sync.sync()  # type: ignore[attr-defined]
+            except FileNotFoundError as e:
+                raise UnknownUser(udir.name) from e  # erased while we wrote
+        except BaseException:
+            unlink_quietly(tmp)
+            unlink_quietly(dedup_tmp)
+            unlink_quietly(final)
+            raise
+        try:
+            os.rename(dedup_tmp, dedup_path)
+            index.dedup_sync.sync()  # type: ignore[attr-defined]
+        except BaseException:
+            # Answering 503 must mean "not stored": take the message back so a retry
+            # does not leave the recipient two copies (the record first, in case its
+            # rename got through: it must never name a message that is not there).
+            try:
+                unlink_quietly(dedup_tmp)
+                unlink_quietly(dedup_path)
+                remove_durably(final)
             except OSError:
-                # Answering 503 must mean "not stored": take the message back so a retry
-                # does not leave the recipient two copies (the record first, in case its
-                # rename got through: it must never name a message that is not there).
-                try:
-                    unlink_quietly(dedup_path)
-                    remove_durably(udir / "new" / name)
-                except OSError:
-                    log.error("message stored without its dedup record; a resend may store a second copy")
-                raise
-            return Delivery(name, message.expires, False)
+                log.error("message stored without its dedup record; a resend may store a second copy")
+            raise
+
+    @disk_operation("check a token and store a message")
+    def deliver_checked(self, user_id: str, token_digest: str, dedup_key: str, message: NewMessage,
+                        quota: Quota, now: int) -> Accepted:
+        user = self.get_user(user_id)
+        if user is None:
+            raise UnknownUser(user_id)
+        token = self.get_token(user_id, token_digest[:16])
+        if token is None or not hmac.compare_digest(token.digest, token_digest) or not token.is_valid(now):
+            raise TokenRefused(token_digest[:16])
+        return Accepted(user, self.deliver(user_id, dedup_key, message, quota, now))
 
     @disk_operation("read messages")
     def fetch(self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None) -> tuple[list[MessageRecord], int]:
-        udir = self._existing_user_dir(user_id)
-        if udir is None:
+        udir = self._user_dir(user_id)
+        index = None if udir is None else self._messages(user_id, udir)
+        if index is None:
             return [], 0
-        pending = sorted((m for m in self._messages(udir) if m.is_live(now)), key=str)
+        try:
+            names, remaining = index.page(now, limit, max_bytes)
+        finally:
+            index.mutex.release()
         found: list[MessageRecord] = []
-        consumed = used = 0
-        for name in pending:
-            if len(found) >= limit or (found and max_bytes is not None and used + name.size > max_bytes):
-                break
-            used += name.size
-            consumed += 1
-            record = records.read_message(udir / "new" / str(name), name)
+        assert udir is not None
+        for name in names:
+            record = records.read_message(udir / "new" / name, name)
             if record is not None:
                 found.append(record)
-        return found, len(pending) - consumed
+        return found, remaining
 
     @disk_operation("count messages")
     def usage(self, user_id: str, now: int) -> tuple[int, int]:
-        """Pending unexpired messages and their quota bytes, from the file names alone."""
-        udir = self._existing_user_dir(user_id)
-        live = [m for m in self._messages(udir) if m.is_live(now)] if udir is not None else []
-        return len(live), sum(m.size for m in live)
+        """Pending unexpired messages and their quota bytes, from the index."""
+        udir = self._user_dir(user_id)
+        index = None if udir is None else self._messages(user_id, udir)
+        if index is None:
+            return 0, 0
+        try:
+            return index.live(now)
+        finally:
+            index.mutex.release()
 
     @disk_operation("delete messages")
     def acknowledge(self, user_id: str, message_ids: list[str]) -> int:
         """Unlink by exact, validated name: ids cannot reach outside the user's new/ folder."""
-        udir = self._existing_user_dir(user_id)
-        if udir is None:
+        udir = self._user_dir(user_id)
+        index = None if udir is None else self._messages(user_id, udir)
+        if index is None:
             return 0
-        deleted = 0
-        for message_id in message_ids:
-            if MessageName.parse(message_id) is None:
-                continue
-            try:
-                os.unlink(udir / "new" / message_id)
-                deleted += 1
-            except FileNotFoundError:
-                pass
+        assert udir is not None
+        index.mutex.release()
+        deleted = self._unlink_messages(udir, index, [m for m in message_ids if MessageName.parse(m) is not None])
         if deleted:
-            fsync_dir(udir / "new")
+            index.new_sync.sync()  # type: ignore[attr-defined]
         return deleted
+
+    def _unlink_messages(self, udir: Path, index: UserIndex, names: list[str]) -> int:
+        """Remove these message files (never one still being delivered) and their index
+        entries; returns how many files there were. Unlinks run outside the index mutex:
+        they wait on the journal, and deliveries to the same user must not wait for them."""
+        with index.mutex:
+            names = [name for name in names if name not in index.in_flight]
+            for name in names:
+                index.remove(name)  # hidden from fetch from now on
+        removed = 0
+        try:
+            for name in names:
+                try:
+                    os.unlink(udir / "new" / name)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        except BaseException:
+            with index.mutex:
+                index.key = None  # some were not removed after all: rebuild from the folder
+            raise
+        finally:
+            with index.mutex:
+                for name in names:  # in case a rebuild meanwhile listed them again
+                    index.remove(name)
+                if removed:
+                    try:
+                        self._changed(udir, index)
+                    except FileNotFoundError:
+                        pass  # erased meanwhile
+        return removed
 
     # -- upkeep --------------------------------------------------------------------------
 
@@ -333,13 +477,11 @@ class MaildirFiles:
             if not exists:
                 return 0
             removed = 0
-            for name in self._messages(udir):
-                if not name.is_live(now):
-                    try:
-                        os.unlink(udir / "new" / str(name))
-                        removed += 1
-                    except FileNotFoundError:
-                        pass
+            index = self._messages(udir.name, udir)
+            if index is not None:
+                expired = index.expired(now)
+                index.mutex.release()
+                removed = self._unlink_messages(udir, index, expired)
             if removed:
                 fsync_dir(udir / "new")
             _sweep_records(udir / "dedup", now, lambda p: records.read_json_field(p, "expires"))
@@ -411,15 +553,23 @@ class MaildirFiles:
 
     @disk_operation("count stored data")
     def stats(self, now: int) -> dict[str, Any]:
+        """From the indexes: no body is read, and each folder is listed only to (re)build one."""
         users = messages = size = 0
         oldest: Optional[int] = None
         for user_id in self.user_ids():
             users += 1
-            for name in self._messages(self.users / user_id):
-                if name.is_live(now):
-                    messages += 1
-                    size += name.size
-                    oldest = name.received if oldest is None else min(oldest, name.received)
+            index = self._messages(user_id, self.users / user_id)
+            if index is None:
+                continue
+            try:
+                count, used = index.live(now)
+                first = index.oldest_live(now)
+            finally:
+                index.mutex.release()
+            messages += count
+            size += used
+            if first is not None:
+                oldest = first if oldest is None else min(oldest, first)
         return {"users": users, "messages": messages, "bytes": size, "oldest_received": oldest}
 
 

@@ -28,6 +28,7 @@ from ..wire.errors import ProtocolError
 from ..wire.keys import load_public_key, user_id_for_key
 from .interface import NewMessage
 from .maildir_files import FORMAT, USER_SUBDIRS, MaildirFiles
+from .maildir_index import GENERATION, note_change
 from ..durable import fsync_dir, write_durably
 from .maildir_layout import DIR_MODE, SAFE_NAME, MessageName, list_dir, locked_directory, remove_tree
 from .quarantine import Finding, FsckReport, Quarantine
@@ -220,6 +221,10 @@ class MaildirFsck:
         with locked_directory(udir) as exists:
             if exists:
                 self._check_user(udir, name)
+                if not self.dry_run and udir.is_dir():
+                    # What fsck saw wins over any relay's in-memory index of this user:
+                    # a changed generation makes every index rebuild from the folder.
+                    note_change(udir)
 
     def _check_user(self, udir: Path, user_id: str) -> None:
         try:
@@ -233,7 +238,7 @@ class MaildirFsck:
             return
         self.report.checked["users"] += 1
         for entry in sorted(list_dir(udir)):
-            if entry not in ("user.json",) + USER_SUBDIRS:
+            if entry not in ("user.json", GENERATION) + USER_SUBDIRS:
                 self._move(udir / entry, "does not belong in a user folder")
         for sub in USER_SUBDIRS:
             self._ensure_dir(udir / sub)

@@ -67,7 +67,7 @@ def read_token(path: Path) -> Optional[TokenRecord]:
     return TokenRecord(obj["id"], obj["digest"], obj["label"], obj["created"], obj["expires"])
 
 
-def read_message(path: Path, name: MessageName) -> Optional[MessageRecord]:
+def read_message(path: Path, name: "MessageName | str") -> Optional[MessageRecord]:
     try:
         obj = json.loads(path.read_bytes())
         return MessageRecord(

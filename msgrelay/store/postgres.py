@@ -11,6 +11,7 @@ write's Deferred fires only after COMMIT returned.
 
 from __future__ import annotations
 
+import hmac
 import re
 import socket
 import uuid
@@ -28,6 +29,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .interface import (
+    Accepted,
     Delivery,
     IStore,
     MessageRecord,
@@ -36,6 +38,7 @@ from .interface import (
     QuotaExceeded,
     StoreUnavailable,
     TokenRecord,
+    TokenRefused,
     UserRecord,
 )
 from .postgres_schema import SchemaTooNew, check_schema_name, migrate, search_path
@@ -331,48 +334,78 @@ class PostgresCore:
                 "SELECT 1 FROM users WHERE user_id = %s FOR NO KEY UPDATE", (user_id,)
             ).fetchone() is None:
                 raise KeyError(user_id)
-            seen = conn.execute(
-                "SELECT message_id, expires FROM dedup"
-                " WHERE user_id = %s AND dedup_key = %s AND expires > %s",
-                (user_id, dedup_key, now),
-            ).fetchone()
-            if seen is not None:
-                return Delivery(seen[0], int(seen[1]), duplicate=True)
-            count, used = conn.execute(_USAGE, (user_id, now)).fetchone() or (0, 0)
-            size = message.size
-            if int(count) + 1 > quota.max_messages or int(used) + size > quota.max_bytes:
-                raise QuotaExceeded(
-                    f"mailbox holds {count} messages, {used} bytes;"
-                    f" quota {quota.max_messages} messages, {quota.max_bytes} bytes"
-                )
-            row = conn.execute(
-                "INSERT INTO messages (user_id, token_id, data, algorithm, password,"
-                " signature, received, expires, size)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                (
-                    user_id,
-                    message.token_id,
-                    _enc(message.data),
-                    message.algorithm,
-                    _enc(message.password),
-                    _enc(message.signature),
-                    message.received,
-                    message.expires,
-                    size,
-                ),
-            ).fetchone()
-            assert row is not None
-            message_id = format_message_id(int(row[0]))
-            # A conflicting row can only be an expired record: live ones returned above.
-            conn.execute(
-                "INSERT INTO dedup (user_id, dedup_key, message_id, expires)"
-                " VALUES (%s, %s, %s, %s) ON CONFLICT (user_id, dedup_key) DO UPDATE"
-                " SET message_id = EXCLUDED.message_id, expires = EXCLUDED.expires",
-                (user_id, dedup_key, message_id, message.expires),
-            )
-            return Delivery(message_id, message.expires, duplicate=False)
+            return self._deliver_locked(conn, user_id, dedup_key, message, quota, now)
 
         return self._run("deliver", work)
+
+    def _deliver_locked(
+        self, conn: psycopg.Connection, user_id: str, dedup_key: str, message: NewMessage, quota: Quota, now: int
+    ) -> Delivery:
+        """`deliver` once the recipient's row is locked: dedup, quota, insert."""
+        seen = conn.execute(
+            "SELECT message_id, expires FROM dedup"
+            " WHERE user_id = %s AND dedup_key = %s AND expires > %s",
+            (user_id, dedup_key, now),
+        ).fetchone()
+        if seen is not None:
+            return Delivery(seen[0], int(seen[1]), duplicate=True)
+        count, used = conn.execute(_USAGE, (user_id, now)).fetchone() or (0, 0)
+        size = message.size
+        if int(count) + 1 > quota.max_messages or int(used) + size > quota.max_bytes:
+            raise QuotaExceeded(
+                f"mailbox holds {count} messages, {used} bytes;"
+                f" quota {quota.max_messages} messages, {quota.max_bytes} bytes"
+            )
+        row = conn.execute(
+            "INSERT INTO messages (user_id, token_id, data, algorithm, password,"
+            " signature, received, expires, size)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+            (
+                user_id,
+                message.token_id,
+                _enc(message.data),
+                message.algorithm,
+                _enc(message.password),
+                _enc(message.signature),
+                message.received,
+                message.expires,
+                size,
+            ),
+        ).fetchone()
+        assert row is not None
+        message_id = format_message_id(int(row[0]))
+        # A conflicting row can only be an expired record: live ones returned above.
+        conn.execute(
+            "INSERT INTO dedup (user_id, dedup_key, message_id, expires)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT (user_id, dedup_key) DO UPDATE"
+            " SET message_id = EXCLUDED.message_id, expires = EXCLUDED.expires",
+            (user_id, dedup_key, message_id, message.expires),
+        )
+        return Delivery(message_id, message.expires, duplicate=False)
+
+    def deliver_checked(
+        self, user_id: str, token_digest: str, dedup_key: str, message: NewMessage, quota: Quota, now: int
+    ) -> Accepted:
+        """User, token and delivery in one transaction: the accept path's one round trip."""
+
+        def work(conn: psycopg.Connection) -> Accepted:
+            row = conn.execute(
+                "SELECT u.user_id, u.key_pem, u.push_endpoint, u.created, t.digest, t.expires"
+                " FROM users u LEFT JOIN tokens t ON t.user_id = u.user_id AND t.token_id = %s"
+                " WHERE u.user_id = %s FOR NO KEY UPDATE OF u",
+                (token_digest[:16], user_id),
+            ).fetchone()
+            if row is None:
+                raise KeyError(user_id)
+            digest, expires = row[4], row[5]
+            if digest is None or not hmac.compare_digest(digest, token_digest) or (
+                expires is not None and now >= int(expires)
+            ):
+                raise TokenRefused(token_digest[:16])
+            user = UserRecord(row[0], row[1], row[2], int(row[3]))
+            return Accepted(user, self._deliver_locked(conn, user_id, dedup_key, message, quota, now))
+
+        return self._run("deliver_checked", work)
 
     def fetch(
         self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None
@@ -685,6 +718,13 @@ class PostgresStore:
         self, user_id: str, dedup_key: str, message: NewMessage, quota: Quota, now: int
     ) -> "Deferred[Delivery]":
         return self._call("deliver", self.core.deliver, user_id, dedup_key, message, quota, now)
+
+    def deliver_checked(
+        self, user_id: str, token_digest: str, dedup_key: str, message: NewMessage, quota: Quota, now: int
+    ) -> "Deferred[Accepted]":
+        return self._call(
+            "deliver_checked", self.core.deliver_checked, user_id, token_digest, dedup_key, message, quota, now
+        )
 
     def fetch(
         self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None

@@ -1,0 +1,312 @@
+#!/usr/bin/env python3
+"""The msgrelay benchmark: one command, real relays, figures with their ratio to this machine.
+
+    python bench/run.py [--quick] [--backend maildir|postgresql|both] [--postgres-dsn DSN]
+                        [--twistd PATH] [--json FILE] [--profile FILE [--profile-scenario NAME]]
+
+For each backend it seeds a state directory (users, tokens, mailboxes of 100 and 10,000
+messages), starts a real `twistd msgrelay` on a loopback port, pre-builds every packet and
+signed request, then drives the relay from `bench/loadgen.py` worker processes and prints
+throughput, p50/p99/p99.9 latency, server and client CPU, and the relay's resident memory.
+It also measures the machine's ceilings in the same run (bench/ceilings.py) and prints each
+throughput as a ratio of the ceiling that bounds it. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlencode
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ceilings  # noqa: E402
+import loadgen  # noqa: E402
+from state import MaildirSeeder, PostgresSeeder, Seeded, relay_config  # noqa: E402
+
+from msgrelay.wire.envelope import seal  # noqa: E402
+from msgrelay.wire.keys import load_public_key, public_key_pem  # noqa: E402
+from msgrelay.wire.signing import sign_params  # noqa: E402
+
+CEILING_NAMES = {
+    "rsa_oaep_decrypt": "RSA-OAEP decryptions/s with the server key, 1 core",
+    "pss_verify": "PSS verifications/s (2048-bit), 1 core",
+    "durable_write_1": "durable 2 KiB writes/s, 1 thread",
+    "durable_write_8": "durable 2 KiB writes/s, 8 threads",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Relay:
+    """A `twistd msgrelay` subprocess with its resource figures from /proc."""
+
+    def __init__(self, twistd: str, workdir: Path, config: Path):
+        self.port = free_port()
+        self.workdir = workdir
+        log = workdir / f"relay-{self.port}.log"
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [twistd, "--nodaemon", "--pidfile=", f"--logfile={log}", "msgrelay", "--config", str(config),
+             "--listen", f"tcp:{self.port}:interface=127.0.0.1:backlog=1024", "--state-dir", str(workdir / "state"),
+             "--server-name", "bench.test"],
+            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the relay exited with {self.proc.returncode}; see {log}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v1/server", timeout=5) as r:
+                    self.server = json.load(r)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"the relay did not answer within 120 s; see {log}")
+                time.sleep(0.05)
+        self.startup_seconds = time.perf_counter() - started
+        self.host = f"127.0.0.1:{self.port}"
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- pre-built requests ------------------------------------------------------------------------
+
+def packets(relay: Relay, recipients: list[Seeded], recipient_key: rsa.RSAPublicKey, count: int) -> list[bytes]:
+    """Unique sealed packets of 2 KiB messages, round robin over `recipients`."""
+    server_key = load_public_key(relay.server["key"])
+    out = []
+    for i in range(count):
+        to = recipients[i % len(recipients)]
+        inner = seal(recipient_key, os.urandom(2048))
+        packet = {"id": uuid.uuid4().hex, "user_id": to.user_id, "token": to.token, **inner}
+        body = json.dumps(seal(server_key, json.dumps(packet).encode())).encode()
+        out.append(loadgen.http_request("POST", "/api/v1/message", relay.host, body))
+    return out
+
+
+def signed(relay: Relay, key: rsa.RSAPrivateKey, user_id: str, method: str, **params: Any) -> bytes:
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    values = sign_params(key, {"user_id": user_id, "date": date, "validity": 300, **params}, method,
+                         "/api/v1/message", relay.server["name"])
+    if method == "GET":
+        return loadgen.http_request("GET", "/api/v1/message?" + urlencode(values), relay.host)
+    return loadgen.http_request(method, "/api/v1/message", relay.host, json.dumps(values).encode())
+
+
+# -- one backend -------------------------------------------------------------------------------
+
+class Run:
+    def __init__(self, args: argparse.Namespace, backend: str, key: rsa.RSAPrivateKey):
+        self.args, self.backend, self.key = args, backend, key
+        self.rows: list[dict[str, Any]] = []
+        self.extra: dict[str, float] = {}
+
+    def measure(self, relay: Relay, name: str, requests: list[bytes], unit: str = "req/s",
+                per_request: int = 1, keep_bodies: bool = False) -> loadgen.Outcome:
+        profiler = self._profile_start(relay) if name == self.args.profile_scenario else None
+        cpu0, wall0 = relay.cpu_seconds(), time.perf_counter()
+        try:
+            outcome = loadgen.run(relay.port, requests, self.args.connections, self.args.processes, keep_bodies)
+        finally:
+            self._profile_stop(profiler)
+        server_cpu = (relay.cpu_seconds() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
+        errors = sum(n for status, n in outcome.statuses.items() if status != 200)
+        self.rows.append({
+            "backend": self.backend, "scenario": name, "rate": outcome.rate * per_request, "unit": unit,
+            "p50_ms": outcome.percentile(0.5) * 1000, "p99_ms": outcome.percentile(0.99) * 1000,
+            "p999_ms": outcome.percentile(0.999) * 1000, "ok": outcome.ok, "errors": errors,
+            "statuses": outcome.statuses, "server_cpu": server_cpu,
+            "client_cpu": outcome.client_cpu / outcome.elapsed,
+        })
+        print(f"  {name}: {outcome.rate * per_request:.0f} {unit} ({outcome.ok} ok, {errors} refused)", flush=True)
+        return outcome
+
+    def execute(self, workdir: Path, twistd: str) -> None:
+        quick = self.args.quick
+        n_accept, n_fetch, n_ack = (300, 200, 40) if quick else (2000, 1000, 200)
+        n_accept = self.args.accepts or n_accept
+        pem = public_key_pem(self.key.public_key())
+        seeder = (PostgresSeeder(self.args.postgres_dsn) if self.backend == "postgresql"
+                  else MaildirSeeder(workdir / "state" / "maildir"))
+        single = seeder.add_user("single", pem)
+        many = [seeder.add_user(f"many-{i}", pem) for i in range(200)]
+        small, big = seeder.add_user("small", pem), seeder.add_user("big", pem)
+        seeder.fill(small.user_id, 100, 2048)
+        seeder.fill(big.user_id, 10_000, 2048)
+        seeder.close()
+        config = workdir / "relay.toml"
+        relay_config(config, self.backend, self.args.postgres_dsn or "")
+        relay = Relay(twistd, workdir, config)
+        try:
+            if self.args.ceilings is None:
+                print("  measuring the machine's ceilings", flush=True)
+                server_key = (workdir / "state" / "server_key.pem").read_bytes()
+                self.args.ceilings = ceilings.measure(server_key, self.key, workdir / "ceiling", 1.0 if quick else 3.0)
+                os.sync()  # the write ceiling's clean-up must not slow the first scenario
+            user_pub = self.key.public_key()
+            self.measure(relay, "accept, 200 recipients", packets(relay, many, user_pub, n_accept), "msgs/s")
+            sent = self.measure(relay, "accept, 1 recipient", packets(relay, [single], user_pub, n_accept), "msgs/s",
+                                keep_bodies=True)
+            for label, who in (("100", small), ("10,000", big)):
+                for limit in (10, 100):
+                    requests = [signed(relay, self.key, who.user_id, "GET", limit=limit) for _ in range(n_fetch)]
+                    self.measure(relay, f"fetch limit={limit}, {label}-message mailbox", requests)
+            for label, who in (("100", small), ("10,000", big)):
+                self.measure(relay, f"accept, {label}-message mailbox", packets(relay, [who], user_pub, n_accept),
+                             "msgs/s")
+            ids = [json.loads(body)["message_id"] for body in sent.bodies]
+            batches = [ids[i:i + 10] for i in range(0, min(len(ids), n_ack * 10), 10)]
+            self.measure(relay, "acknowledge, 10 ids per request",
+                         [signed(relay, self.key, single.user_id, "DELETE", ids=batch) for batch in batches],
+                         "msgs/s", per_request=10)
+            self.extra["rss_mib_after_run"] = relay.rss_mib()
+        finally:
+            relay.stop()
+        self._big_state(workdir, twistd, pem)
+
+    def _big_state(self, workdir: Path, twistd: str, pem: str) -> None:
+        """Start-up time and memory with many stored messages over many users."""
+        users, per_user = (100, 100) if self.args.quick else (1000, 100)
+        shutil.rmtree(workdir / "state", ignore_errors=True)
+        seeder = (PostgresSeeder(self.args.postgres_dsn) if self.backend == "postgresql"
+                  else MaildirSeeder(workdir / "state" / "maildir"))
+        for i in range(users):
+            seeded = seeder.add_user(f"stored-{i}", pem)
+            seeder.fill(seeded.user_id, per_user, 200)
+        seeder.close()
+        relay = Relay(twistd, workdir, workdir / "relay.toml")
+        try:
+            # The expiry sweep at start-up reads every mailbox; wait until memory settles.
+            previous, stable, deadline = -1.0, 0, time.monotonic() + 60
+            while stable < 4 and time.monotonic() < deadline:
+                time.sleep(0.5)
+                rss = relay.rss_mib()
+                stable = stable + 1 if abs(rss - previous) < 0.5 else 0
+                previous = rss
+            self.extra.update({"stored_messages": users * per_user, "stored_users": users,
+                               "startup_seconds": relay.startup_seconds, "rss_mib_stored": relay.rss_mib()})
+        finally:
+            relay.stop()
+
+    def _profile_start(self, relay: Relay) -> Optional[subprocess.Popen]:
+        out = f"{self.args.profile}.{self.backend}.txt"
+        return subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
+                                 "record", "-p", str(relay.proc.pid), "-r", "200", "-f", "raw", "-o", out],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _profile_stop(self, profiler: Optional[subprocess.Popen]) -> None:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(60)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+BOUND_BY = {"accept": "rsa_oaep_decrypt", "fetch": "durable_write_8", "acknowledge": "durable_write_8"}
+
+
+def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]], ceiling: dict[str, float],
+                 args: argparse.Namespace) -> None:
+    print(f"\nmachine: {os.cpu_count()} cores; load generator: {args.processes} processes x "
+          f"{args.connections // args.processes} keep-alive connections; relay: {args.twistd}")
+    print("ceilings (same run):")
+    for key, value in ceiling.items():
+        print(f"  {CEILING_NAMES[key]}: {value:,.0f}")
+    print(f"\n{'backend':<10} {'scenario':<38} {'rate':>9} {'unit':<7} {'p50ms':>7} {'p99ms':>7} "
+          f"{'p99.9ms':>8} {'err':>4} {'srvCPU':>6} {'cliCPU':>6}  ratio to ceiling")
+    for row in rows:
+        bound = BOUND_BY[row["scenario"].split(",")[0].split(" ")[0]]
+        ratio = row["rate"] / ceiling[bound]
+        print(f"{row['backend']:<10} {row['scenario']:<38} {row['rate']:>9.0f} {row['unit']:<7} {row['p50_ms']:>7.1f} "
+              f"{row['p99_ms']:>7.1f} {row['p999_ms']:>8.1f} {row['errors']:>4} {row['server_cpu']:>6.0%} "
+              f"{row['client_cpu']:>6.0%}  {ratio:.2f} of {bound}")
+    for backend, extra in extras.items():
+        print(f"{backend}: relay RSS after the run {extra.get('rss_mib_after_run', 0):.0f} MiB; with "
+              f"{extra.get('stored_messages', 0):,} stored messages over {extra.get('stored_users', 0):,} users: "
+              f"start-up {extra.get('startup_seconds', 0):.1f} s, RSS {extra.get('rss_mib_stored', 0):.0f} MiB")
+    print("\nsrvCPU: relay process CPU per wall second (100% = one core busy); cliCPU: all load generator "
+          "processes together. With other work on the machine, compare ratios rather than absolute figures.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests and a smaller stored state")
+    parser.add_argument("--backend", choices=("maildir", "postgresql", "both"), default=None,
+                        help="default: both when a PostgreSQL DSN is given, else maildir")
+    parser.add_argument("--postgres-dsn", default=os.environ.get("MSGRELAY_BENCH_POSTGRES_DSN"),
+                        help="an EMPTY database the bench may wipe (or $MSGRELAY_BENCH_POSTGRES_DSN)")
+    parser.add_argument("--twistd", default=str(Path(sys.executable).with_name("twistd")),
+                        help="the twistd whose msgrelay to measure (e.g. another checkout's venv)")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument("--accepts", type=int, help="packets per accept scenario (default 2000, quick 300)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="record the relay with py-spy during one scenario, into FILE.<backend>.txt")
+    parser.add_argument("--profile-scenario", default="accept, 200 recipients",
+                        help="the scenario --profile records (default: %(default)s)")
+    args = parser.parse_args()
+    if not args.profile:
+        args.profile_scenario = None
+    backend = args.backend or ("both" if args.postgres_dsn else "maildir")
+    backends = ["maildir", "postgresql"] if backend == "both" else [backend]
+    if "postgresql" in backends and not args.postgres_dsn:
+        parser.error("--postgres-dsn is needed for the PostgreSQL backend")
+    args.ceilings = None
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rows: list[dict[str, Any]] = []
+    extras: dict[str, dict[str, float]] = {}
+    for name in backends:
+        print(f"{name}:", flush=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f"msgrelay-bench-{name}-"))
+        try:
+            run = Run(args, name, key)
+            run.execute(workdir, args.twistd)
+            rows += run.rows
+            extras[name] = run.extra
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print_report(rows, extras, args.ceilings, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "twistd": args.twistd, "ceilings": args.ceilings,
+                                               "rows": rows, "extras": extras}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The bench's relay state, seeded offline through the store classes: users, tokens and
+mailboxes that already hold thousands of messages (written without fsync: only the bench's
+set-up, never a relay, writes this way).
+
+All users share one RSA key (a relay never checks that a user id derives from its key when
+serving; only `fsck` does), so thousands of users cost no key generation.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from msgrelay.store.interface import NewMessage, TokenRecord, UserRecord
+
+NEVER_EXPIRES_FOR_BENCH = 30 * 86400
+
+
+def fake_user_id(label: str) -> str:
+    return base64.b32encode(hashlib.sha256(label.encode()).digest()[:20]).decode().lower()
+
+
+def token_for(user_id: str) -> tuple[str, TokenRecord]:
+    secret = "bench-token-" + user_id
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    return secret, TokenRecord(digest[:16], digest, "bench", int(time.time()), None)
+
+
+@dataclass
+class Seeded:
+    user_id: str
+    token: str
+
+
+def stored_message(token_id: str, size: int, now: int) -> NewMessage:
+    data = base64.b64encode(os.urandom(size * 3 // 4)).decode()
+    password = base64.b64encode(os.urandom(384)).decode()
+    return NewMessage(token_id, data, "AES-256-GCM", password, None, now, now + NEVER_EXPIRES_FOR_BENCH)
+
+
+class Seeder:
+    """Users and tokens through a synchronous store (MaildirFiles or PostgresCore)."""
+
+    store: object
+
+    def add_user(self, label: str, key_pem: str) -> Seeded:
+        user_id = fake_user_id(label)
+        self.store.add_user(UserRecord(user_id, key_pem, None, int(time.time())))  # type: ignore[attr-defined]
+        secret, record = token_for(user_id)
+        self.store.add_token(user_id, record)  # type: ignore[attr-defined]
+        return Seeded(user_id, secret)
+
+
+class MaildirSeeder(Seeder):
+    def __init__(self, root: Path):
+        from msgrelay.store.maildir_files import MaildirFiles
+
+        self.store = self.files = MaildirFiles.open(root)
+
+    def fill(self, user_id: str, count: int, size: int) -> None:
+        from msgrelay.store import maildir_records as records
+        from msgrelay.store.maildir_layout import MessageName
+
+        now = int(time.time())
+        folder = self.files.users / user_id / "new"
+        base = time.time_ns() - 10**12  # older than anything the relay will add
+        message = stored_message(token_for(user_id)[1].id, size, now)
+        body = records.encode(records.message_json(message))
+        for i in range(count):
+            name = MessageName(base + i, os.urandom(4).hex(), now, message.expires, message.size)
+            fd = os.open(folder / str(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, body)
+            os.close(fd)
+        try:
+            from msgrelay.store.maildir_index import note_change
+        except ImportError:  # a store without indexes
+            return
+        note_change(self.files.users / user_id)
+
+    def close(self) -> None:
+        pass
+
+
+class PostgresSeeder(Seeder):
+    def __init__(self, dsn: str):
+        from msgrelay.store.postgres import PostgresCore
+
+        self.store = self.core = PostgresCore(dsn, min_size=1, max_size=2)
+        self.core.open()
+        self.core._run("wipe", lambda conn: conn.execute("TRUNCATE users, replay, health CASCADE"))
+
+    def fill(self, user_id: str, count: int, size: int) -> None:
+        now = int(time.time())
+        message = stored_message(token_for(user_id)[1].id, size, now)
+        row = (user_id, message.token_id, message.data.encode(), message.algorithm, message.password.encode(),
+               message.received, message.expires, message.size)
+
+        def work(conn) -> None:
+            with conn.cursor().copy(
+                "COPY messages (user_id, token_id, data, algorithm, password, received, expires, size) FROM STDIN"
+            ) as copy:
+                for _ in range(count):
+                    copy.write_row(row)
+
+        self.core._run("fill", work)
+
+    def close(self) -> None:
+        self.core.close()
+
+
+def relay_config(path: Path, backend: str, dsn: str) -> None:
+    """No rate limits and room for the big mailboxes; everything else as shipped."""
+    lines = [
+        "[store]", f'backend = "{backend}"',
+    ]
+    if backend == "postgresql":
+        lines.append(f"postgres_dsn = {json.dumps(dsn)}")
+    lines += [
+        "[limits]", "quota_messages = 10000000", "quota_bytes = 100000000000",
+        "[rate_limits]", 'register_per_address = "off"', 'send_per_address = "off"',
+        'fetch_per_user = "off"', 'token_per_user = "off"', 'exempt = ["127.0.0.1"]',
+    ]
+    path.write_text("\n".join(lines) + "\n")
