@@ -43,4 +43,4 @@ async def test_open_and_seal_run_in_the_crypto_pool_and_accept_is_one_store_call
     assert len(threads["open"]) == 1 and len(threads["seal"]) == 1
     for thread in threads["open"] + threads["seal"]:
         assert thread is not threading.main_thread()
-        assert "msgrelay-seal" in thread.name
+        assert "msgrelay-crypto" in thread.name  # the relay's crypto pool (msgrelay/pools.py)
