@@ -45,13 +45,19 @@ def twistd() -> str:
     return str(candidate) if candidate.exists() else shutil.which("twistd") or "twistd"
 
 
-def start_relay(workdir: Path) -> tuple[subprocess.Popen, int, int]:
+#: Settings of this benchmark: idle connections live long, one client address opens them all.
+CONNECTIONS_TOML = ("[timeouts]\nidle = 600\nheaders = 5\nbody = 10\n"
+                    "[connections]\nper_address = 100000\nmax_total = 100000\n")
+
+
+def start_relay(workdir: Path, extra: str = CONNECTIONS_TOML) -> tuple[subprocess.Popen, int, int]:
+    """The installed relay on a loopback port (backlog 4096) with `extra` TOML settings;
+    (process, port, metrics port)."""
     port, metrics_port = free_port(), free_port()
     config = workdir / "relay.toml"
     config.write_text(
-        f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1:backlog=4096"]\n'
-        "[timeouts]\nidle = 600\nheaders = 5\nbody = 10\n"
-        f'[metrics]\nlisten = ["tcp:{metrics_port}:interface=127.0.0.1"]\ntoken = "{TOKEN}"\n'
+        f'[server]\nlisten = ["tcp:{port}:interface=127.0.0.1:backlog=4096"]\n' + extra
+        + f'[metrics]\nlisten = ["tcp:{metrics_port}:interface=127.0.0.1"]\ntoken = "{TOKEN}"\n'
         '[log]\nlevel = "warn"\n'
     )
     proc = subprocess.Popen(

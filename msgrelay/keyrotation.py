@@ -4,10 +4,13 @@ Layout in the state directory (directory 0700, files 0600, each written atomical
 
     previous_keys/<until>-<fingerprint>.pem   a retired private key, accepted until <until>
 
+    key_transitions.json                      old key -> new key statements (keytransitions.py)
+
 `until` (POSIX seconds) is part of the file name, so a key and its deadline can never be
-separated by a crash. `rotate` writes the retired copy first and only then replaces the
-current key: interrupted in between, the relay still has its current key (a retired copy of
-the current key is ignored). A running relay notices a changed key file or listing on its
+separated by a crash. `rotate` writes the retired copy first, then the transition signed by
+the old key, and only then replaces the current key: interrupted in between, the relay still
+has its current key (a retired copy of the current key is ignored, and a transition to a key
+that never became current leads nowhere). A running relay notices a changed key file or listing on its
 `KeyringWatcher` timer and reloads; the same timer deletes keys whose grace period is over.
 """
 
@@ -19,22 +22,24 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.logger import Logger
 
+from .keytransitions import TRANSITIONS_FILE, append_transition, load_transitions, transitions_path
 from .serverkey import (
     SERVER_KEY_BITS, PreviousKey, ServerKeyError, ServerKeyring, load_or_create, read_private_key,
     write_private_key,
 )
-from .settings import Settings
+from .settings import EVERY_RELOAD, Reload, Settings
 from .wire.keys import fingerprint
+from .wire.transitions import sign_transition
 
 log = Logger()
 
 PREVIOUS_DIR = "previous_keys"
-RETIRED_NAME = re.compile(r"^(\d{1,15})-([0-9a-f]{64})\.pem$")
+RETIRED_NAME = re.compile(r"([0-9]{1,15})-([0-9a-f]{64})\.pem")
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def list_retired(directory: Path) -> list[RetiredKeyFile]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     for name in names:
-        match = RETIRED_NAME.match(name)
+        match = RETIRED_NAME.fullmatch(name)
         if match:
             found.append(RetiredKeyFile(directory / name, int(match.group(1)), match.group(2)))
     return sorted(found, key=lambda f: (f.until, f.fingerprint))
@@ -105,7 +110,8 @@ def load_previous(directory: Path, current: rsa.RSAPrivateKey, now: float) -> li
 def load_keyring(settings: Settings, now: float) -> ServerKeyring:
     """The relay's keyring at start-up: the current key (created if absent) and retired ones."""
     current = load_or_create(settings.key_path())
-    return ServerKeyring(current, load_previous(previous_keys_dir(settings), current, now))
+    return ServerKeyring(current, load_previous(previous_keys_dir(settings), current, now),
+                         load_transitions(transitions_path(settings)))
 
 
 @contextmanager
@@ -135,13 +141,13 @@ def rotate(settings: Settings, grace: int, now: float) -> Rotation:
     """Make a new key current and keep the old one accepted for `grace` seconds.
 
     Refused (ServerKeyError) for a key outside the state directory: that file belongs to the
-    operator's key management, which replaces it; `retire-key` keeps the old one accepted.
+    operator's key management, which replaces it; `keep-key` keeps the old one accepted.
     """
     key_path = settings.key_path()
     if key_is_external(settings):
         raise ServerKeyError(
             f"server.key_file {key_path} is outside the state directory, so rotate-key leaves it "
-            "alone: run `msgrelay-admin retire-key` on it, then install the new key there yourself"
+            "alone: run `msgrelay-admin keep-key` on it (with --successor NEW_KEY), then install the new key there yourself"
         )
     if not settings.state_dir.is_dir():
         raise ServerKeyError(f"state directory {settings.state_dir} does not exist")
@@ -154,6 +160,7 @@ def rotate(settings: Settings, grace: int, now: float) -> Rotation:
             old_key = read_private_key(key_path)
             until = int(now) + grace
             old_fp = retire(directory, old_key, until).fingerprint
+            endorse(settings, old_key, new_key.public_key(), now)
         try:
             write_private_key(key_path, new_key)
         except OSError as e:
@@ -162,14 +169,45 @@ def rotate(settings: Settings, grace: int, now: float) -> Rotation:
     return Rotation(fingerprint(new_key.public_key()), old_fp, until)
 
 
-def retire_file(settings: Settings, source: Path, grace: int, now: float) -> RetiredKeyFile:
-    """Copy an operator-managed key into previous_keys/ before the operator replaces it."""
+def endorse(settings: Settings, old_key: rsa.RSAPrivateKey, new_key: rsa.RSAPublicKey, now: float) -> None:
+    """Write the transition old -> new, signed by the old key (caller holds the rotation lock)."""
+    entry = sign_transition(old_key, new_key, settings.server.name, now)
+    try:
+        append_transition(transitions_path(settings), entry)
+    except OSError as e:
+        raise ServerKeyError(f"{transitions_path(settings)}: cannot write the key transition: {e.strerror}")
+
+
+def retire_file(settings: Settings, source: Path, grace: int, now: float,
+                successor: Optional[rsa.RSAPublicKey] = None) -> RetiredKeyFile:
+    """Copy an operator-managed key into previous_keys/ before the operator replaces it
+    (and, given its successor, write the transition to it)."""
     key = read_private_key(source)
     directory = previous_keys_dir(settings)
     if not settings.state_dir.is_dir():
         raise ServerKeyError(f"state directory {settings.state_dir} does not exist")
     with rotation_lock(directory):
-        return retire(directory, key, int(now) + grace)
+        entry = retire(directory, key, int(now) + grace)
+        if successor is not None:
+            endorse(settings, key, successor, now)
+        return entry
+
+
+def destroy_retired(settings: Settings, now: float, only: Optional[str] = None,
+                    before_grace_ends: bool = False) -> tuple[list[RetiredKeyFile], list[RetiredKeyFile]]:
+    """Delete retired private keys whose grace period is over (or, forced, still running).
+
+    Returns (destroyed, kept: still inside their grace period). `only` limits it to one
+    fingerprint. The public key transitions stay: they are what lets holders of an old pin
+    follow the rotation.
+    """
+    directory = previous_keys_dir(settings)
+    with rotation_lock(directory):
+        chosen = [e for e in list_retired(directory) if only is None or e.fingerprint == only]
+        destroyed = [e for e in chosen if e.until <= now or before_grace_ends]
+        for entry in destroyed:
+            _remove(entry.path)
+    return destroyed, [e for e in chosen if e not in destroyed]
 
 
 def prune(directory: Path, now: float) -> list[RetiredKeyFile]:
@@ -196,24 +234,28 @@ class KeyringWatcher:
     """Keeps a running relay's keyring in step with its key files (called on a short timer).
 
     The keyring object is changed in place, so every holder of it sees the new keys.
+    A SIGHUP re-reads the key files at once, whatever else it changes.
     """
 
-    def __init__(self, keyring: ServerKeyring, key_path: Path, directory: Path, clock: Any):
+    settings_sections: ClassVar[frozenset[str]] = EVERY_RELOAD
+
+    def __init__(self, keyring: ServerKeyring, key_path: Path, directory: Path, clock: Any,
+                 transitions: Optional[Path] = None):
         self.keyring = keyring
         self.key_path = key_path
         self.directory = directory
         self.clock = clock
+        self.transitions = transitions if transitions is not None else directory.parent / TRANSITIONS_FILE
         self._seen = self._signature()
         self._failed: Optional[tuple] = None
 
     def _signature(self) -> tuple:
-        """Cheap change detector: the key file's identity and the retired keys' names."""
-        try:
-            st = os.stat(self.key_path)
-            current: tuple = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except OSError:
-            current = ()
-        return current, tuple(entry.path.name for entry in list_retired(self.directory))
+        """Cheap change detector: the key and transitions files' identities, the retired keys' names."""
+        return (_identity(self.key_path), tuple(entry.path.name for entry in list_retired(self.directory)),
+                _identity(self.transitions))
+
+    def reconfigure(self, reload: Reload) -> None:
+        self.check()
 
     def check(self) -> bool:
         """Prune expired keys, then reload if the files changed. True if the keyring changed."""
@@ -235,7 +277,13 @@ class KeyringWatcher:
                       fingerprint=self.keyring.fingerprint, problem=str(e))
             self._failed = signature
             return False
+        try:
+            transitions = load_transitions(self.transitions)
+        except ServerKeyError as e:
+            log.error("key transitions not reloaded: {problem}", problem=str(e))
+            transitions = self.keyring.transitions
         before = self.keyring.fingerprint
+        self.keyring.transitions = transitions
         self.keyring.current = current
         self.keyring.previous = load_previous(self.directory, current, now)
         self._seen, self._failed = signature, None
@@ -258,5 +306,13 @@ class KeyringWatcher:
             log.info("removed server key {fingerprint}: its grace period ended", fingerprint=entry.fingerprint)
         # Our own removals are not a change to reload for; anything else still is.
         gone = {entry.path.name for entry in removed}
-        self._seen = (self._seen[0], tuple(name for name in self._seen[1] if name not in gone))
+        self._seen = (self._seen[0], tuple(name for name in self._seen[1] if name not in gone), self._seen[2])
         return dropped > 0
+
+
+def _identity(path: Path) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -1,16 +1,16 @@
 """Log output for `twistd msgrelay`: text or JSON lines, filtered by level.
 
-twistd owns logging: it begins logging after `makeService`, to the observer it builds
-from its own options (`--logfile`, `--syslog`, `--logger`) unless the application
-carries an `ILogObserver` component. msgrelay gives it one (see `RelayService` in
-service.py), built here from the same twistd options, so `--logfile` and friends keep
-their meaning, plus two settings:
+twistd owns logging: it begins logging after `makeService`, to the observer of its
+`--logger` option if given, else to the application's `ILogObserver` component if it has
+one, else to one it builds from its own options (`--logfile`, `--syslog`). msgrelay gives
+the application that component (see `RelayService` in service.py), built here from the
+same twistd options, so `--logfile` and friends keep their meaning, plus two settings:
 
 - `log.format` ("text" or "json", or `--log-format`): "json" writes one JSON object per
   line with `time`, `level`, `namespace`, `message` and the event's own fields; the access
   log line carries `method`, `path`, `status`, `errno`, `duration_ms` and `client`.
-- `log.level` (or `--log-level`): the least severe level written; read for every event,
-  so a SIGHUP reload applies at once.
+- `log.level` (or `--log-level`): the least severe level written; a SIGHUP reload
+  applies at once (`LevelPredicate.reconfigure`).
 
 An explicit `twistd --logger ...` still wins (then neither setting applies).
 """
@@ -21,13 +21,16 @@ import json
 import signal
 import sys
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from twisted.logger import (
-    FileLogObserver, FilteringLogObserver, ILogObserver, LegacyLogObserverWrapper, LogLevel,
+    FileLogObserver, FilteringLogObserver, ILogFilterPredicate, ILogObserver, LegacyLogObserverWrapper, LogLevel,
     PredicateResult, formatEvent, textFileLogObserver,
 )
+from zope.interface import implementer
 from twisted.python import logfile
+
+from .settings import Reload
 
 #: Keys of legacy (twisted.python.log) events that repeat what `message` already says.
 _NOISE = {"message", "format", "isError", "system", "time", "why", "failure"}
@@ -76,14 +79,20 @@ def json_file_observer(out: Any) -> ILogObserver:
 ALWAYS_INFO = frozenset({"msgrelay.reload", "msgrelay.settings"})
 
 
+@implementer(ILogFilterPredicate)
 class LevelPredicate:
-    """Passes events at or above `level()`, a level name read for every event."""
+    """Passes events at or above `level`, a level name; a reload of `log.level` changes it."""
 
-    def __init__(self, level: Callable[[], str]):
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"log"})
+
+    def __init__(self, level: str):
         self.level = level
 
+    def reconfigure(self, reload: Reload) -> None:
+        self.level = reload.running.log.level
+
     def __call__(self, event: dict[str, Any]) -> PredicateResult:
-        wanted = LogLevel.levelWithName(self.level())
+        wanted = LogLevel.levelWithName(self.level)
         level = event.get("log_level", LogLevel.info)
         if event.get("log_namespace") in ALWAYS_INFO:
             wanted = min(wanted, LogLevel.info)
@@ -108,7 +117,7 @@ class TwistdLogOptions:
         return self.under_twistd and self.logger is None
 
 
-def build_observer(twistd: TwistdLogOptions, fmt: str, level: Callable[[], str],
+def build_observer(twistd: TwistdLogOptions, fmt: str, level: LevelPredicate,
                    warn: Callable[[str], None] = lambda message: None) -> ILogObserver:
     """The observer twistd would have built from its options, in `fmt`, filtered by level."""
     if twistd.syslog:
@@ -116,7 +125,8 @@ def build_observer(twistd: TwistdLogOptions, fmt: str, level: Callable[[], str],
 
         if fmt == "json":
             warn("log.format = \"json\" does not apply with twistd --syslog; syslog gets text")
-        destination: ILogObserver = LegacyLogObserverWrapper(syslog.SyslogObserver(twistd.prefix).emit)
+        destination: ILogObserver = LegacyLogObserverWrapper(
+            syslog.SyslogObserver(twistd.prefix).emit)  # type: ignore[arg-type]  # a legacy observer, as it should be
     else:
         if twistd.logfile == "-" or (twistd.nodaemon and not twistd.logfile):
             out: Any = sys.stdout
@@ -124,7 +134,7 @@ def build_observer(twistd: TwistdLogOptions, fmt: str, level: Callable[[], str],
             out = logfile.LogFile.fromFullPath(twistd.logfile or "twistd.log")
             _rotate_on_usr1(out)
         destination = json_file_observer(out) if fmt == "json" else textFileLogObserver(out)
-    return FilteringLogObserver(destination, [LevelPredicate(level)])
+    return FilteringLogObserver(destination, [level])
 
 
 def _rotate_on_usr1(out: logfile.LogFile) -> None:
@@ -133,8 +143,9 @@ def _rotate_on_usr1(out: logfile.LogFile) -> None:
         return
 
     def rotate(signum: int, frame: Any) -> None:
-        from twisted.internet import reactor
+        from twisted.internet import reactor as default_reactor
 
+        reactor: Any = default_reactor
         reactor.callFromThread(out.rotate)
 
     signal.signal(signal.SIGUSR1, rotate)

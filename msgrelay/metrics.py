@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
@@ -27,6 +27,8 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from .pools import PoolLoad
+from .settings import Reload, Settings
 from .wire.errors import ProtocolError
 
 log = Logger(namespace="msgrelay.metrics")
@@ -39,12 +41,12 @@ UNMATCHED = "(unmatched)"
 class RoutePatterns:
     """Maps a request path to its route pattern (`/api/v1/user/<user_id>`), so labels stay few."""
 
-    def __init__(self, url_map: Any, extra: Callable[[], Iterable[bytes]] = lambda: ()):
+    def __init__(self, url_map: Any, extra: Mapping[bytes, Any]):
         self.url_map = url_map
-        self.extra = extra
+        self.extra = extra  # the site's extra routes (b"/metrics"), served as named
 
     def __call__(self, method: str, path: str) -> str:
-        if path.encode("utf-8", "replace") in set(self.extra()):
+        if path.encode("utf-8", "replace") in self.extra:
             return path
         adapter = self.url_map.bind("relay")
         try:
@@ -63,11 +65,10 @@ class RoutePatterns:
 
 
 class FederationCollector:
-    """Per-destination federation queue gauges, read from `source()` at each scrape.
+    """Per-destination federation queue gauges, read from `federation` at each scrape.
 
-    `source()` returns the federation service (or None while there is none); its
-    `queue_status()` gives dicts with `destination`, `queued`, `oldest_age_seconds` and
-    `backoff_seconds`.
+    Its `queue_status()` gives dicts with `destination`, `queued`, `oldest_age_seconds`
+    and `backoff_seconds`.
     """
 
     FAMILIES = (
@@ -78,13 +79,12 @@ class FederationCollector:
          "Current retry back-off for a peer relay (0 when delivering normally)"),
     )
 
-    def __init__(self, source: Callable[[], Any]):
-        self.source = source
+    def __init__(self, federation: Any):
+        self.federation = federation
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         families = {key: GaugeMetricFamily(name, doc, labels=["destination"]) for key, name, doc in self.FAMILIES}
-        federation = self.source()
-        status = getattr(federation, "queue_status", None)
+        status = getattr(self.federation, "queue_status", None)
         if status is not None:
             try:
                 rows = list(status())
@@ -98,6 +98,24 @@ class FederationCollector:
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         family.add_metric([destination], float(value))
         return list(families.values())
+
+
+class PoolCollector:
+    """Size, busy threads and queued work of each thread pool (msgrelay/pools.py), per scrape."""
+
+    def __init__(self, loads: Callable[[], Mapping[str, PoolLoad]]):
+        self.loads = loads
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        size = GaugeMetricFamily("msgrelay_thread_pool_size", "Most threads a pool runs", labels=["pool"])
+        busy = GaugeMetricFamily("msgrelay_thread_pool_busy", "Threads of a pool running work", labels=["pool"])
+        queued = GaugeMetricFamily("msgrelay_thread_pool_queued", "Work waiting for a thread of a pool",
+                                   labels=["pool"])
+        for name, load in self.loads().items():
+            size.add_metric([name], load.size)
+            busy.add_metric([name], load.busy)
+            queued.add_metric([name], load.queued)
+        return [size, busy, queued]
 
 
 class RelayMetrics:
@@ -126,6 +144,11 @@ class RelayMetrics:
         self.timeouts = Counter("msgrelay_connections_timed_out",
                                 "Connections cut off: idle, or headers or body too slow", ["phase"], registry=r)
         self.open_connections = Gauge("msgrelay_http_open_connections", "Open client connections", registry=r)
+        self.connections_refused = Counter("msgrelay_connections_refused",
+                                           "Connections refused by a connection cap (503 errno 180)", ["cap"],
+                                           registry=r)
+        self.dns_pending = Gauge("msgrelay_dns_lookups_pending", "DNS lookups in progress (push and federation)",
+                                 registry=r)
         self.store_messages = Gauge("msgrelay_store_messages", "Unexpired messages in the store", registry=r)
         self.store_bytes = Gauge("msgrelay_store_bytes", "Payload bytes of unexpired messages in the store",
                                  registry=r)
@@ -177,20 +200,19 @@ class RelayMetrics:
         self.store_oldest.set(max(0.0, now - oldest) if oldest is not None else 0)
         self.store_refreshed.set(now)
 
-    def attach(self, site: Any, core: Any, limits: Any, url_map: Any,
-               federation: Callable[[], Any]) -> None:
-        """Hook this into the running relay's site, core, rate limits and federation."""
-        self.routes = RoutePatterns(url_map, lambda: site.routes.keys())
-        site.request_observers.append(self.observe_request)
-        site.timeout_observers.append(self.observe_timeout)
+    def watch(self, site: Any, url_map: Any, federation: Any, pools: Callable[[], Mapping[str, PoolLoad]]) -> None:
+        """Read the site's routes and open connections, the federation queues and the thread
+        pools at each scrape. (The core, rate limits and site are given this object's
+        `observe_*` methods when they are built.)"""
+        self.routes = RoutePatterns(url_map, site.routes)
         self.open_connections.set_function(lambda: site.open_connections)
-        core.stored_observers.append(self.observe_stored)
-        expired = getattr(core, "expired_observers", None)
-        if expired is not None:
-            expired.append(self.observe_expired)
-        if limits is not None:
-            limits.observers.append(self.observe_rate_limited)
         self.registry.register(FederationCollector(federation))
+        self.registry.register(PoolCollector(pools))
+
+    def attach_transport(self, limiter: Any, resolver: Any) -> None:
+        """Hook this into the connection limiter and the DNS resolver."""
+        limiter.refusal_observers.append(lambda cap: self.connections_refused.labels(cap).inc())
+        self.dns_pending.set_function(lambda: resolver.pending)
 
     def exposition(self, accept: Optional[str]) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")
@@ -198,19 +220,25 @@ class RelayMetrics:
 
 
 class StoreStats:
-    """Refreshes the store gauges in the background, at most every `interval()` seconds."""
+    """Refreshes the store gauges in the background, at most every `metrics.stats_interval` seconds."""
 
-    def __init__(self, metrics: RelayMetrics, store: Any, clock: Any, interval: Callable[[], float]):
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"metrics"})
+
+    def __init__(self, metrics: RelayMetrics, store: Any, clock: Any, settings: Settings):
         self.metrics = metrics
         self.store = store
         self.clock = clock
-        self.interval = interval
+        self.settings = settings
         self.last: Optional[float] = None
         self.running: Optional[Deferred] = None
 
+    def reconfigure(self, reload: Reload) -> None:
+        self.settings = reload.running
+
     def maybe_refresh(self) -> Optional[Deferred]:
         now = self.clock.seconds()
-        if self.running is not None or (self.last is not None and now - self.last < self.interval()):
+        if self.running is not None or (self.last is not None
+                                        and now - self.last < self.settings.metrics.stats_interval):
             return self.running
         self.last = now
         started = time.monotonic()
@@ -241,20 +269,26 @@ class MetricsPage(Resource):
     """
 
     isLeaf = True
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"metrics", "server"})
 
-    def __init__(self, metrics: RelayMetrics, token: Callable[[], str], public: bool,
-                 errors_url: Callable[[], str] = lambda: "", stats: Optional[StoreStats] = None):
+    def __init__(self, metrics: RelayMetrics, settings: Settings, public: bool,
+                 stats: Optional[StoreStats] = None):
         super().__init__()
         self.metrics = metrics
-        self.token = token
+        self.settings = settings
         self.public = public
-        self.errors_url = errors_url
         self.stats = stats
+
+    def reconfigure(self, reload: Reload) -> None:
+        self.settings = reload.running
+
+    def errors_url(self) -> str:
+        return self.settings.server.errors_url
 
     def render(self, request: Any) -> bytes:
         from .web.responses import info_base, write_error
 
-        expected = self.token()
+        expected = self.settings.metrics.token
         if self.public and not expected:
             error = ProtocolError(132, f"no endpoint {request.path.decode('utf-8', 'replace')} on this relay")
             return write_error(request, error, info_base(request, self.errors_url()))
@@ -280,21 +314,34 @@ class MetricsPage(Resource):
 class MetricsSite(server.Site):
     """The dedicated metrics listener: `/metrics` only, same connection deadlines, no access log."""
 
-    def __init__(self, page: MetricsPage, clock: Any, idle_timeout: Callable[[], float],
-                 header_timeout: Callable[[], float], body_timeout: Callable[[], float]):
+    noisy = False
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"timeouts", "metrics", "server"})
+
+    def __init__(self, page: MetricsPage, clock: Any, settings: Settings,
+                 timeout_observers: Iterable[Callable[[str], None]] = ()):
         from .timeouts import RelayChannel
 
         root = Resource()
         root.putChild(b"metrics", page)
         super().__init__(root, reactor=clock)
-        self.protocol = RelayChannel
-        self.idle_timeout = idle_timeout
-        self.header_timeout = header_timeout
-        self.body_timeout = body_timeout
+        self.protocol = RelayChannel  # type: ignore[method-assign,assignment]  # HTTP/1.1 only, with deadlines
+        self.page = page
+        self.settings = settings
+        self.timeout_observers = list(timeout_observers)
+
+    def reconfigure(self, reload: Reload) -> None:
+        self.settings = reload.running
+        self.page.reconfigure(reload)
+
+    def connection_opened(self, channel: Any) -> None:
+        pass
+
+    def connection_closed(self, channel: Any) -> None:
+        pass
 
     def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
-        channel.timeOut = self.idle_timeout()
+        channel.timeOut = self.settings.timeouts.idle
         return channel
 
     def log(self, request: Any) -> None:

@@ -22,16 +22,19 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Optional, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .wire.errors import ProtocolError
 
+if TYPE_CHECKING:
+    from .settings import Reload, Settings
+
 log = Logger()
 
-_RATE = re.compile(r"^\s*([0-9]+)\s*/\s*([0-9]+)\s*$")
+_RATE = re.compile(r"[ \t]*([0-9]+)[ \t]*/[ \t]*([0-9]+)[ \t]*")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -46,7 +49,7 @@ class Rate:
         """'COUNT/SECONDS' -> Rate, 'off' -> None; ValueError naming the problem otherwise."""
         if text.strip().lower() == "off":
             return None
-        match = _RATE.match(text)
+        match = _RATE.fullmatch(text)
         if not match:
             raise ValueError(f"{text!r} is not COUNT/SECONDS (e.g. \"20/3600\") or \"off\"")
         count, period = int(match.group(1)), int(match.group(2))
@@ -135,7 +138,7 @@ def client_host(peer: Optional[str], forwarded_for: Sequence[str], trusted: Sequ
 
 
 class RateLimits:
-    """The relay's four limits, read from `settings` on every check (so SIGHUP applies)."""
+    """The relay's limits, read from `settings` on every check (so SIGHUP applies)."""
 
     #: limit name -> (settings key, what the key is, what is limited)
     LIMITS = {
@@ -143,14 +146,22 @@ class RateLimits:
         "send": ("send_per_address", "address", "messages sent"),
         "fetch": ("fetch_per_user", "user", "fetches"),
         "token": ("token_per_user", "user", "token mints"),
+        "account": ("account_per_user", "user", "account requests (GET, PUT, DELETE /user)"),
+        "token_manage": ("token_manage_per_user", "user", "token list and revoke requests"),
+        "ack": ("ack_per_user", "user", "acknowledgements"),
     }
 
-    def __init__(self, settings: Any, clock: IReactorTime):
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"rate_limits"})
+
+    def __init__(self, settings: Settings, clock: IReactorTime, observers: Sequence[Callable[[str], None]] = ()):
         self.settings = settings
         self.clock = clock
         self.buckets = {name: TokenBuckets(clock) for name in self.LIMITS}
-        self.observers: list[Callable[[str], None]] = []  # told the limit's name on each refusal
+        self.observers = list(observers)  # told the limit's name on each refusal
         self._parsed: dict[str, tuple[str, Optional[Rate]]] = {}
+
+    def reconfigure(self, reload: Reload) -> None:
+        self.settings = reload.running
 
     def _rate(self, name: str) -> Optional[Rate]:
         text = getattr(self.settings.rate_limits, self.LIMITS[name][0])
@@ -179,8 +190,8 @@ class RateLimits:
             self._check(name, key)
 
     def check_user(self, name: str, user_id: str) -> None:
-        """Per-user limit (`fetch`, `token`): call after authentication, so nobody can use
-        up someone else's allowance by naming their user id."""
+        """Per-user limit (every signed endpoint): call once the signature verified, so
+        nobody can use up someone else's allowance by naming their user id."""
         self._check(name, user_id)
 
     def _check(self, name: str, key: str) -> None:

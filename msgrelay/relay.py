@@ -1,4 +1,4 @@
-"""The relay's domain operations (PROTOCOL.md sections 4-6), free of HTTP.
+"""The relay's domain operations (docs/protocol.md sections 4-6), free of HTTP.
 
 The store, clock and keyring are injected; the web layer only translates. Observers
 hear of each stored message (push) and a forwarder, when set, takes remote packets.
@@ -8,24 +8,29 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 import secrets
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import __version__
+from .keytransitions import listed
 from .serverkey import ServerKeyring
-from .settings import Settings
+from .settings import Reload, Settings
 from .store.interface import (
-    IStore, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, UserRecord,
+    IStore, MessageRecord, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, UserRecord,
 )
 from .wire.canonical import parse_json_object
 from .wire.dates import format_date
 from .wire.envelope import AES_GCM, ALGORITHMS, open_envelope, seal
 from .wire.errors import ProtocolError, malformed
+from .wire.fetchanswer import bounded_json_list
 from .wire.keys import fingerprint, is_user_id, load_public_key, public_key_pem, user_id_for_key
 from .wire.packet import Packet, parse_packet
 from .wire.signing import SignedRequest, check_time_window, verify_signature
@@ -35,12 +40,16 @@ log = Logger()
 #: The longest token lifetime a client may ask for (ten years), beyond which `expires_in` is refused.
 MAX_TOKEN_SECONDS = 10 * 365 * 86400
 MAX_LABEL_CHARS = 200
-MAX_ACK_IDS = 1000
+MAX_ACK_IDS = 1000  # message ids in one acknowledgement
+MAX_FETCH_LIMIT = 1000  # messages in one fetch answer (`limit`, `limits.fetch_default`)
 MAX_PUSH_URL_CHARS = 2048
+
+#: Runs a CPU-bound call off the reactor thread and fires its result: `run(fn, *args)`.
+Executor = Callable[..., Deferred]
 
 
 class Forwarder(Protocol):
-    """Takes packets for users of other relays (federation, PROTOCOL.md section 7)."""
+    """Takes packets for users of other relays (federation, docs/protocol.md section 7)."""
 
     def forward(self, packet: Packet, received: int, expires: int, forwarded_by: Optional[str]) -> Any:
         """Queue durably; fire (message id, expires), the first packet's for a duplicate.
@@ -58,6 +67,13 @@ def check_push_endpoint(value: str) -> Optional[str]:
     if len(value) > MAX_PUSH_URL_CHARS or not value.startswith("https://") or len(value) <= len("https://"):
         raise malformed(f"push_endpoint must be an https:// URL of at most {MAX_PUSH_URL_CHARS} characters, or \"\"")
     return value
+
+
+def seal_fetch_answer(key: rsa.RSAPublicKey, messages: list[MessageRecord], max_bytes: int) -> tuple[dict[str, str], int]:
+    """Encode the leading messages that fit in `max_bytes` and seal them to `key` (AES-256-GCM).
+    Fires the envelope and how many messages it holds. Runs in a worker thread."""
+    plaintext, count = bounded_json_list((m.to_json() for m in messages), max_bytes)
+    return seal(key, plaintext, AES_GCM), count
 
 
 def _tell(observers: list[Callable[..., None]], *args: Any) -> None:
@@ -78,17 +94,51 @@ async def _guard(deferred: Any) -> Any:
 
 
 class RelayCore:
-    def __init__(self, settings: Settings, store: IStore, keyring: ServerKeyring, clock: IReactorTime):
+    #: Reconfigurable: a reload hands over the whole new settings object.
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"server", "limits", "registration"})
+
+    def __init__(self, settings: Settings, store: IStore, keyring: ServerKeyring, clock: IReactorTime, *,
+                 forwarder: Optional[Forwarder] = None,
+                 message_observers: Sequence[Callable[[UserRecord, str], None]] = (),
+                 stored_observers: Sequence[Callable[[NewMessage], None]] = (),
+                 expired_observers: Sequence[Callable[[int], None]] = (),
+                 run_crypto: Optional[Executor] = None):
+        """`run_crypto` runs work that grows with input size (sealing fetch answers) off the
+        reactor thread: the relay's crypto pool (msgrelay/pools.py); by default a small pool
+        of the core's own, stopped at shutdown."""
         self.settings = settings
         self.store = store
         self.keyring = keyring
         self.clock = clock
-        self.forwarder: Optional[Forwarder] = None
-        self.message_observers: list[Callable[[UserRecord, str], None]] = []
+        #: Takes packets for other relays; None: federation is not wired (errno 122).
+        self.forwarder = forwarder
+        #: Told (recipient, message id) of each stored message (push).
+        self.message_observers = list(message_observers)
         #: Told each newly stored message (not duplicates), e.g. for metrics.
-        self.stored_observers: list[Callable[[NewMessage], None]] = []
+        self.stored_observers = list(stored_observers)
         #: Told how many messages each expiry sweep removed.
-        self.expired_observers: list[Callable[[int], None]] = []
+        self.expired_observers = list(expired_observers)
+        self._own_pool: Optional[ThreadPool] = None
+        self._own_pool_trigger: Any = None
+        self.run_crypto: Executor = run_crypto or self._in_own_pool
+
+    def reconfigure(self, reload: Reload) -> None:
+        self.settings = reload.running
+
+    def _in_own_pool(self, function: Callable[..., Any], *args: Any) -> Deferred:
+        if self._own_pool is None:
+            self._own_pool = ThreadPool(0, 2, "msgrelay-seal")
+            self._own_pool.start()
+            self._own_pool_trigger = self.clock.addSystemEventTrigger(  # type: ignore[attr-defined]
+                "during", "shutdown", self.close)
+        return deferToThreadPool(cast(Any, self.clock), self._own_pool, function, *args)
+
+    def close(self) -> None:
+        """Stop the core's own worker threads, if it started any (the service stops it)."""
+        pool, self._own_pool = self._own_pool, None
+        if pool is not None:
+            self.clock.removeSystemEventTrigger(self._own_pool_trigger)  # type: ignore[attr-defined]
+            pool.stop()
 
     @property
     def name(self) -> str:
@@ -108,6 +158,7 @@ class RelayCore:
             "fingerprint": self.keyring.fingerprint,
             "algorithms": list(ALGORITHMS),
             "max_body_bytes": limits.max_body_bytes,
+            "max_fetch_bytes": limits.max_fetch_bytes,
             "default_ttl": limits.default_ttl,
             "max_ttl": limits.max_ttl,
             "max_validity": limits.max_validity,
@@ -121,6 +172,7 @@ class RelayCore:
                 for p in self.keyring.previous
                 if now < p.until
             ],
+            "key_transitions": listed(self.keyring.transitions, now, self.settings.server.key_transition_keep),
         }
 
     async def health(self) -> dict[str, str]:
@@ -130,21 +182,24 @@ class RelayCore:
     # -- users ----------------------------------------------------------------
 
     async def register(self, body: dict[str, Any]) -> dict[str, str]:
+        if "push_endpoint" in body:
+            # Revision 2: anyone may register anyone's public key, so an endpoint set here
+            # would let a stranger watch the victim's mail arrive.
+            raise malformed("push_endpoint cannot be set at registration; use the signed PUT /api/v1/user")
         for name in body:
-            if name not in ("key", "push_endpoint", "registration_token"):
+            if name not in ("key", "registration_token"):
                 raise malformed(f"unknown parameter {name!r}")
         for name in body:
             if not isinstance(body[name], str):
                 raise malformed(f"{name} must be a string")
         if "key" not in body:
             raise malformed("key is missing")
-        push = check_push_endpoint(body.get("push_endpoint", ""))
         key = load_public_key(body["key"])
         user_id = user_id_for_key(key)
         if await _guard(self.store.get_user(user_id)) is not None:
             return {"user_id": user_id}
         self._check_registration_allowed(body.get("registration_token"))
-        record = UserRecord(user_id, public_key_pem(key), push, self.now())
+        record = UserRecord(user_id, public_key_pem(key), None, self.now())
         added = await _guard(self.store.add_user(record))
         if added:
             log.info("registered user {user_id}", user_id=user_id)
@@ -169,8 +224,14 @@ class RelayCore:
             raise ProtocolError(130, f"no user {user_id} on this relay")
         return {"user_id": user.user_id, "key": user.key_pem}
 
-    async def authenticate(self, request: SignedRequest, method: str, path: str) -> UserRecord:
-        """Time window (105, 111), user (130), signature (110), replay (112), in that order."""
+    async def authenticate(
+        self, request: SignedRequest, method: str, path: str, limit: Optional[Callable[[UserRecord], None]] = None
+    ) -> UserRecord:
+        """Time window (105, 111), user (130), signature (110), replay (112), in that order.
+
+        `limit`, the endpoint's per-user rate limit, runs once the signature verified and
+        before the replay cache is written: a refused request costs no durable write.
+        """
         limits = self.settings.limits
         now = self.clock.seconds()
         check_time_window(request.date, request.validity, now, limits.max_skew, limits.max_validity)
@@ -178,12 +239,31 @@ class RelayCore:
         if user is None:
             raise ProtocolError(130, f"no user {request.user_id} on this relay")
         verify_signature(load_public_key(user.key_pem), request.signature, request.base(method, path, self.name))
+        if limit is not None:
+            limit(user)
         digest = hashlib.sha256(request.signature.encode("ascii")).digest()
         # Live while now < until: strictly past the last instant the request is valid.
         until = math.floor(request.date + request.validity + limits.max_skew) + 1
         if not await _guard(self.store.remember_signature(digest, until, int(now))):
             raise ProtocolError(112, "this signed request was already used; sign every request afresh")
         return user
+
+    async def account(self, user: UserRecord) -> dict[str, Any]:
+        """The caller's own account (signed GET /user): what is stored about it, and its quota."""
+        now = self.now()
+        pending, pending_bytes = await _guard(self.store.usage(user.user_id, now))
+        tokens = await _guard(self.store.list_tokens(user.user_id))
+        limits = self.settings.limits
+        return {
+            "user_id": user.user_id,
+            "created": format_date(user.created),
+            "push_endpoint": user.push_endpoint,
+            "pending": pending,
+            "pending_bytes": pending_bytes,
+            "tokens": sum(1 for t in tokens if t.is_valid(now)),
+            "quota_messages": limits.quota_messages,
+            "quota_bytes": limits.quota_bytes,
+        }
 
     async def set_push_endpoint(self, user: UserRecord, value: str) -> dict[str, Any]:
         endpoint = check_push_endpoint(value)
@@ -210,6 +290,11 @@ class RelayCore:
     async def mint_token(self, user: UserRecord, expires_in: Optional[int], label: Optional[str]) -> dict[str, Any]:
         lifetime = self.settings.limits.token_lifetime if expires_in is None else expires_in
         now = self.now()
+        cap = self.settings.limits.max_tokens_per_user
+        held = await _guard(self.store.list_tokens(user.user_id))
+        if sum(1 for t in held if t.is_valid(now)) >= cap:
+            raise ProtocolError(160, f"this user already holds {cap} live tokens (limits.max_tokens_per_user); "
+                                     "revoke one before minting another")
         token = secrets.token_urlsafe(32)
         digest = token_digest(token)
         expires = None if lifetime == 0 else now + lifetime
@@ -277,10 +362,12 @@ class RelayCore:
 
     async def fetch(self, user: UserRecord, limit: Optional[int]) -> dict[str, Any]:
         count = self.settings.limits.fetch_default if limit is None else limit
-        messages, remaining = await _guard(self.store.fetch(user.user_id, self.now(), count))
-        plaintext = json.dumps([m.to_json() for m in messages], separators=(",", ":")).encode("utf-8")
-        sealed = seal(load_public_key(user.key_pem), plaintext, AES_GCM)
-        return {**sealed, "count": len(messages), "remaining": remaining}
+        max_bytes = self.settings.limits.max_fetch_bytes
+        # The store stops on payload sizes (bounding memory); the exact cut on the encoded
+        # plaintext, and the sealing, run off the reactor thread.
+        messages, remaining = await _guard(self.store.fetch(user.user_id, self.now(), count, max_bytes))
+        sealed, taken = await self.run_crypto(seal_fetch_answer, load_public_key(user.key_pem), messages, max_bytes)
+        return {**sealed, "count": taken, "remaining": remaining + len(messages) - taken}
 
     async def acknowledge(self, user: UserRecord, ids: list[str]) -> dict[str, int]:
         deleted = await _guard(self.store.acknowledge(user.user_id, ids))

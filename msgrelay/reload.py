@@ -7,18 +7,21 @@ registration mode and tokens, rate limits, timeouts, trusted proxies, metrics to
 level, ...) take effect for the next request, on connections already open; each change is
 logged, and each changed setting that needs a restart is logged as such and keeps its
 running value. No connection is closed by a reload.
+
+Settings are frozen: a reload builds a new `Settings` object (`Settings.reload_to`) and
+hands the whole of it to each component whose sections changed (`Reconfigurable`).
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from .settings import SettingError, Settings
+from .settings import EVERY_RELOAD, Reconfigurable, SettingError, Settings
 
 log = Logger(namespace="msgrelay.reload")
 
@@ -28,12 +31,13 @@ class ReloadService(Service):
 
     name = "reload"
 
-    def __init__(self, settings: Settings, load: Callable[[], Settings], reactor: Any, source: str = ""):
+    def __init__(self, settings: Settings, load: Callable[[], Settings], reactor: Any, source: str = "",
+                 listeners: Sequence[Reconfigurable] = ()):
         self.settings = settings
         self.load = load
         self.reactor = reactor
         self.source = source
-        self.on_reload: list[Callable[[list[str]], None]] = []
+        self.listeners = tuple(listeners)
         self._previous: Any = None
         self._installed = False
 
@@ -61,12 +65,15 @@ class ReloadService(Service):
         except SettingError as e:
             log.error("reload refused, the running configuration is unchanged: {error}", error=str(e))
             return None
-        applied, needs_restart = self.settings.reload_from(new)
-        for callback in self.on_reload:
-            try:
-                callback(applied)
-            except Exception:
-                log.failure("reload callback failed")
+        reload = self.settings.reload_to(new)
+        self.settings = reload.running
+        for listener in self.listeners:
+            wanted = listener.settings_sections
+            if wanted is EVERY_RELOAD or wanted & reload.sections:
+                try:
+                    listener.reconfigure(reload)
+                except Exception:
+                    log.failure("reload of {listener!r} failed", listener=listener)
         log.info("reload done: {applied} setting(s) applied, {restart} need a restart",
-                 applied=len(applied), restart=len(needs_restart))
-        return applied, needs_restart
+                 applied=len(reload.applied), restart=len(reload.needs_restart))
+        return list(reload.applied), list(reload.needs_restart)

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from .durable import replace_durably
 from .wire.keys import fingerprint, public_key_pem
+from .wire.transitions import Transition
 
 SERVER_KEY_BITS = 3072
 log = Logger()
@@ -32,6 +33,8 @@ class PreviousKey:
 class ServerKeyring:
     current: rsa.RSAPrivateKey
     previous: list[PreviousKey] = field(default_factory=list)
+    #: Every key transition written by rotations, oldest first (public; kept after the keys go).
+    transitions: list[Transition] = field(default_factory=list)
 
     @property
     def public_pem(self) -> str:

@@ -17,18 +17,22 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 
 from . import __version__
-from .logs import TwistdLogOptions, build_observer
-from .metrics import MetricsPage, MetricsSite, RelayMetrics, StoreStats
-from .ratelimit import RateLimits
-from .reload import ReloadService
-from .timeouts import raise_open_file_limit
+from .builder import Relay, build_relay
+from .federation.push import PushNotifier
+from .federation.resolver import CachingResolver
+from .federation.service import FederationService
+from .keyrotation import KeyringWatcher
+from .logs import LevelPredicate, TwistdLogOptions, build_observer
+from .metrics import RelayMetrics
 from .relay import RelayCore
-from .keyrotation import KeyringWatcher, load_keyring, previous_keys_dir
+from .control.server import build_control
+from .reload import ReloadService
 from .serverkey import ServerKeyError
-from .settings import SettingError, Settings, read_toml, resolve
-from .store.factory import open_store
+from .settings import SettingError, Settings, looks_public, read_toml, resolve
+from .startrecord import write_record
 from .store.interface import StoreUnavailable
-from .web.api import RelayAPI, allowed_methods
+from .timeouts import raise_open_file_limit
+from .twisted_compat import raise_listen_errors_synchronously
 from .web.site import RelaySite
 
 log = Logger()
@@ -43,15 +47,18 @@ def fail(message: str, status: int = 2) -> None:
 
 class Options(usage.Options):
     synopsis = ("[--config PATH] [--listen ENDPOINT ...] [--state-dir DIR] [--server-name NAME] "
-                "[--peer NAME=URL[#FINGERPRINT] ...]")
+                "[--peer NAME=URL[#FINGERPRINT] ...] [--federation off|allowlist|open]")
     longdesc = (
         "Run a msgrelay relay. With no options it serves http://127.0.0.1:8080 from a maildir "
         "store in ./msgrelay-data. Command-line values override the config file."
     )
     optParameters = [
-        ["config", "c", None, "TOML config file (see etc/msgrelay.toml)."],
+        ["config", "c", None, "TOML config file (`msgrelay-admin config example` prints one with every setting)."],
         ["state-dir", "d", None, "State directory: server key and maildir store. [default: ./msgrelay-data]"],
-        ["server-name", "n", None, "Public DNS name (with optional :port) of this relay. [default: host name]"],
+        # No short flag: twistd users type -n for --nodaemon.
+        ["server-name", None, None, "Public DNS name (with optional :port) of this relay. [default: host name]"],
+        ["federation", None, None, "Federation mode: off, allowlist or open; overrides federation.mode. "
+                                   "[default: allowlist when --peer is given, else off]"],
         ["log-format", None, None, "Log as 'text' or 'json' (one JSON object per line); overrides log.format. "
                                    "[default: text]"],
         ["log-level", None, None, "Least severe level logged: debug, info, warn, error or critical; "
@@ -66,7 +73,7 @@ class Options(usage.Options):
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted server endpoint string to listen on, repeatable
-        (e.g. tcp:8080:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem).
+        (e.g. tcp:8080:interface=127.0.0.1, ssl:8443:interface=127.0.0.1:privateKey=key.pem:certKey=cert.pem).
         [default: tcp:8080:interface=127.0.0.1]"""
         self["listen"].append(endpoint)
 
@@ -95,6 +102,8 @@ class Options(usage.Options):
             overrides["server.name"] = self["server-name"]
         if self["peer"]:
             overrides["federation.peers"] = list(self["peer"])
+        if self["federation"] is not None:
+            overrides["federation.mode"] = self["federation"]
         if self["log-format"] is not None:
             overrides["log.format"] = self["log-format"]
         if self["log-level"] is not None:
@@ -104,19 +113,22 @@ class Options(usage.Options):
         # builds that observer itself, in log.format and filtered by log.level (logs.py).
         self.twistd_logging = TwistdLogOptions(getattr(self, "parent", None))
         try:
-            self.settings = self.load_settings()
+            settings = self.settings = self.load_settings()
         except SettingError as e:
             fail(str(e))
-        for description in self.settings.server.listen:
+        for description in settings.server.listen:
             _check_endpoint(description)
-        for description in self.settings.metrics.listen:
+        for description in settings.metrics.listen:
             _check_endpoint(description, "metrics.listen")
 
     def load_settings(self) -> Settings:
         """Config file (read now) and command-line overrides, resolved; SettingError if bad.
         Used at start-up and again on each SIGHUP."""
         file_values = read_toml(self["config"]) if self["config"] else {}
-        return resolve(file_values, getattr(self, "overrides", {}))
+        overrides = getattr(self, "overrides", {})
+        if "federation.peers" in overrides and "federation.mode" not in {**file_values, **overrides}:
+            overrides = {**overrides, "federation.mode": "allowlist"}  # peers given: meant to be reached
+        return resolve(file_values, overrides)
 
 
 def _check_endpoint(description: str, setting: str = "server.listen / --listen") -> None:
@@ -134,149 +146,149 @@ def _check_endpoint(description: str, setting: str = "server.listen / --listen")
 class ListeningService(StreamServerEndpointService):
     """Listen at start-up, turning a port already in use into one clear line."""
 
-    _raiseSynchronously = True
-
-    def __init__(self, endpoint: Any, factory: Any, description: str):
+    def __init__(self, endpoint: Any, factory: Any, description: str, on_failure: Any = None):
         super().__init__(endpoint, factory)
+        raise_listen_errors_synchronously(self)
         self.description = description
+        self.on_failure = on_failure
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except Exception as e:
+            if self.on_failure is not None:
+                self.on_failure()
             fail(f"cannot listen on {self.description}: {e}", status=1)
         log.info("listening on {endpoint}", endpoint=self.description)
 
 
-def build_core(settings: Settings, reactor: Any) -> RelayCore:
-    """Store, key and domain core for these settings (start-up errors are one line)."""
-    try:
-        store = open_store(settings, reactor)
-        keyring = load_keyring(settings, reactor.seconds())
-    except (StoreUnavailable, ServerKeyError) as e:
-        fail(str(e), status=1)
-    return RelayCore(settings, store, keyring, reactor)
-
-
-def makeService(options: Options, reactor: Any = None) -> MultiService:
+def makeService(options: Options, reactor: Any = None) -> "RelayService":
+    """The relay (builder.py), then its SIGHUP reloader, listeners and timers."""
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
     settings = options.settings
     assert settings is not None
-    core = build_core(settings, reactor)
-    limits = RateLimits(settings, reactor)
-    api = RelayAPI(core, limits)
-    site = RelaySite(
-        api.app.resource(),
-        reactor,
-        max_body_bytes=lambda: settings.limits.max_body_bytes,
-        errors_url=lambda: settings.server.errors_url,
-        allowed_methods=lambda path: allowed_methods(api, path),
-        idle_timeout=lambda: settings.timeouts.idle,
-        header_timeout=lambda: settings.timeouts.headers,
-        body_timeout=lambda: settings.timeouts.body,
-        trusted_proxies=lambda: settings.server.trusted_proxies,
-    )
-    top = RelayService()
-    top.core = core  # type: ignore[attr-defined]
-    top.site = site  # type: ignore[attr-defined]
-    top.limits = limits  # type: ignore[attr-defined]
-    reloader = _add_operations(top, options, settings, core, api, site, limits, reactor)
-    _add_federation(top, core, settings, reactor, reloader)
-    for description in settings.server.listen:
-        ListeningService(serverFromString(reactor, description), site, description).setServiceParent(top)
-    expiry = TimerService(settings.store.expire_interval, _expire, core)
-    expiry.clock = reactor
-    expiry.setServiceParent(top)
-    # Picks up `msgrelay-admin rotate-key` and drops retired keys after their grace period.
-    watcher = KeyringWatcher(core.keyring, settings.key_path(), previous_keys_dir(settings), reactor)
-    top.keyring_watcher = watcher  # type: ignore[attr-defined]
-    reloader.on_reload.append(lambda applied: _check_keys(watcher))  # SIGHUP re-reads the key files too
-    key_watch = TimerService(settings.server.key_check_interval, _check_keys, watcher)
-    key_watch.clock = reactor
-    key_watch.setServiceParent(top)
-    log.info("msgrelay {version} serving {name} from {backend} store",
-             version=__version__, name=core.name, backend=core.store.name)
+    soft, hard = raise_open_file_limit()  # first: the connection caps are sized from it
+    log.info("open-file limit {soft} (hard limit {hard})", soft=soft, hard=hard)
+    new_key = not settings.key_path().exists()
+    relay = _build(settings, reactor)
+    write_record(settings.state_dir, options["config"], getattr(options, "overrides", {}))
+    level = LevelPredicate(settings.log.level)
+    metrics_sites = [(description, relay.metrics_site()) for description in settings.metrics.listen]
+    reloader = ReloadService(settings, options.load_settings, reactor, source=options["config"] or "",
+                             listeners=[*relay.reconfigurables, level, *(site for _, site in metrics_sites)])
+    top = RelayService(relay, reloader, _log_observer(options, settings, level))
+    relay.service.setServiceParent(top)  # pools, DNS, federation, push: started first, stopped last
+    reloader.setServiceParent(top)
+
+    def forget_new_key() -> None:  # a start that failed leaves no key behind
+        if new_key:
+            settings.key_path().unlink(missing_ok=True)
+
+    listeners: list[tuple[str, Any, str]] = [(d, relay.connections, d) for d in settings.server.listen]
+    listeners += [(d, site, f"{d} (metrics)") for d, site in metrics_sites]
+    for description, site, shown in listeners:
+        ListeningService(serverFromString(reactor, description), site, shown, forget_new_key).setServiceParent(top)
+    build_control(settings, relay.federation, relay.keyring_watcher, reactor).setServiceParent(top)
+    timers = [(settings.store.expire_interval, _expire, relay.core),
+              (settings.server.key_check_interval, _check_keys, relay.keyring_watcher)]
+    for interval, function, argument in timers:
+        timer = TimerService(interval, function, argument)
+        timer.clock = reactor
+        timer.setServiceParent(top)
+    _start_up_lines(settings, relay)
     return top
 
 
-class RelayService(MultiService):
-    """The service tree. Under twistd it also hands twistd msgrelay's log observer: twistd
-    uses an `ILogObserver` component of the application unless given `--logger`."""
+def _start_up_lines(settings: Settings, relay: Relay) -> None:
+    log.info("msgrelay {version} serving {name} from {backend} store",
+             version=__version__, name=relay.core.name, backend=relay.store.name)
+    if settings.name_from_host and not looks_public(relay.core.name):
+        log.warn("server.name is unset and the host name {name!r} does not look like a public DNS name; "
+                 "addresses and signatures use it, so set server.name (or --server-name) to the relay's "
+                 "public name", name=relay.core.name)
+    if settings.federation.mode == "allowlist" and not settings.federation.peers:
+        log.warn("federation allowlist has no peers yet: every remote address is refused (errno 122) until "
+                 "you add one to federation.peers and reload (SIGHUP), or restart with --peer NAME=URL[#FP]")
 
-    log_observer: Any = None
+
+def _build(settings: Settings, reactor: Any) -> Relay:
+    """build_relay, with start-up errors as one line; the outbox lock is taken now, so a
+    second relay on the same state directory stops here."""
+    from .federation.outbox import OutboxBusy, OutboxUnavailable
+
+    try:
+        relay = build_relay(settings, reactor)
+        relay.federation.acquire_lock()
+    except (StoreUnavailable, ServerKeyError) as e:
+        fail(str(e), status=1)
+    except OutboxBusy as e:
+        fail(f"federation outbox: {e}; is another relay using state_dir {settings.state_dir}?", status=1)
+    except (OutboxUnavailable, OSError, ValueError) as e:
+        fail(f"federation: {e}", status=1)
+    return relay
+
+
+def _log_observer(options: Options, settings: Settings, level: LevelPredicate) -> Optional[ILogObserver]:
+    """msgrelay's log observer for twistd, unless the operator named a --logger."""
+    twistd = getattr(options, "twistd_logging", None)
+    if twistd is not None and twistd.ours:
+        return build_observer(twistd, settings.log.format, level, warn=lambda message: log.warn(message))
+    if twistd is not None and twistd.under_twistd:
+        log.warn("twistd --logger is given: log.format and log.level do not apply")
+    return None
+
+
+class RelayService(MultiService):
+    """The service tree of `twistd msgrelay`: the relay's parts, its reloader and listeners.
+
+    twistd takes its log observer from, in order: its `--logger` option; an `ILogObserver`
+    component of the application; its own `--logfile`/`--syslog` options. It builds the
+    application after `makeService` returns and only then attaches this service to it, so
+    attaching is the one moment a plugin can set that component (docs/architecture.md).
+    """
+
+    def __init__(self, relay: Relay, reloader: ReloadService, log_observer: Optional[ILogObserver] = None):
+        super().__init__()
+        self.relay = relay
+        self.reloader = reloader
+        self.log_observer = log_observer
+
+    @property
+    def core(self) -> RelayCore:
+        return self.relay.core
+
+    @property
+    def site(self) -> RelaySite:
+        return self.relay.site
+
+    @property
+    def metrics(self) -> RelayMetrics:
+        return self.relay.metrics
+
+    @property
+    def federation(self) -> FederationService:
+        return self.relay.federation
+
+    @property
+    def resolver(self) -> CachingResolver:
+        return self.relay.resolver
+
+    @property
+    def connections(self) -> Any:
+        return self.relay.connections
+
+    @property
+    def push(self) -> PushNotifier:
+        return self.relay.push
 
     def setServiceParent(self, parent: Any) -> Any:
         if (self.log_observer is not None and isinstance(parent, Componentized)
                 and parent.getComponent(ILogObserver, None) is None):
             parent.setComponent(ILogObserver, self.log_observer)
         return super().setServiceParent(parent)
-
-
-def _add_operations(top: RelayService, options: Options, settings: Settings, core: RelayCore, api: RelayAPI,
-                    site: RelaySite, limits: RateLimits, reactor: Any) -> ReloadService:
-    """Open-file limit, metrics, SIGHUP reload and log output (docs/operations.md).
-    Returns the SIGHUP reloader, for other parts to hook into."""
-    soft, hard = raise_open_file_limit()
-    log.info("open-file limit {soft} (hard limit {hard})", soft=soft, hard=hard)
-
-    metrics = RelayMetrics(__version__, core.store.name)
-    metrics.attach(site, core, limits, api.app.url_map, lambda: getattr(top, "federation", None))
-    stats = StoreStats(metrics, core.store, reactor, lambda: settings.metrics.stats_interval)
-    top.metrics = metrics  # type: ignore[attr-defined]
-    site.routes[b"/metrics"] = MetricsPage(metrics, lambda: settings.metrics.token, public=True,
-                                           errors_url=lambda: settings.server.errors_url, stats=stats)
-    for description in settings.metrics.listen:
-        page = MetricsPage(metrics, lambda: settings.metrics.token, public=False, stats=stats)
-        metrics_site = MetricsSite(page, reactor, idle_timeout=lambda: settings.timeouts.idle,
-                                   header_timeout=lambda: settings.timeouts.headers,
-                                   body_timeout=lambda: settings.timeouts.body)
-        ListeningService(serverFromString(reactor, description), metrics_site,
-                         f"{description} (metrics)").setServiceParent(top)
-
-    reloader = ReloadService(settings, options.load_settings, reactor, source=options["config"] or "")
-    reloader.setServiceParent(top)
-    top.reloader = reloader  # type: ignore[attr-defined]
-
-    twistd = getattr(options, "twistd_logging", None)
-    if twistd is not None and twistd.ours:
-        top.log_observer = build_observer(twistd, settings.log.format, lambda: settings.log.level,
-                                          warn=lambda message: log.warn(message))
-    elif twistd is not None and twistd.under_twistd:
-        log.warn("twistd --logger is given: log.format and log.level do not apply")
-    return reloader
-
-
-def _add_federation(top: MultiService, core: RelayCore, settings: Settings, reactor: Any,
-                    reloader: ReloadService) -> None:
-    """Federation sender (PROTOCOL.md section 7) and push notifier (section 8).
-
-    Added before the listeners, so it is started first and stopped last.
-    """
-    from .federation.factory import build_push, build_sender
-    from .federation.outbox import OutboxBusy, OutboxUnavailable
-
-    try:
-        sender = build_sender(settings, reactor)
-        sender.acquire_lock()
-        push = build_push(settings, core.store, reactor)
-    except OutboxBusy as e:
-        fail(f"federation outbox: {e}; is another relay using state_dir {settings.state_dir}?", status=1)
-    except (OutboxUnavailable, OSError, ValueError) as e:
-        fail(f"federation: {e}", status=1)
-    core.forwarder = sender
-    core.message_observers.append(push)
-    from .federation.factory import reload_policy
-
-    def federation_reloaded(applied: list[str]) -> None:  # SIGHUP: a new mode or peer table applies at once
-        if any(name in ("federation.mode", "federation.peers") for name in applied):
-            reload_policy(sender, settings)
-
-    reloader.on_reload.append(federation_reloaded)
-    sender.setServiceParent(top)
-    push.setServiceParent(top)
-    top.federation = sender  # type: ignore[attr-defined]
-    top.push = push  # type: ignore[attr-defined]
 
 
 async def _expire_once(core: RelayCore) -> None:

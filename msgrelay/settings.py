@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import socket
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
 from .wire.addresses import is_server_name
 
@@ -51,6 +50,29 @@ def _one_of(*choices: str) -> Callable[[str], Optional[str]]:
 
 def _server_name(value: str) -> Optional[str]:
     return None if is_server_name(value) else f"{value!r} is not a DNS name with an optional :port"
+
+
+#: Suffixes of names that never resolve on the public Internet (RFC 2606, 6761, 6762, 8375
+#: and common private conventions).
+_PRIVATE_SUFFIXES = ("localhost", "local", "localdomain", "lan", "home", "home.arpa", "internal", "intranet",
+                     "corp", "private", "test", "example", "invalid")
+
+
+def looks_public(name: str) -> bool:
+    """Whether a server name looks like a public DNS name: dotted, not an IP address, and
+    not under a suffix that only resolves locally. A host name often is none of these."""
+    host = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
+    host = host.lower().rstrip(".")
+    try:
+        import ipaddress
+
+        ipaddress.ip_address(host)
+        return False
+    except ValueError:
+        pass
+    if "." not in host:
+        return False
+    return not any(host == s or host.endswith("." + s) for s in _PRIVATE_SUFFIXES)
 
 
 def _non_empty_list(value: list) -> Optional[str]:
@@ -95,6 +117,17 @@ def _peer_table(value: list) -> Optional[str]:
     return None
 
 
+def _name_servers(value: list) -> Optional[str]:
+    from .federation.resolver import parse_server
+
+    for entry in value:
+        try:
+            parse_server(entry)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
 def _readable_file(value: str) -> Optional[str]:
     if value and not Path(value).is_file():
         return f"{value!r} is not a readable file"
@@ -109,6 +142,8 @@ SETTINGS: list[Setting] = [
     # Read by `msgrelay-admin rotate-key` when it retires a key; the deadline is then fixed.
     Setting("server", "key_grace_period", int, 604800, _non_negative, reloadable=True),
     Setting("server", "key_check_interval", int, 5, _positive),
+    # How long /api/v1/server lists a key transition (docs/protocol.md section 5: at least a year).
+    Setting("server", "key_transition_keep", int, 34560000, _between(31536000, 2**31), reloadable=True),
     Setting("server", "errors_url", str, ""),
     Setting("store", "backend", str, "maildir", _one_of("maildir", "postgresql")),
     Setting("store", "postgres_dsn", str, ""),
@@ -125,24 +160,34 @@ SETTINGS: list[Setting] = [
     Setting("limits", "quota_messages", int, 10000, _positive, reloadable=True),
     Setting("limits", "quota_bytes", int, 104857600, _positive, reloadable=True),
     Setting("limits", "fetch_default", int, 100, None, reloadable=True),
+    # Bound on a fetch answer's plaintext; at least max_body_bytes (docs/protocol.md section 6).
+    Setting("limits", "max_fetch_bytes", int, 4194304, _positive, reloadable=True),
+    Setting("limits", "max_tokens_per_user", int, 100, _positive, reloadable=True),
     # Operations (issue 5): proxies, rate limits, timeouts, metrics, logs.
     Setting("server", "trusted_proxies", list, [], _networks, reloadable=True),
     Setting("rate_limits", "register_per_address", str, "20/3600", _rate, reloadable=True),
     Setting("rate_limits", "send_per_address", str, "300/60", _rate, reloadable=True),
     Setting("rate_limits", "fetch_per_user", str, "120/60", _rate, reloadable=True),
     Setting("rate_limits", "token_per_user", str, "60/3600", _rate, reloadable=True),
+    Setting("rate_limits", "account_per_user", str, "30/60", _rate, reloadable=True),
+    Setting("rate_limits", "token_manage_per_user", str, "60/60", _rate, reloadable=True),
+    Setting("rate_limits", "ack_per_user", str, "120/60", _rate, reloadable=True),
     Setting("rate_limits", "exempt", list, [], _networks, reloadable=True),
     Setting("rate_limits", "ipv6_prefix", int, 64, _between(16, 128), reloadable=True),
     Setting("rate_limits", "max_tracked", int, 50000, _positive, reloadable=True),
     Setting("timeouts", "idle", int, 60, _positive, reloadable=True),
     Setting("timeouts", "headers", int, 20, _positive, reloadable=True),
     Setting("timeouts", "body", int, 120, _positive, reloadable=True),
+    # Connection caps (issue 9): msgrelay/web/connlimit.py.
+    Setting("connections", "per_address", int, 64, _positive, reloadable=True),
+    Setting("connections", "max_total", int, 2048, _positive, reloadable=True),
+    Setting("connections", "reserve_fds", int, 256, _non_negative, reloadable=True),
     Setting("metrics", "listen", list, []),
     Setting("metrics", "token", str, "", reloadable=True, secret=True),
     Setting("metrics", "stats_interval", int, 60, _positive, reloadable=True),
     Setting("log", "format", str, "text", _one_of("text", "json")),
     Setting("log", "level", str, "info", _one_of("debug", "info", "warn", "error", "critical"), reloadable=True),
-    # Federation and push (issue 4): PROTOCOL.md sections 7 and 8; see docs/federation.md.
+    # Federation and push (issue 4): docs/protocol.md sections 7 and 8; see docs/federation.md.
     Setting("federation", "mode", str, "off", _one_of("off", "allowlist", "open"), reloadable=True),
     Setting("federation", "peers", list, [], _peer_table, reloadable=True),
     Setting("federation", "ca_file", str, "", _readable_file),
@@ -155,6 +200,21 @@ SETTINGS: list[Setting] = [
     Setting("push", "ca_file", str, "", _readable_file),
     Setting("push", "retries", int, 3, _between(0, 10)),
     Setting("push", "timeout", int, 10, _positive),
+    Setting("push", "backoff_min", int, 1, _positive),
+    Setting("push", "backoff_max", int, 60, _positive),
+    # The browser client at /app/ (issue 12, docs/web-client.md); needs a restart.
+    Setting("web_client", "enabled", bool, True),
+    # DNS for push endpoints and federation (issue 9): msgrelay/federation/resolver.py.
+    Setting("dns", "servers", list, [], _name_servers),
+    Setting("dns", "timeout", int, 5, _between(1, 60)),
+    Setting("dns", "max_concurrent", int, 64, _positive),
+    Setting("dns", "cache_ttl", int, 300, _non_negative),
+    Setting("dns", "negative_ttl", int, 60, _non_negative),
+    Setting("dns", "cache_size", int, 10000, _positive),
+    # Thread pools (issue 8): the most threads for each kind of blocking work.
+    Setting("pools", "store", int, 8, _between(1, 256)),
+    Setting("pools", "outbox", int, 4, _between(1, 64)),
+    Setting("pools", "crypto", int, 2, _between(1, 64)),
 ]
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -168,8 +228,10 @@ def _typed(setting: Setting, value: Any) -> Any:
         raise SettingError(f"{setting.name}: must be true or false, not {value!r}")
     if kind is str and not isinstance(value, str):
         raise SettingError(f"{setting.name}: must be a string, not {value!r}")
-    if kind is list and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
-        raise SettingError(f"{setting.name}: must be a list of strings, not {value!r}")
+    if kind is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise SettingError(f"{setting.name}: must be a list of strings, not {value!r}")
+        return tuple(value)  # frozen settings hold tuples
     return value
 
 
@@ -197,6 +259,7 @@ def read_toml(path: str) -> dict[str, Any]:
 def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings":
     """Defaults < file < command line; every value typed and checked."""
     values: dict[str, Any] = {}
+    from_host = False
     merged = {**file_values, **overrides}
     for name in merged:
         if name not in BY_NAME:
@@ -206,6 +269,7 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings
         value = _typed(setting, value)
         if setting.name == "server.name" and not value:
             value = socket.gethostname().lower()
+            from_host = True
         if setting.check is not None:
             problem = setting.check(value)
             if problem:
@@ -217,35 +281,206 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings
         raise SettingError("registration.tokens: mode 'token' needs at least one registration token")
     if values["store.backend"] == "postgresql" and not values["store.postgres_dsn"]:
         raise SettingError("store.postgres_dsn: needed when store.backend is 'postgresql'")
-    if not 1 <= values["limits.fetch_default"] <= 1000:
-        raise SettingError("limits.fetch_default: must be between 1 and 1000")
+    from .relay import MAX_FETCH_LIMIT
+
+    if not 1 <= values["limits.fetch_default"] <= MAX_FETCH_LIMIT:
+        raise SettingError(f"limits.fetch_default: must be between 1 and {MAX_FETCH_LIMIT}")
+    if values["limits.max_fetch_bytes"] < values["limits.max_body_bytes"]:
+        raise SettingError("limits.max_fetch_bytes: must be at least limits.max_body_bytes, "
+                           "so that any message a relay accepts can be fetched")
     _check_federation(values)
-    return Settings(values)
+    return Settings.from_values(values, name_from_host=from_host)
 
 
 def _check_federation(values: dict[str, Any]) -> None:
     """Cross-checks of the federation settings (each one alone was checked above)."""
     if values["federation.backoff_min"] > values["federation.backoff_max"]:
         raise SettingError("federation.backoff_min: must not exceed federation.backoff_max")
-    if values["federation.mode"] == "allowlist" and not values["federation.peers"]:
-        raise SettingError("federation.peers: mode 'allowlist' needs at least one peer (--peer NAME=URL)")
+    if values["push.backoff_min"] > values["push.backoff_max"]:
+        raise SettingError("push.backoff_min: must not exceed push.backoff_max")
+    # An allowlist with no peers yet is allowed (the relay logs a warning): you need the
+    # other relay's fingerprint first, and peers are added later with a SIGHUP.
     own = values["server.name"].lower()
     for entry in values["federation.peers"]:
         if entry.partition("=")[0].strip().lower() == own:
             raise SettingError(f"federation.peers: {own} is this relay's own name, not a peer")
 
 
-class Settings:
-    """Resolved settings with attribute access by section: `settings.limits.max_ttl`."""
+# -- the typed, frozen settings ------------------------------------------------------
+#
+# One frozen dataclass per section, one field per SETTINGS row of that section (lists are
+# tuples). Adding a setting is two lines: its row in SETTINGS and its field here. Import
+# fails (and tests/test_settings.py says which) if the two disagree.
 
-    def __init__(self, values: dict[str, Any]):
-        self.values = dict(values)
+Strings = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    name: str
+    listen: Strings
+    state_dir: str
+    key_file: str
+    key_grace_period: int
+    key_check_interval: int
+    errors_url: str
+    trusted_proxies: Strings
+    key_transition_keep: int
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    backend: str
+    postgres_dsn: str
+    expire_interval: int
+
+
+@dataclass(frozen=True)
+class RegistrationSettings:
+    mode: str
+    tokens: Strings
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    max_body_bytes: int
+    default_ttl: int
+    max_ttl: int
+    max_validity: int
+    max_skew: int
+    token_lifetime: int
+    allow_permanent_tokens: bool
+    quota_messages: int
+    quota_bytes: int
+    fetch_default: int
+    max_fetch_bytes: int
+    max_tokens_per_user: int
+
+
+@dataclass(frozen=True)
+class RateLimitsSettings:
+    register_per_address: str
+    send_per_address: str
+    fetch_per_user: str
+    token_per_user: str
+    exempt: Strings
+    ipv6_prefix: int
+    max_tracked: int
+    account_per_user: str
+    token_manage_per_user: str
+    ack_per_user: str
+
+
+@dataclass(frozen=True)
+class TimeoutsSettings:
+    idle: int
+    headers: int
+    body: int
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: Strings
+    token: str
+    stats_interval: int
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str
+    level: str
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    mode: str
+    peers: Strings
+    ca_file: str
+    backoff_min: int
+    backoff_max: int
+    timeout: int
+    key_refresh: int
+    max_queue: int
+
+
+@dataclass(frozen=True)
+class PushSettings:
+    allow_private: bool
+    ca_file: str
+    retries: int
+    timeout: int
+    backoff_min: int
+    backoff_max: int
+
+
+@dataclass(frozen=True)
+class PoolsSettings:
+    store: int
+    outbox: int
+    crypto: int
+
+
+@dataclass(frozen=True)
+class ConnectionsSettings:
+    per_address: int
+    max_total: int
+    reserve_fds: int
+
+
+@dataclass(frozen=True)
+class WebClientSettings:
+    enabled: bool
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    servers: Strings
+    timeout: int
+    max_concurrent: int
+    cache_ttl: int
+    negative_ttl: int
+    cache_size: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings, frozen: `settings.limits.max_ttl`. A reload makes a new object."""
+
+    server: ServerSettings
+    store: StoreSettings
+    registration: RegistrationSettings
+    limits: LimitsSettings
+    rate_limits: RateLimitsSettings
+    timeouts: TimeoutsSettings
+    metrics: MetricsSettings
+    log: LogSettings
+    federation: FederationSettings
+    push: PushSettings
+    pools: PoolsSettings
+    connections: ConnectionsSettings
+    web_client: WebClientSettings
+    dns: DnsSettings
+    #: True when server.name was not set and is the machine's host name (a start-up warning).
+    name_from_host: bool = False
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any], name_from_host: bool = False) -> "Settings":
+        """From {"section.key": value} holding every setting (as `resolve` makes it)."""
         sections: dict[str, dict[str, Any]] = {}
         for name, value in values.items():
             section, key = name.split(".", 1)
-            sections.setdefault(section, {})[key] = value
-        for section, table in sections.items():
-            setattr(self, section, SimpleNamespace(**table))
+            sections.setdefault(section, {})[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**{name: SECTION_TYPES[name](**sections[name]) for name in SECTION_TYPES},
+                   name_from_host=name_from_host)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every setting as {"section.key": value}."""
+        return {s.name: self.get(s.name) for s in SETTINGS}
+
+    def get(self, name: str) -> Any:
+        section, key = name.split(".", 1)
+        return getattr(getattr(self, section), key)
 
     @property
     def state_dir(self) -> Path:
@@ -254,31 +489,97 @@ class Settings:
     def key_path(self) -> Path:
         return Path(self.server.key_file) if self.server.key_file else self.state_dir / "server_key.pem"
 
-    def reload_from(self, new: "Settings") -> tuple[list[str], list[str]]:
-        """Apply `new`'s reloadable values to THIS object in place (SIGHUP).
-
-        The running code reads settings on every use, so a changed value takes effect for
-        the next request. A changed setting that is not reloadable keeps its running value
-        and is logged as needing a restart. Returns (applied, needing_restart) names.
-        """
+    def reload_to(self, new: "Settings") -> "Reload":
+        """What a SIGHUP does with a freshly read `new`: a reload whose `running` object holds
+        `new`'s reloadable values and this object's other values (they need a restart).
+        Each change is logged; a secret's values never are."""
         from twisted.logger import Logger
 
         log = Logger(namespace="msgrelay.settings")
         applied: list[str] = []
         needs_restart: list[str] = []
+        running = self.values
         for setting in SETTINGS:
             name = setting.name
-            old, value = self.values.get(name), new.values.get(name)
+            old, value = self.get(name), new.get(name)
             if old == value:
                 continue
-            shown_old, shown_new = ("(hidden)", "(hidden)") if setting.secret else (repr(old), repr(value))
+            shown_old, shown_new = ("(hidden)", "(hidden)") if setting.secret else (_shown(old), _shown(value))
             if setting.reloadable:
-                self.values[name] = value
-                setattr(getattr(self, setting.section), setting.key, value)
+                running[name] = value
                 applied.append(name)
                 log.info("reload: {setting} changed from {old} to {new}", setting=name, old=shown_old, new=shown_new)
             else:
                 needs_restart.append(name)
                 log.warn("reload: {setting} changed in the configuration ({old} to {new}) but needs a restart; "
                          "still using {old}", setting=name, old=shown_old, new=shown_new)
-        return applied, needs_restart
+        return Reload(self, Settings.from_values(running, self.name_from_host), tuple(applied), tuple(needs_restart))
+
+
+def _shown(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+SECTION_TYPES: dict[str, type] = {
+    "server": ServerSettings, "store": StoreSettings, "registration": RegistrationSettings,
+    "limits": LimitsSettings, "rate_limits": RateLimitsSettings, "timeouts": TimeoutsSettings,
+    "metrics": MetricsSettings, "log": LogSettings, "federation": FederationSettings,
+    "push": PushSettings, "pools": PoolsSettings, "connections": ConnectionsSettings,
+    "web_client": WebClientSettings, "dns": DnsSettings,
+}
+
+_ANNOTATION = {int: "int", str: "str", bool: "bool", list: "Strings"}
+
+
+def table_mismatches() -> list[str]:
+    """Where SETTINGS and the dataclasses above disagree (empty when they agree)."""
+    problems: list[str] = []
+    rows = {s.name: s for s in SETTINGS}
+    sections = {f.name for f in fields(Settings) if f.name != "name_from_host"}
+    for section in sorted(({s.section for s in SETTINGS} | set(SECTION_TYPES)) ^ sections):
+        problems.append(f"section {section!r}: needs a field of Settings and an entry in SECTION_TYPES")
+    for section, kind in SECTION_TYPES.items():
+        declared = {f"{section}.{f.name}": f.type for f in fields(kind)}
+        for name in sorted(set(declared) - set(rows)):
+            problems.append(f"{name}: a field of {kind.__name__} without a SETTINGS row")
+        for name, row in rows.items():
+            if row.section != section:
+                continue
+            if name not in declared:
+                problems.append(f"{name}: a SETTINGS row without a field in {kind.__name__}")
+            elif declared[name] != _ANNOTATION[row.kind]:
+                problems.append(f"{name}: field type {declared[name]} but the row says {row.kind.__name__}")
+    return problems
+
+
+_problems = table_mismatches()
+if _problems:
+    raise ImportError("msgrelay.settings: SETTINGS and the section dataclasses disagree: " + "; ".join(_problems))
+
+
+@dataclass(frozen=True)
+class Reload:
+    """One SIGHUP: the settings before, the settings now running, and what changed."""
+
+    old: Settings
+    running: Settings
+    applied: tuple[str, ...]
+    needs_restart: tuple[str, ...]
+
+    @property
+    def sections(self) -> frozenset[str]:
+        """The sections with an applied change."""
+        return frozenset(name.split(".", 1)[0] for name in self.applied)
+
+
+#: `settings_sections` of a component told of every reload, even one changing nothing.
+EVERY_RELOAD: frozenset[str] = frozenset({"*"})
+
+
+class Reconfigurable(Protocol):
+    """A component told of a reload changing a section it reads (`settings_sections`)."""
+
+    settings_sections: ClassVar[frozenset[str]]
+
+    def reconfigure(self, reload: Reload) -> None:
+        """Take `reload.running` (the whole new frozen object) for the next use."""

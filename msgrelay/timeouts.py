@@ -17,10 +17,16 @@ connection is closed (aborted 15 s later if the client does not read even that).
 from __future__ import annotations
 
 import resource
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Callable, Optional, Protocol
 
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
+
+from .settings import Settings
+from .twisted_compat import abort_later, has_buffered_input, is_handling_request
 
 log = Logger(namespace="msgrelay.timeouts")
 
@@ -31,12 +37,22 @@ _TIMEOUT_ANSWER = (
 )
 
 
-class RelayChannel(http.HTTPChannel):
-    """An HTTP/1.1 channel with absolute deadlines for request headers and body.
+class TimedSite(Protocol):
+    """What a RelayChannel needs of its site: the running settings (read per request, so a
+    reload applies to the next one) and whom to tell of connections and cut-offs."""
 
-    The site gives the limits as callables read per request (`header_timeout()`,
-    `body_timeout()`), so a reload applies to the next request.
-    """
+    settings: Settings
+    timeout_observers: list[Callable[[str], None]]
+
+    def connection_opened(self, channel: "RelayChannel") -> None: ...
+
+    def connection_closed(self, channel: "RelayChannel") -> None: ...
+
+
+class RelayChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel with absolute deadlines for request headers and body."""
+
+    site: TimedSite
 
     _deadline: Any = None
     _phase: Optional[str] = None
@@ -44,42 +60,45 @@ class RelayChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        opened = getattr(self.site, "connection_opened", None)
-        if opened is not None:
-            opened(self)
+        self.site.connection_opened(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._cut_off:
             return  # answered 408 and closing: nothing more is parsed
         super().dataReceived(data)
-        if (self._deadline is None and not self._handlingRequest and not self._cut_off
-                and (self._buffer or self.requests) and self.transport is not None
-                and not self.transport.disconnecting):
+        if (self._deadline is None and not is_handling_request(self) and not self._cut_off
+                and (has_buffered_input(self) or self.requests) and self.transport is not None
+                and not getattr(self.transport, "disconnecting", False)):
             # Part of a request is here (a partial line, or lines without the end of the
             # headers): its headers must all arrive within the deadline, counted from now.
-            self._start("headers", getattr(self.site, "header_timeout", lambda: None)())
+            self._start("headers", self.site.settings.timeouts.headers)
 
     def allHeadersReceived(self) -> None:
         self._cancel()
         super().allHeadersReceived()
         if self.length != 0 and not self._cut_off:
             # A body follows (Content-Length or chunked); allContentReceived ends this.
-            self._start("body", getattr(self.site, "body_timeout", lambda: None)())
+            self._start("body", self.site.settings.timeouts.body)
 
     def allContentReceived(self) -> None:
         self._cancel()
         super().allContentReceived()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel()
         super().connectionLost(reason)
-        closed = getattr(self.site, "connection_closed", None)
-        if closed is not None:
-            closed(self)
+        self.site.connection_closed(self)
 
     def timeoutConnection(self) -> None:
         self._report("idle")
         super().timeoutConnection()
+
+    def stop_deadlines(self) -> None:
+        """The request was answered early (413) and the connection is closing: no timer
+        may answer it again, and nothing more is parsed."""
+        self._cut_off = True
+        self._cancel()
+        self.setTimeout(None)
 
     # -- deadlines ---------------------------------------------------------------
 
@@ -87,7 +106,7 @@ class RelayChannel(http.HTTPChannel):
         self._cancel()
         if seconds:
             self._phase = phase
-            self._deadline = self.callLater(seconds, self._expired, phase, seconds)
+            self._deadline = self.callLater(seconds, partial(self._expired, phase, seconds))
 
     def _cancel(self) -> None:
         if self._deadline is not None:
@@ -109,10 +128,10 @@ class RelayChannel(http.HTTPChannel):
             self.transport.write(_TIMEOUT_ANSWER)
             self.loseConnection()
             if self.abortTimeout is not None:
-                self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+                abort_later(self, self.abortTimeout)
 
     def _report(self, phase: str) -> None:
-        for observer in getattr(self.site, "timeout_observers", ()):
+        for observer in self.site.timeout_observers:
             try:
                 observer(phase)
             except Exception:

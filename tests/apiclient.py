@@ -1,4 +1,4 @@
-"""A raw HTTP client for server tests: builds requests by hand from PROTOCOL.md, over real sockets."""
+"""A raw HTTP client for server tests: builds requests by hand from docs/protocol.md, over real sockets."""
 
 from __future__ import annotations
 
@@ -64,17 +64,22 @@ class RequestBuilder:
 
 
 class ApiClient(RequestBuilder):
-    """Speaks to one relay at `url` with treq; `clock` gives the `date` of signed requests."""
+    """Speaks to one relay at `url`; `clock` gives the `date` of signed requests, `http` makes
+    the requests (`request` below, over sockets; or memrelay.InMemoryHTTP, without)."""
+
+    def __init__(self, url: str, server_name: str, server_key_pem: str, clock=None, http=None):
+        super().__init__(url, server_name, server_key_pem, clock)
+        self.http = http or request
 
     @classmethod
-    async def connect(cls, url: str, clock=None) -> "ApiClient":
-        info = await request("GET", url + "/api/v1/server")
-        return cls(url, info.body["name"], info.body["key"], clock)
+    async def connect(cls, url: str, clock=None, http=None) -> "ApiClient":
+        info = await (http or request)("GET", url + "/api/v1/server")
+        return cls(url, info.body["name"], info.body["key"], clock, http)
 
     async def call(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
                    headers: Optional[dict] = None, raw: Optional[bytes] = None) -> Answer:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        return await request(method, self.target(path, query), data, headers)
+        return await self.http(method, self.target(path, query), data, headers)
 
     async def signed(self, user: User, method: str, path: str, **params: Any) -> Answer:
         params = self.signed_params(user, method, path, **params)

@@ -10,20 +10,25 @@ import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from apiclient import ApiClient, User
-from relayproc import free_port
+from memrelay import MemoryRelay
+from relayproc import KEYS, free_port, seed_server_key
 
 _KEYS: list[rsa.RSAPrivateKey] = []
 
 
 def _key(index: int) -> rsa.RSAPrivateKey:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     while len(_KEYS) <= index:
-        _KEYS.append(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+        key = load_pem_private_key((KEYS / f"user-{len(_KEYS)}.pem").read_bytes(), None)
+        assert isinstance(key, rsa.RSAPrivateKey)
+        _KEYS.append(key)
     return _KEYS[index]
 
 
 @pytest.fixture
 def users():
-    """Distinct users (2048-bit keys, generated once per session)."""
+    """Distinct users (fixed 2048-bit test keys from tests/keys/)."""
     return [User(_key(i)) for i in range(4)]
 
 
@@ -42,6 +47,8 @@ class LiveRelay:
             ["--listen", f"tcp:{self.port}:interface=127.0.0.1", "--state-dir", str(state_dir),
              "--server-name", "relay.test", *args]
         )
+        assert options.settings is not None
+        seed_server_key(state_dir, options.settings.server.name)
         self.service = makeService(options, reactor)
         self.core = self.service.core
         self.url = f"http://127.0.0.1:{self.port}"
@@ -58,19 +65,47 @@ class LiveRelay:
         return maybeDeferred(self.service.stopService)
 
 
-@pytest.fixture
-def start_relay(tmp_path):
-    """Start relays with extra command-line args; all are stopped at the end of the test."""
-    started: list[LiveRelay] = []
+def _starting(make: Any) -> Any:
+    """Yield `start(...)`, which builds a relay with `make(index, ...)` and starts it; every
+    relay started is stopped at the end."""
+    started: list[Any] = []
 
-    async def start(*args: str, state_dir: Optional[Path] = None) -> LiveRelay:
-        relay = LiveRelay(state_dir or tmp_path / f"state{len(started)}", list(args))
+    async def start(*args: Any, **kwargs: Any) -> Any:
+        relay = make(len(started), *args, **kwargs)
         started.append(relay)
         return await relay.start()
 
     yield start
     for relay in started:
         pytest_twisted.blockon(relay.stop())
+
+
+@pytest.fixture
+def start_relay(tmp_path):
+    """Start relays with extra command-line args; all are stopped at the end of the test."""
+
+    def make(index: int, *args: str, state_dir: Optional[Path] = None) -> LiveRelay:
+        return LiveRelay(state_dir or tmp_path / f"state{index}", list(args))
+
+    yield from _starting(make)
+
+
+@pytest.fixture
+def start_memory_relay(tmp_path):
+    """Start in-memory relays (memrelay.py) with settings given as section__key=value."""
+
+    def make(index: int, **values: Any) -> MemoryRelay:
+        return MemoryRelay(tmp_path / f"memory{index}", {k.replace("__", "."): v for k, v in values.items()})
+
+    yield from _starting(make)
+
+
+@pytest.fixture
+def memory_relay(start_memory_relay):
+    """One in-memory relay with default settings."""
+    from twisted.internet.defer import Deferred
+
+    return pytest_twisted.blockon(Deferred.fromCoroutine(start_memory_relay()))
 
 
 @pytest.fixture

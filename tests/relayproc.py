@@ -13,7 +13,27 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
+
+
+KEYS = Path(__file__).parent / "keys"
+_SERVER_NAMES: list[str] = []
+
+
+def seed_server_key(state_dir: Path, server_name: str) -> None:
+    """Give a relay about to start in a new state directory a fixed test key (tests/keys/),
+    instead of having it generate a 3072-bit key. Distinct names get distinct keys (up to
+    four). An existing state directory is left alone: its relay keeps or creates its key."""
+    state_dir = Path(state_dir)
+    if state_dir.exists():
+        return
+    if server_name not in _SERVER_NAMES:
+        _SERVER_NAMES.append(server_name)
+    index = _SERVER_NAMES.index(server_name) % 4
+    state_dir.mkdir(parents=True, mode=0o700)
+    target = state_dir / "server_key.pem"
+    shutil.copyfile(KEYS / f"server-{index}.pem", target)
+    os.chmod(target, 0o600)
 
 
 def free_port() -> int:
@@ -40,6 +60,8 @@ class RelayProcess:
         scheme: str = "http",
         listen: Optional[str] = None,
         env: Optional[dict[str, str]] = None,
+        preexec_fn: Optional[Callable[[], None]] = None,
+        seed_key: bool = True,
     ):
         self.state_dir = Path(state_dir)
         self.server_name = server_name
@@ -49,7 +71,10 @@ class RelayProcess:
         self.listen = listen or f"tcp:{self.port}:interface=127.0.0.1"
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}-{self.port}.log"
         self.env = env
+        self.preexec_fn = preexec_fn  # e.g. to lower the relay's resource limits
         self.proc: Optional[subprocess.Popen] = None
+        if seed_key:
+            seed_server_key(self.state_dir, server_name)
 
     @property
     def url(self) -> str:
@@ -69,7 +94,8 @@ class RelayProcess:
         # test must exercise the installed package, not the checkout.
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=self.state_dir.parent
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=self.state_dir.parent,
+            preexec_fn=self.preexec_fn,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

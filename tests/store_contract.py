@@ -10,7 +10,7 @@ Usage in a backend's test module::
             return ...  # a ready, EMPTY IStore provider (fresh for every test)
 
 Nothing here knows about files or databases: times are passed explicitly (`now`), nothing
-sleeps, and every expectation comes from `msgrelay/store/interface.py` and PROTOCOL.md
+sleeps, and every expectation comes from `msgrelay/store/interface.py` and docs/protocol.md
 section 6. Conventions pinned down here where the interface is terse:
 
 - a message, dedup record or token is live while `now < expires`; at `now == expires` it
@@ -223,6 +223,27 @@ class StoreContract:
         assert [m.data for m in everything] == [f"m{i}" for i in range(5)] and remaining == 0
 
     @pytest_twisted.ensureDeferred
+    async def test_fetch_stops_before_the_message_that_would_pass_max_bytes(self, store):
+        await store.add_user(user(ALICE))
+        sizes = [100, 100, 300, 50]
+        sent = [message(data="x" * (n - 8)) for n in sizes]  # password "cGFzcw==" is 8 bytes
+        assert [m.size for m in sent] == sizes
+        ids = [(await store.deliver(ALICE, f"k{i}", m, BIG, NOW)).message_id for i, m in enumerate(sent)]
+        page, remaining = await store.fetch(ALICE, NOW, 1000, max_bytes=250)
+        assert [m.message_id for m in page] == ids[:2] and remaining == 2  # 100 + 100; 300 more would pass
+        page, remaining = await store.fetch(ALICE, NOW, 1, max_bytes=250)
+        assert [m.message_id for m in page] == ids[:1] and remaining == 3  # limit binds first
+        page, remaining = await store.fetch(ALICE, NOW, 1000, max_bytes=200)
+        assert [m.message_id for m in page] == ids[:2] and remaining == 2  # exactly full
+        page, remaining = await store.fetch(ALICE, NOW, 1000, max_bytes=10)
+        assert [m.message_id for m in page] == ids[:1] and remaining == 3  # the first always comes
+        await store.acknowledge(ALICE, ids[:2])
+        page, remaining = await store.fetch(ALICE, NOW, 1000, max_bytes=250)
+        assert [m.message_id for m in page] == ids[2:3] and remaining == 1
+        page, remaining = await store.fetch(ALICE, NOW, 1000, max_bytes=None)
+        assert [m.message_id for m in page] == ids[2:] and remaining == 0
+
+    @pytest_twisted.ensureDeferred
     async def test_many_quick_deliveries_get_unique_ids_in_arrival_order(self, store):
         await store.add_user(user(ALICE))
         ids = []
@@ -340,6 +361,38 @@ class StoreContract:
         assert fits.size == 50
         assert (await store.deliver(ALICE, "k4", fits, quota, NOW)).duplicate is False  # exactly full
         assert len(await fetch_all(store)) == 3
+
+    @pytest_twisted.ensureDeferred
+    async def test_quota_counts_utf8_bytes_not_characters(self, store):
+        """docs/protocol.md section 6: quotas count stored bytes (an emoji is 4 of them)."""
+        await store.add_user(user(ALICE))
+        emoji = message(data="\U0001F600" * 20, password="é" * 5, signature=None)
+        assert emoji.size == 20 * 4 + 5 * 2
+        quota = Quota(max_messages=100, max_bytes=150)
+        await store.deliver(ALICE, "k1", emoji, quota, NOW)  # 90 bytes (25 characters)
+        with pytest.raises(QuotaExceeded):
+            await store.deliver(ALICE, "k2", emoji, quota, NOW)  # 180 bytes would not fit
+        stats = await store.stats(NOW)
+        assert stats["bytes"] == 90
+        [stored] = await fetch_all(store)
+        assert stored.data == emoji.data and stored.password == emoji.password
+
+    @pytest_twisted.ensureDeferred
+    async def test_usage_counts_one_users_pending_unexpired_messages(self, store):
+        assert await store.usage(ALICE, NOW) == (0, 0)  # unknown user
+        await store.add_user(user(ALICE))
+        await store.add_user(user(BOB))
+        assert await store.usage(ALICE, NOW) == (0, 0)
+        short = message(data="a" * 10, password="p" * 10, expires=NOW + 10)
+        long = message(data="b" * 20, password="p" * 10, signature="s" * 4)
+        first = await store.deliver(ALICE, "k1", short, BIG, NOW)
+        await store.deliver(ALICE, "k2", long, BIG, NOW)
+        await store.deliver(BOB, "k1", long, BIG, NOW)
+        assert await store.usage(ALICE, NOW) == (2, short.size + long.size)
+        assert await store.usage(ALICE, NOW + 10) == (1, long.size)  # short has expired
+        await store.acknowledge(ALICE, [first.message_id])
+        assert await store.usage(ALICE, NOW) == (1, long.size)
+        assert await store.usage(BOB, NOW) == (1, long.size)
 
     @pytest_twisted.ensureDeferred
     async def test_duplicate_bypasses_full_quota(self, store):

@@ -14,7 +14,7 @@ from typing import Optional
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from msgrelay.federation.outbox import Outbox
+from msgrelay.federation.outbox import FederationOutbox
 from msgrelay.keyrotation import retire
 from msgrelay.serverkey import write_private_key
 from msgrelay.store.interface import NewMessage, Quota, TokenRecord, UserRecord
@@ -83,7 +83,7 @@ def test_stats_human_and_json(state):
     state.deliver(bob, 1)
     state.deliver(bob, 1, ttl=-10)  # already expired: not counted
     assert admin_json("stats", "-d", str(state.root))["queues"] == []
-    outbox = Outbox.open(state.root / "outbox")
+    outbox = FederationOutbox.open(state.root / "outbox")
     for expires in (state.now + 60, state.now + 60, state.now - 1):
         outbox.add("other.example:8443", {"id": "p"}, state.now - 30, expires)
     result = admin("stats", "--state-dir", str(state.root))

@@ -1,5 +1,10 @@
-"""Every endpoint of PROTOCOL.md section 5 and the errnos of section 9, over real sockets
-against the real service tree (makeService) with the default maildir store."""
+"""Every endpoint of docs/protocol.md section 5 and the errnos of section 9.
+
+The endpoints run in memory (tests/memrelay.py: StubTreq over the Klein resource of a relay
+from build_relay, on a Clock), with the default maildir store. What belongs to the HTTP
+site (CORS and Timestamp headers, preflights, form bodies read as JSON), and the
+capabilities no other file tests over sockets (registration modes, quota), run over real
+sockets against the service tree of `twistd msgrelay` (makeService)."""
 
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ async def test_server_info_headers_and_cors(relay):
     answer = await request("GET", relay.url + "/api/v1/server")
     assert answer.status == 200
     body = answer.body
-    assert set(body) == {"name", "key", "fingerprint", "algorithms", "max_body_bytes", "default_ttl",
-                         "max_ttl", "max_validity", "version", "previous_keys"}
-    assert body["name"] == "relay.test" and body["previous_keys"] == []
+    assert set(body) == {"name", "key", "fingerprint", "algorithms", "max_body_bytes", "max_fetch_bytes", "default_ttl",
+                         "max_ttl", "max_validity", "version", "previous_keys", "key_transitions"}
+    assert body["name"] == "relay.test" and body["previous_keys"] == [] and body["key_transitions"] == []
     assert body["algorithms"] == ["AES-256-GCM", "CHACHA20-POLY1305"]
     assert len(body["fingerprint"]) == 64
     assert answer.headers.getRawHeaders("Content-Type") == ["application/json; charset=utf-8"]
@@ -47,7 +52,8 @@ async def test_preflight_unknown_endpoint_and_wrong_method(relay):
 
 
 @ensure
-async def test_register_lookup_and_key_errors(relay, users):
+async def test_register_lookup_and_key_errors(memory_relay, users):
+    relay = memory_relay
     client = relay.client
     first = await client.register(users[0])
     assert first.status == 200 and first.body == {"user_id": users[0].user_id}
@@ -66,12 +72,13 @@ async def test_register_lookup_and_key_errors(relay, users):
     assert (await client.call("POST", "/api/v1/user", raw=duplicate.encode())).errno == 100
     on_query = await client.call("POST", "/api/v1/user", {"key": users[1].pem}, query={"x": "1"})
     assert on_query.errno == 100 and "query" in on_query.body["message"]
-    bad_push = await client.call("POST", "/api/v1/user", {"key": users[1].pem, "push_endpoint": "http://x"})
+    bad_push = await client.call("POST", "/api/v1/user", {"key": users[1].pem, "push_endpoint": "https://x"})
     assert bad_push.errno == 100 and "push_endpoint" in bad_push.body["message"]
 
 
 @ensure
 async def test_registration_modes(start_relay, users, tmp_path):
+    """Over real sockets, with the modes from a config file: the capability's socket test."""
     config = tmp_path / "token.toml"
     config.write_text('[registration]\nmode = "token"\ntokens = ["let-me-in"]\n')
     relay = await start_relay("--config", str(config))
@@ -89,7 +96,8 @@ async def test_registration_modes(start_relay, users, tmp_path):
 
 
 @ensure
-async def test_signed_request_checks_in_order(relay, users):
+async def test_signed_request_checks_in_order(memory_relay, users):
+    relay = memory_relay
     client = relay.client
     alice = users[0]
     await client.register(alice)
@@ -123,7 +131,8 @@ async def test_signed_request_checks_in_order(relay, users):
 
 
 @ensure
-async def test_tokens_mint_list_revoke(relay, users):
+async def test_tokens_mint_list_revoke(memory_relay, users):
+    relay = memory_relay
     client = relay.client
     alice = users[0]
     await client.register(alice)
@@ -148,12 +157,13 @@ async def test_tokens_mint_list_revoke(relay, users):
 
 
 @ensure
-async def test_send_fetch_acknowledge_cycle(relay, users):
+async def test_send_fetch_acknowledge_cycle(memory_relay, users):
+    relay = memory_relay
     client = relay.client
     alice = users[0]
     await client.register(alice)
     token = await client.mint(alice)
-    sent = [await client.send(alice, token, body=json.dumps({"n": n}).encode(), signature="sig") for n in range(3)]
+    sent = [await client.send(alice, token, body=json.dumps({"n": n}).encode(), signature="c2ln") for n in range(3)]
     assert all(a.status == 200 for a in sent)
     answer, messages = await client.fetch(alice, limit=2)
     assert answer.body["algorithm"] == "AES-256-GCM"
@@ -161,7 +171,7 @@ async def test_send_fetch_acknowledge_cycle(relay, users):
     assert [m["id"] for m in messages] == [a.body["message_id"] for a in sent[:2]]
     token_id = (await client.signed(alice, "GET", "/api/v1/token")).body["tokens"][0]["id"]
     assert set(messages[0]) == {"id", "token", "data", "algorithm", "password", "received", "expires", "signature"}
-    assert messages[0]["token"] == token_id and messages[0]["signature"] == "sig"
+    assert messages[0]["token"] == token_id and messages[0]["signature"] == "c2ln"
     from msgrelay.wire.envelope import open_envelope
     assert json.loads(open_envelope([alice.key], messages[1])) == {"n": 1}
     again, refetched = await client.fetch(alice)
@@ -175,7 +185,8 @@ async def test_send_fetch_acknowledge_cycle(relay, users):
 
 
 @ensure
-async def test_idempotent_delivery_keyed_on_token(relay, users):
+async def test_idempotent_delivery_keyed_on_token(memory_relay, users):
+    relay = memory_relay
     client = relay.client
     alice = users[0]
     await client.register(alice)
@@ -197,7 +208,8 @@ async def test_idempotent_delivery_keyed_on_token(relay, users):
 
 
 @ensure
-async def test_message_errors(relay, users):
+async def test_message_errors(memory_relay, users):
+    relay = memory_relay
     from msgrelay.wire.envelope import seal
     client = relay.client
     alice, bob = users[0], users[1]
@@ -235,6 +247,7 @@ def _parse(text):
 
 @ensure
 async def test_quota(start_relay, users, tmp_path):
+    """Over real sockets, with the quota from a config file: the capability's socket test."""
     config = tmp_path / "quota.toml"
     config.write_text("[limits]\nquota_messages = 2\n")
     relay = await start_relay("--config", str(config))
@@ -250,7 +263,8 @@ async def test_quota(start_relay, users, tmp_path):
 
 
 @ensure
-async def test_push_endpoint_and_account_erasure(relay, users):
+async def test_push_endpoint_and_account_erasure(memory_relay, users):
+    relay = memory_relay
     client = relay.client
     alice = users[0]
     await client.register(alice)
@@ -269,21 +283,22 @@ async def test_push_endpoint_and_account_erasure(relay, users):
 
 
 @ensure
-async def test_health(relay):
-    answer = await request("GET", relay.url + "/api/v1/health")
+async def test_health(memory_relay):
+    relay = memory_relay
+    answer = await relay.client.call("GET", "/api/v1/health")
     assert (answer.status, answer.body) == (200, {"status": "ok"})
 
 
 @ensure
-async def test_message_expiry_is_enforced_on_fetch(relay, users):
-    from twisted.internet import task, reactor
+async def test_message_expiry_is_enforced_on_fetch(memory_relay, users):
+    relay = memory_relay
     client = relay.client
     alice = users[0]
     await client.register(alice)
     token = await client.mint(alice)
     await client.send(alice, token, ttl=1)
     keep = await client.send(alice, token, ttl=600)
-    await task.deferLater(reactor, 2.1, lambda: None)
+    relay.clock.advance(2)
     _, messages = await client.fetch(alice)
     assert [m["id"] for m in messages] == [keep.body["message_id"]]
     assert await relay.core.expire() == 1
@@ -309,15 +324,16 @@ GARBAGE_QUERIES = ["", "?limit=1&limit=2", "?validity=abc", "?user_id=%FF", "?x=
 
 
 @ensure
-async def test_garbage_never_gets_a_traceback_or_a_500(relay):
+async def test_garbage_never_gets_a_traceback_or_a_500(memory_relay):
+    relay = memory_relay
     endpoints = ["/api/v1/user", "/api/v1/token", "/api/v1/message", "/api/v1/user/abc", "/api/v1/health"]
     for path in endpoints:
         for method in ("POST", "PUT", "DELETE"):
             for body in GARBAGE_BODIES:
-                answer = await request(method, relay.url + path, body)
+                answer = await relay.http(method, relay.url + path, body)
                 assert isinstance(answer.body, dict) and answer.body.get("errno") in range(100, 200), (method, path, body[:40], answer.body)
                 assert answer.status < 500
         for query in GARBAGE_QUERIES:
-            answer = await request("GET", relay.url + path + query)
+            answer = await relay.http("GET", relay.url + path + query)
             assert isinstance(answer.body, dict), (path, query, answer.body)
             assert answer.status < 500 and (answer.status == 200 or answer.errno in range(100, 200)), (path, query, answer.body)

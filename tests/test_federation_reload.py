@@ -6,6 +6,7 @@ import json
 
 import pytest_twisted
 
+from msgrelay.federation.queue import QueueState
 from msgrelay.wire.envelope import open_envelope
 from msgrelay.wire.keys import fingerprint
 from test_federation import listen_fake, close_fakes  # noqa: F401  (fixture)
@@ -39,7 +40,7 @@ async def test_reload_adds_a_peer_and_corrects_a_pin(start_relay, users, tmp_pat
     assert "federation.peers" in applied
     queued = await a.client.send(bob, "tok", user_id=address, body=b'{"text":"held"}')
     assert queued.status == 200
-    await eventually(lambda: a.service.federation.queues["b.test"].state == "pin-mismatch")
+    await eventually(lambda: a.service.federation.queues["b.test"].state is QueueState.HELD_KEY_MISMATCH)
     assert fake.received == []
 
     right_pin = fingerprint(peer_key(0).public_key())

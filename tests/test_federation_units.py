@@ -7,7 +7,7 @@ import json
 import os
 import random
 import stat
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from treq.testing import StubTreq
@@ -16,10 +16,13 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from msgrelay.federation.outbox import Outbox, OutboxBusy
+from msgrelay.federation.backoff import Backoff, parse_retry_after
+from msgrelay.federation.deliverer import Deliverer, Outcome, classify
+from msgrelay.federation.outbox import BackoffState, FederationOutbox, OutboxBusy
+from msgrelay.federation.peerkeys import PeerKeys
 from msgrelay.federation.peers import FederationPolicy, PeerError, parse_peer, parse_peer_table
-from msgrelay.federation.queues import backoff_delay, parse_retry_after
-from msgrelay.federation.sender import FederationSender, SenderConfig
+from msgrelay.federation.queue import QueueState
+from msgrelay.federation.service import FederationService
 from msgrelay.wire.errors import ProtocolError
 from msgrelay.wire.packet import parse_packet
 from test_federation_fakes import FakePeer, logs, peer_key  # noqa: F401 (fixture)
@@ -60,21 +63,27 @@ class HostRouter(Resource):
 
 
 class Harness:
-    def __init__(self, tmp_path, peers: dict[str, FakePeer], mode: str = "allowlist", pins: dict[str, str] = {},
+    def __init__(self, tmp_path, peers: dict[str, FakePeer], mode: str = "allowlist", pins: Optional[dict[str, str]] = None,
                  **config: Any):
         self.clock = task.Clock()
         self.clock.advance(T0)
         self.peers = peers
+        pins = pins or {}
         entries = [f"{name}=https://{name}" + (f"#{pins[name]}" if name in pins else "") for name in peers]
         self.policy = FederationPolicy(mode, parse_peer_table(entries), "a.test")
         self.tmp_path = tmp_path
-        self.config = SenderConfig(**{"backoff_min": 1, "backoff_max": 60, "timeout": 10, **config})
+        self.config = {"backoff_min": 1, "backoff_max": 60, "timeout": 10, "key_refresh": 3600, "max_queue": 100000,
+                       **config}
         self.sender = self.new_sender()
 
-    def new_sender(self) -> FederationSender:
+    def new_sender(self) -> FederationService:
+        c = self.config
         http = StubTreq(HostRouter(self.peers))
-        sender = FederationSender(self.policy, Outbox.open(self.tmp_path / "outbox"), "a.test", self.clock, http,
-                                  self.config, run=maybeDeferred, rng=random.Random(7))
+        keys = PeerKeys(http, self.clock, c["key_refresh"], c["timeout"])
+        deliverer = Deliverer(http, keys, self.clock, "a.test", c["timeout"])
+        backoff = Backoff(c["backoff_min"], c["backoff_max"], random.Random(7))
+        sender = FederationService(FederationOutbox.open(self.tmp_path / "outbox"), deliverer, backoff, self.policy,
+                                   self.clock, c["max_queue"], run=maybeDeferred)
         sender.startService()
         return sender
 
@@ -82,7 +91,7 @@ class Harness:
         p = packet(dest, n, ttl)
         received = int(self.clock.seconds())
         expires = received + (ttl or 3600)
-        return fired(Deferred.fromCoroutine(self.sender.forward(p, received, expires, None)))
+        return fired(Deferred.fromCoroutine(self.sender.forwarder.forward(p, received, expires, None)))
 
     def status(self, dest: str) -> dict:
         return next(s for s in self.sender.queue_status() if s["destination"] == dest)
@@ -142,11 +151,14 @@ def test_503_is_retried_with_backoff_then_delivered(harness, logs):
 
 
 def test_backoff_doubles_to_its_ceiling_with_jitter():
-    rng = random.Random(1)
+    backoff = Backoff(1, 3600, random.Random(1))
     for failures, ceiling in [(1, 1), (2, 2), (3, 4), (7, 64), (13, 3600), (500, 3600)]:
         for _ in range(50):
-            assert ceiling / 2 <= backoff_delay(failures, 1, 3600, rng) <= ceiling
-    assert len({backoff_delay(5, 1, 3600, rng) for _ in range(20)}) > 1
+            assert ceiling / 2 <= backoff.delay(failures) <= ceiling
+    assert len({backoff.delay(5) for _ in range(20)}) > 1
+    assert backoff.delay(1, at_least=30) == 30
+    with pytest.raises(ValueError):
+        Backoff(10, 5)
 
 
 def test_retry_after_is_honoured(harness):
@@ -169,7 +181,7 @@ def test_permanent_refusal_drops_the_packet_and_the_queue_goes_on(harness, logs)
     h.send("b.test", 1)
     assert [p["id"] for p in h.peers["b.test"].packets()] == ["p1"]
     assert any("refused" in line and "errno 104" in line and "dropped" in line for line in logs())
-    assert h.sender.queues["b.test"].dropped == 1
+    assert h.sender.queues["b.test"].dropped == 1 and h.sender.queues["b.test"].state is QueueState.IDLE
 
 
 def test_errno_103_refetches_the_key_and_retries_at_once(harness):
@@ -225,7 +237,7 @@ def test_a_hanging_peer_delays_only_its_own_queue(harness):
     h.send("c.test", 1)
     assert [p["id"] for p in h.peers["c.test"].packets()] == ["p1"]
     h.clock.advance(10)  # the request timeout
-    assert h.status("b.test")["queued"] == 1 and h.sender.queues["b.test"].last_error.startswith("TimeoutError")
+    assert h.status("b.test")["queued"] == 1 and h.sender.queues["b.test"].last_error.startswith("timed out")
     h.peers["b.test"].hang = False
     h.clock.advance(1)
     assert [p["id"] for p in h.peers["b.test"].packets()] == ["p0"]
@@ -248,7 +260,32 @@ def test_a_restart_resumes_the_queue_in_order(harness):
     h.sender.stopService()
     assert h.peers["b.test"].packets() == []
     h.sender = h.new_sender()
+    assert h.peers["b.test"].packets() == []  # the saved backoff (under a second) still applies
+    h.clock.advance(1)
     assert [p["id"] for p in h.peers["b.test"].packets()] == ["p0", "p1", "p2", "p3"]
+
+
+def test_a_restart_keeps_the_saved_backoff_instead_of_hammering_the_peer(harness):
+    h = harness("b.test", "c.test", backoff_min=8, backoff_max=64)
+    for name in ("b.test", "c.test"):
+        h.peers[name].script = [(503, {}, {})] * 3
+    h.send("b.test", 0)
+    h.send("c.test", 1)
+    h.clock.advance(8)  # second failure of each: 8..16 s to wait now
+    saved = {name: h.sender.outbox.load_backoff(name) for name in ("b.test", "c.test")}
+    assert all(s.attempts == 2 and s.next_attempt > h.clock.seconds() for s in saved.values())
+    assert "HTTP 503" in saved["b.test"].last_error
+    h.sender.stopService()
+    posts = {name: h.peers[name].posts for name in ("b.test", "c.test")}
+    h.sender = h.new_sender()
+    assert {name: h.peers[name].posts for name in posts} == posts  # nothing sent at start
+    queue = h.sender.queues["b.test"]
+    assert queue.state is QueueState.BACKING_OFF and queue.failures == 2
+    h.clock.advance(max(s.next_attempt for s in saved.values()) - h.clock.seconds())
+    assert all(h.peers[name].posts == posts[name] + 1 for name in posts)  # the third attempt, on time
+    h.clock.advance(64)
+    assert [p["id"] for p in h.peers["b.test"].packets()] == ["p0"]
+    assert h.sender.outbox.load_backoff("b.test") == BackoffState()  # cleared by the delivery
 
 
 def test_duplicate_packet_answers_the_first_id_and_queues_nothing(harness):
@@ -261,7 +298,7 @@ def test_duplicate_packet_answers_the_first_id_and_queues_nothing(harness):
 
 
 def test_outbox_files_are_private_and_durable_names_sort(tmp_path):
-    outbox = Outbox.open(tmp_path / "outbox")
+    outbox = FederationOutbox.open(tmp_path / "outbox")
     entry, duplicate = outbox.add("b.test:8443", {"id": "x"}, 100, 200, "k" * 64)
     assert not duplicate
     path = tmp_path / "outbox" / "b.test_8443" / entry.file_name
@@ -280,16 +317,16 @@ def test_outbox_files_are_private_and_durable_names_sort(tmp_path):
     assert not outbox.is_locked()
 
 
-def test_operator_retry_request_skips_the_backoff(harness):
+def test_operator_retry_skips_the_backoff(harness):
     h = harness("b.test", backoff_min=600, backoff_max=600)
     h.peers["b.test"].script = [(503, {}, {})]
     h.send("b.test", 0)
-    assert h.sender.outbox.request_retry("b.test")
-    assert not h.sender.outbox.request_retry("nowhere.test")
-    h.clock.advance(1)  # the next housekeeping tick sees the request
+    assert h.sender.queues["b.test"].state is QueueState.BACKING_OFF
+    assert h.sender.retry_now("b.test")
+    assert not h.sender.retry_now("nowhere.test")
     assert len(h.peers["b.test"].packets()) == 1
-    status = json.loads((h.tmp_path / "outbox" / ".status.json").read_text())
-    assert status["destinations"]["b.test"]["delivered"] == 1
+    assert h.sender.status_document()["destinations"]["b.test"]["delivered"] == 1
+    assert h.sender.queues["b.test"].state is QueueState.IDLE
 
 
 def test_queue_full_is_refused(harness):
@@ -326,7 +363,6 @@ def test_bad_peer_entries_are_named(entry):
 @pytest.mark.parametrize("values, named", [
     ({"federation.mode": "maybe"}, "federation.mode"),
     ({"federation.peers": ["b.test"]}, "federation.peers"),
-    ({"federation.mode": "allowlist"}, "federation.peers"),
     ({"federation.peers": ["a.test=https://a.test"]}, "federation.peers"),
     ({"federation.backoff_min": 10, "federation.backoff_max": 5}, "federation.backoff_min"),
     ({"federation.ca_file": "/nonexistent/ca.pem"}, "federation.ca_file"),
@@ -339,3 +375,94 @@ def test_bad_federation_settings_are_named(values, named):
     with pytest.raises(SettingError) as info:
         resolve({"server.name": "a.test", **values}, {})
     assert str(info.value).startswith(named)
+
+
+@pytest.mark.parametrize("code, body, retry_after, outcome, delay", [
+    (200, b"{}", None, Outcome.DELIVERED, None),
+    (201, b"", None, Outcome.DELIVERED, None),
+    (400, b'{"errno": 103}', None, Outcome.REFETCH_KEY, None),
+    (400, b'{"errno": 104, "message": "bad"}', None, Outcome.DROP, None),
+    (404, b"<html>", None, Outcome.DROP, None),
+    (408, b"", None, Outcome.RETRY_AFTER, None),
+    (429, b'{"errno": 150}', b"30", Outcome.RETRY_AFTER, 30),
+    (503, b"", b"Wed, 21 Oct 2015 07:28:00 GMT", Outcome.RETRY_AFTER, 10),
+    (302, b"", None, Outcome.RETRY_AFTER, None),
+    (500, b"not json", b"junk", Outcome.RETRY_AFTER, None),
+])
+def test_http_answers_are_classified(code, body, retry_after, outcome, delay):
+    answer = classify(code, body, retry_after, 1445412470)
+    assert (answer.outcome, answer.delay) == (outcome, delay)
+
+
+class Unreachable(Resource):
+    """Every made-up relay answers 503 to everything."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        request.setResponseCode(503)
+        return b'{"errno": 180}'
+
+
+def test_open_federation_to_made_up_relays_leaves_nothing_behind(tmp_path):
+    from msgrelay.metrics import FederationCollector
+
+    clock = task.Clock()
+    clock.advance(T0)
+    http = StubTreq(Unreachable())
+    deliverer = Deliverer(http, PeerKeys(http, clock, 3600, 10), clock, "a.test", 10)
+    policy = FederationPolicy("open", {}, "a.test")
+    service = FederationService(FederationOutbox.open(tmp_path / "outbox"), deliverer,
+                                Backoff(1, 60, random.Random(3)), policy, clock, 1000, run=maybeDeferred)
+    service.startService()
+    try:
+        names = [f"made-up-{n}.example" for n in range(200)]
+        for n, name in enumerate(names):
+            fired(Deferred.fromCoroutine(service.forwarder.forward(packet(name, n, ttl=2), int(T0), int(T0) + 2, None)))
+        assert len(service.queue_status()) == 200
+        assert len(os.listdir(tmp_path / "outbox")) == 200 + 2  # .lock, .dedup
+        assert {q.state for q in service.queues.values()} == {QueueState.BACKING_OFF}
+        timers = len(clock.getDelayedCalls())
+        assert timers <= 200 + 1  # one per queue, and the idempotency sweep
+
+        clock.advance(2)  # every packet expires; each queue's own timer drops them
+        assert service.queue_status() == [] and len(service.queues) == 0
+        assert sorted(os.listdir(tmp_path / "outbox")) == [".dedup", ".lock"]
+        assert [f.samples for f in FederationCollector(lambda: service).collect()] == [[], [], []]
+        assert service.status_document()["destinations"] == {}
+        assert len(clock.getDelayedCalls()) == 1  # only the idempotency sweep is left
+        clock.advance(60)
+        assert os.listdir(tmp_path / "outbox" / ".dedup") == []
+    finally:
+        service.stopService()
+
+
+def test_packets_accepted_while_the_outbox_loads_are_sent_after_the_old_ones(tmp_path):
+    clock = task.Clock()
+    clock.advance(T0)
+    outbox = FederationOutbox.open(tmp_path / "outbox")
+    for n in range(2):  # what a previous process left
+        outbox.add("b.test", packet("b.test", n).to_json(), T0, T0 + 600)
+    peer = FakePeer("b.test", peer_key(0))
+    http = StubTreq(HostRouter({"b.test": peer}))
+    held: list[Deferred] = []
+
+    def run(function: Any, *args: Any) -> Deferred:
+        if getattr(function, "__name__", "") == "_load":  # the outbox load takes its time
+            d: Deferred = Deferred()
+            held.append(d)
+            d.addCallback(lambda _: function(*args))
+            return d
+        return maybeDeferred(function, *args)
+
+    service = FederationService(outbox, Deliverer(http, PeerKeys(http, clock, 3600, 10), clock, "a.test", 10),
+                                Backoff(1, 60), FederationPolicy("allowlist", parse_peer_table(["b.test=https://b.test"]),
+                                                                 "a.test"), clock, 1000, run=run)
+    service.startService()
+    try:
+        fired(Deferred.fromCoroutine(service.forwarder.forward(packet("b.test", 2), T0, T0 + 600, None)))
+        assert peer.packets() == []  # accepted (200) but not sent before the older packets are known
+        held[0].callback(None)
+        assert [p["id"] for p in peer.packets()] == ["p0", "p1", "p2"]
+    finally:
+        service.stopService()

@@ -239,7 +239,9 @@ def test_rotate_key_on_a_running_relay(tmp_path, users):
         assert new_client.call("POST", "/api/v1/message", new_client.packet_envelope(alice, token)).status == 200
 
         until = info["previous_keys"][0]["until"]
-        time.sleep(max(0.0, parse_date(until) - time.time()) + 0.2)
+        # The relay's own clock (the Timestamp header) passes the end of the grace period.
+        wait_for(lambda: int(sync_request("GET", relay.url + "/api/v1/health").headers["Timestamp"])
+                 > parse_date(until))
         refused = client.call("POST", "/api/v1/message", after)
         assert (refused.status, refused.errno) == (400, 103)
         wait_for(lambda: not list(retired.iterdir()))
@@ -264,3 +266,68 @@ async def test_sighup_reload_reads_the_key_files_at_once(start_relay, tmp_path):
     relay.service.reloader.reload()  # what SIGHUP does
     assert relay.core.keyring.fingerprint == done.new_fingerprint
     assert [fp(p.key) for p in relay.core.keyring.previous] == [before]
+
+
+# -- key transitions (docs/protocol.md section 5) ------------------------------------------------------
+
+def test_rotations_write_transitions_signed_by_the_old_key(settings, keyring):
+    from msgrelay.keytransitions import load_transitions, transitions_path
+    from msgrelay.relay import RelayCore
+    from msgrelay.wire.transitions import follow_chain
+
+    clock = Clock()
+    clock.advance(T0)
+    watcher = watcher_for(settings, keyring, clock)
+    first = fp(keyring.current)
+    one = rotate(settings, 100, T0)
+    two = rotate(settings, 100, T0 + 10)
+    entries = load_transitions(transitions_path(settings))
+    assert [(e.from_fp, e.to_fp) for e in entries] == [(first, one.new_fingerprint),
+                                                       (one.new_fingerprint, two.new_fingerprint)]
+    assert follow_chain(first, two.new_fingerprint, entries, "relay.test") == entries
+    assert watcher.check() is True
+    assert keyring.transitions == entries
+    core = RelayCore(settings, None, keyring, clock)
+    assert [t["to"] for t in core.server_info()["key_transitions"]] == [one.new_fingerprint, two.new_fingerprint]
+    # Listed for server.key_transition_keep seconds (400 days by default), then no longer.
+    clock.advance(settings.server.key_transition_keep + 5)
+    assert [t["to"] for t in core.server_info()["key_transitions"]] == [two.new_fingerprint]
+    # The private keys go at the end of their grace period; the transitions stay.
+    watcher.check()
+    assert list_retired(previous_keys_dir(settings)) == []
+    assert load_transitions(transitions_path(settings)) == entries
+
+
+def test_retire_key_destroys_only_after_the_grace_period_unless_forced(settings, keyring):
+    first = fp(keyring.current)
+    rotate(settings, 3600, time.time())
+    refused = admin("retire-key", first, "--state-dir", str(settings.state_dir))
+    assert refused.returncode == 1
+    assert "--before-grace-period-ends" in refused.stderr and "still accepted until" in refused.stdout
+    assert [e.fingerprint for e in list_retired(previous_keys_dir(settings))] == [first]
+    nothing = admin("retire-key", "--state-dir", str(settings.state_dir))
+    assert nothing.returncode == 0 and "kept " + first in nothing.stdout
+    forced = admin("retire-key", first, "--before-grace-period-ends", "--state-dir", str(settings.state_dir), "--json")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["destroyed"] == [first]
+    assert list_retired(previous_keys_dir(settings)) == []
+    keys = json.loads(admin("keys", "--state-dir", str(settings.state_dir), "--json").stdout)
+    assert [t["from"] for t in keys["transitions"]] == [first]
+
+
+def test_keep_key_with_a_successor_writes_the_transition(tmp_path):
+    from msgrelay.keytransitions import load_transitions, transitions_path
+    from msgrelay.wire.keys import public_key_pem
+
+    (tmp_path / "state").mkdir()
+    external, successor = tmp_path / "etc" / "key.pem", tmp_path / "new.pub"
+    old, new = small_key(), small_key()
+    write_private_key(external, old)
+    successor.write_text(public_key_pem(new.public_key()))
+    settings = resolve({}, {"server.state_dir": str(tmp_path / "state"), "server.key_file": str(external),
+                            "server.name": "relay.test"})
+    done = admin("keep-key", str(external), "--successor", str(successor), "--state-dir", str(tmp_path / "state"),
+                 "--json")
+    assert done.returncode == 0, done.stderr
+    [entry] = load_transitions(transitions_path(settings))
+    assert (entry.from_fp, entry.to_fp) == (fp(old), fp(new))

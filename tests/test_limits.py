@@ -1,17 +1,19 @@
-"""Body limit (413 errno 140, answered from the headers) and a full disk (503 errno 180)."""
+"""Body limit (413 errno 140, answered from the headers, with a lingering close) and a full
+disk (503 errno 180)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import socket
 import subprocess
-import uuid
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.threads import deferToThread
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -64,6 +66,35 @@ async def test_oversized_chunked_body_is_cut_off(relay):
         b"POST /api/v1/user HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks,
     ))
     assert head.startswith(b"HTTP/1.1 413") and body["errno"] == 140
+
+
+def send_whole_body(port: int, head: bytes, body: bytes) -> bytes:
+    """An ordinary client: default buffers, writes everything, then reads the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head + body)
+        received = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return received
+            received += data
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@ensure
+async def test_a_client_sending_a_whole_oversized_body_reads_the_413(relay, framing):
+    body = b'{"pad":"' + b"x" * (6 * 1024 * 1024) + b'"}'
+    if framing == "chunked":
+        head = b"POST /api/v1/message HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        body = b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                        for part in (body[i:i + 65536] for i in range(0, len(body), 65536))) + b"0\r\n\r\n"
+    else:
+        head = b"POST /api/v1/message HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    answer = await deferToThread(send_whole_body, relay.port, head, body)
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 413 Request Entity Too Large"
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert error["errno"] == 140 and "max_body_bytes" in error["message"]
 
 
 @ensure
@@ -123,7 +154,7 @@ async def test_disk_full_answers_180_and_loses_nothing(start_relay, users, small
 
 
 def _tmp_files(state):
-    for dirpath, dirnames, filenames in os.walk(state):
+    for dirpath, _dirnames, filenames in os.walk(state):
         if os.path.basename(dirpath) == "tmp":
             yield from filenames
 

@@ -41,7 +41,7 @@ def test_json_line_carries_the_structured_fields():
 
 def test_json_line_survives_odd_values_failures_and_legacy_events():
     try:
-        1 / 0
+        _ = 1 / 0
     except ZeroDivisionError:
         failure = Failure()
     record = json.loads(json_line({**access_event(peer=object(), lines=["a\nb"]), "log_failure": failure,
@@ -56,18 +56,23 @@ def test_json_line_survives_odd_values_failures_and_legacy_events():
 
 
 def test_level_predicate_follows_the_setting_on_every_event():
-    level = {"value": "info"}
-    predicate = LevelPredicate(lambda: level["value"])
+    from msgrelay.settings import resolve
+
+    def reload_to(level):
+        old = resolve({}, {"server.name": "relay.test"})
+        predicate.reconfigure(old.reload_to(resolve({"log.level": level}, {"server.name": "relay.test"})))
+
+    predicate = LevelPredicate("info")
     debug = {"log_level": LogLevel.debug, "log_namespace": "x"}
     info = {"log_level": LogLevel.info, "log_namespace": "x"}
     warn = {"log_level": LogLevel.warn, "log_namespace": "x"}
     assert [predicate(e) for e in (debug, info, warn)] == [PredicateResult.no, PredicateResult.maybe,
                                                            PredicateResult.maybe]
-    level["value"] = "warn"
+    reload_to("warn")
     assert predicate(info) == PredicateResult.no and predicate(warn) == PredicateResult.maybe
     # What a reload did is always shown.
     assert predicate({"log_level": LogLevel.info, "log_namespace": "msgrelay.settings"}) == PredicateResult.maybe
-    level["value"] = "debug"
+    reload_to("debug")
     assert predicate(debug) == PredicateResult.maybe
 
 
@@ -101,11 +106,13 @@ def test_config_json_format_and_level_on_stdout_as_under_systemd(tmp_path):
     config = tmp_path / "relay.toml"
     config.write_text('[log]\nformat = "json"\nlevel = "warn"\n')
     port = free_port()
+    stdout_path = tmp_path / "stdout.log"
+    stdout = open(stdout_path, "w")
     proc = subprocess.Popen(
         [twistd_path(), "--nodaemon", "--pidfile=", "msgrelay", "--config", str(config),
          "--listen", f"tcp:{port}:interface=127.0.0.1", "--state-dir", str(tmp_path / "state"),
          "--server-name", "relay.test"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, text=True,
+        stdout=stdout, stderr=subprocess.PIPE, cwd=tmp_path, text=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -118,11 +125,16 @@ def test_config_json_format_and_level_on_stdout_as_under_systemd(tmp_path):
         assert sync_request("GET", f"http://127.0.0.1:{port}/nothing").status == 404
         config.write_text('[log]\nformat = "json"\nlevel = "info"\n')
         proc.send_signal(signal.SIGHUP)
-        time.sleep(1)
+        deadline = time.monotonic() + 30
+        while "reload done" not in stdout_path.read_text():
+            assert time.monotonic() < deadline, "no reload logged"
+            time.sleep(0.05)
         assert sync_request("GET", f"http://127.0.0.1:{port}/again").status == 404
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        _, err = proc.communicate(timeout=20)
+        stdout.close()
+    out = stdout_path.read_text()
     records = [json.loads(line) for line in out.splitlines()]
     paths = [r.get("path") for r in records if r["namespace"] == "msgrelay.access"]
     assert paths == ["/again"]  # warn hid the earlier ones; the reload to info showed this one

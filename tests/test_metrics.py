@@ -43,7 +43,7 @@ def value(samples, name: str, **labels) -> float:
 
 
 def test_route_patterns_keep_label_cardinality_low():
-    routes = RoutePatterns(RelayAPI.app.url_map, lambda: [b"/metrics"])
+    routes = RoutePatterns(RelayAPI.app.url_map, {b"/metrics": None})
     assert routes("GET", "/api/v1/user/abcdefghijklmnopqrstuvwxyz234567") == "/api/v1/user/<user_id>"
     assert routes("GET", "/api/v1/user/anything-at-all") == "/api/v1/user/<user_id>"
     assert routes("POST", "/api/v1/message") == "/api/v1/message"
@@ -61,10 +61,8 @@ def test_federation_collector_reads_queue_status_when_present():
                 {"destination": "c.test", "queued": 0, "oldest_age_seconds": None, "backoff_seconds": 0},
             ]
 
-    current = {"federation": None}
-    collector = FederationCollector(lambda: current["federation"])
-    assert all(not family.samples for family in collector.collect())  # no federation: empty families
-    current["federation"] = FakeFederation()
+    assert all(not family.samples for family in FederationCollector(None).collect())  # none: empty families
+    collector = FederationCollector(FakeFederation())
     got = {(f.name, s.labels["destination"]): s.value for f in collector.collect() for s in f.samples}
     assert got == {
         ("msgrelay_federation_queue_messages", "b.test"): 3,
@@ -78,8 +76,7 @@ def test_federation_collector_reads_queue_status_when_present():
         def queue_status(self):
             raise RuntimeError("boom")
 
-    current["federation"] = Broken()
-    assert all(not family.samples for family in collector.collect())
+    assert all(not family.samples for family in FederationCollector(Broken()).collect())
 
 
 def test_store_stats_set_the_gauges():
@@ -124,9 +121,16 @@ def test_counters_move_on_a_real_running_relay(tmp_path, users):
         assert answer.status == 200 and len(messages) == 3
         assert client.call("GET", f"/api/v1/user/{dave.user_id}").errno == 130
         assert client.call("GET", "/no/such/thing").errno == 132
-        time.sleep(2.5)  # the ttl=1 message expires and is swept; federation retries fail
+        # The ttl=1 message expires and is swept; federation retries fail meanwhile.
+        deadline = time.monotonic() + 30
+        while True:
+            after = scrape(metrics_url)
+            if (value(after, "msgrelay_messages_expired_total") == 1
+                    and value(after, "msgrelay_federation_queue_oldest_age_seconds", destination="b.test") >= 2):
+                break
+            assert time.monotonic() < deadline, "expiry sweep or queue age not seen in the metrics"
+            time.sleep(0.1)
 
-        after = scrape(metrics_url)
         assert value(after, "msgrelay_http_requests_total", endpoint="/api/v1/user", method="POST", status="200") == 3
         assert value(after, "msgrelay_http_requests_total", endpoint="/api/v1/user", method="POST", status="429") == 1
         assert value(after, "msgrelay_http_requests_total", endpoint="/api/v1/message", method="POST",
@@ -155,7 +159,7 @@ def test_counters_move_on_a_real_running_relay(tmp_path, users):
             gauges = scrape(metrics_url)
             if value(gauges, "msgrelay_store_messages") == 2:
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert value(gauges, "msgrelay_store_messages") == 2  # three stored, one expired
         assert value(gauges, "msgrelay_store_users") == 3
         assert value(gauges, "msgrelay_store_bytes") > 200

@@ -21,7 +21,6 @@ from msgrelay.wire.envelope import open_envelope, seal
 from openapi_check import problems, schema_problems, section9_problems, spec
 
 ensure = pytest_twisted.ensureDeferred
-REV2 = pytest.mark.xfail(strict=True, reason="revision 2: lands with branch wire")
 ALL_ERRNOS = {100, 101, 102, 103, 104, 105, 106, 110, 111, 112, 120, 121, 122, 130, 131, 132, 133,
               140, 150, 160, 180, 999}
 
@@ -75,25 +74,16 @@ def test_error_enums_are_section_9():
 # -- unauthenticated endpoints -----------------------------------------------------------
 
 
-@REV2
 @ensure
 async def test_server_info(relay):
     conforms(await request("GET", relay.url + "/api/v1/server"), "GET", "/api/v1/server", 200)
 
 
 @ensure
-async def test_server_info_apart_from_revision_2_members(relay):
-    """Until revision 2 lands, everything else /server answers is checked (see test_server_info)."""
-    answer = await request("GET", relay.url + "/api/v1/server")
-    answer.body.setdefault("max_fetch_bytes", answer.body["max_body_bytes"])
-    answer.body.setdefault("key_transitions", [])
-    conforms(answer, "GET", "/api/v1/server", 200)
-
-
-@ensure
 async def test_health_errors_page_preflight_unknown_and_wrong_method(relay):
     conforms(await request("GET", relay.url + "/api/v1/health"), "GET", "/api/v1/health", 200)
     conforms(await request("GET", relay.url + "/errors"), "GET", "/errors", 200)
+    conforms(await request("GET", relay.url + "/errors.md"), "GET", "/errors.md", 200)
     for path in spec()["paths"]:
         if path == "/metrics":
             continue
@@ -137,14 +127,12 @@ async def test_registration_closed_and_rate_limited(start_relay, users, tmp_path
     assert int(limited.headers.getRawHeaders("Retry-After")[0]) >= 1
 
 
-@REV2
 @ensure
 async def test_registration_refuses_push_endpoint(relay, users):
     body = {"key": users[0].pem, "push_endpoint": "https://push.example/x"}
     conforms(await relay.client.call("POST", "/api/v1/user", body), "POST", "/api/v1/user", 400, 100)
 
 
-@REV2
 @ensure
 async def test_non_utf8_path_is_a_json_error(relay):
     path = "/api/v1/user/%ff%fe"
@@ -244,7 +232,6 @@ async def test_send_errors(relay, users):
     conforms(await client.send(bob, token), "POST", path, 404, 130)
 
 
-@REV2
 @ensure
 async def test_packet_fields_must_be_canonical_base64(relay, users):
     client, alice = relay.client, users[0]
@@ -253,7 +240,7 @@ async def test_packet_fields_must_be_canonical_base64(relay, users):
     conforms(await client.call("POST", "/api/v1/message", envelope), "POST", "/api/v1/message", 400, 104)
 
 
-@pytest.mark.parametrize("field", ["id", *(pytest.param(f, marks=REV2) for f in ("token", "data", "password"))])
+@pytest.mark.parametrize("field", ["id", "token", "data", "password"])
 @ensure
 async def test_lone_surrogate_in_a_packet_is_104(relay, users, field):
     """schemathesis only sends valid Unicode; a lone surrogate (JSON `\\ud800`) is tried here."""
@@ -290,7 +277,6 @@ async def test_push_endpoint_and_erasure(relay, users):
     conforms(await client.signed(alice, "DELETE", path), "DELETE", path, 404, 130)
 
 
-@REV2
 @ensure
 async def test_account(relay, users):
     client, alice = relay.client, users[0]

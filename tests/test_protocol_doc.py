@@ -11,7 +11,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 from cryptography.hazmat.primitives import serialization
 
 from msgrelay.web.api import RelayAPI
@@ -97,7 +96,6 @@ def test_every_route_of_the_app_is_in_the_protocol():
     assert not missing, f"routes missing from docs/protocol.md section 5: {missing}"
 
 
-@pytest.mark.xfail(strict=True, reason="revision 2: lands with branch wire")
 def test_every_endpoint_of_the_protocol_is_routed():
     """The other direction: everything the doc promises is served (GET /user is revision 2)."""
     documented = {(m, p) for m, p in doc_endpoints() if p != "/metrics"}

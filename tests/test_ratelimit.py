@@ -89,7 +89,7 @@ def test_rate_limits_raise_150_with_retry_after_and_follow_settings():
     for _ in range(100):
         limits.check_address("register", "192.0.2.1")  # "off"
     # A reload that raises the limit applies to the next check.
-    s.rate_limits.fetch_per_user = "100/10"
+    limits.reconfigure(s.reload_to(settings(fetch_per_user="100/10", register_per_address="off")))
     limits.check_user("fetch", "alice")
 
 

@@ -40,9 +40,8 @@ def messages(events) -> str:
 # -- units -----------------------------------------------------------------------
 
 
-def test_reload_applies_reloadable_settings_in_place_and_names_the_rest():
+def test_reload_builds_new_settings_and_names_what_needs_a_restart():
     running = resolve({}, {"server.name": "relay.test"})
-    limits_section = running.limits  # the running code holds these objects
     new = resolve({
         "limits.max_body_bytes": 4096,
         "rate_limits.send_per_address": "5/60",
@@ -53,20 +52,49 @@ def test_reload_applies_reloadable_settings_in_place_and_names_the_rest():
         "log.format": "json",
     }, {"server.name": "relay.test"})
     with captured_log() as events:
-        applied, restart = running.reload_from(new)
-    assert set(applied) == {"limits.max_body_bytes", "rate_limits.send_per_address", "registration.mode",
-                            "registration.tokens", "log.level"}
-    assert set(restart) == {"store.expire_interval", "log.format"}
-    assert running.limits is limits_section and limits_section.max_body_bytes == 4096
-    assert running.values["limits.max_body_bytes"] == 4096
-    assert running.registration.mode == "token" and running.log.level == "warn"
-    assert running.store.expire_interval == 60 and running.log.format == "text"  # kept until a restart
+        reload = running.reload_to(new)
+    assert set(reload.applied) == {"limits.max_body_bytes", "rate_limits.send_per_address", "registration.mode",
+                                   "registration.tokens", "log.level"}
+    assert set(reload.needs_restart) == {"store.expire_interval", "log.format"}
+    assert reload.sections == {"limits", "rate_limits", "registration", "log"}
+    assert reload.old is running and running.limits.max_body_bytes == 1048576  # frozen: never changed
+    after = reload.running
+    assert after.limits.max_body_bytes == 4096 and after.values["limits.max_body_bytes"] == 4096
+    assert after.registration.mode == "token" and after.log.level == "warn"
+    assert after.store.expire_interval == 60 and after.log.format == "text"  # kept until a restart
+    with pytest.raises(AttributeError):
+        after.limits.max_body_bytes = 1  # type: ignore[misc]
     text = messages(events)
     assert "limits.max_body_bytes changed from 1048576 to 4096" in text
     assert "store.expire_interval changed in the configuration (60 to 5) but needs a restart" in text
     assert "log.format changed" in text and "needs a restart" in text
     assert "very-secret" not in text and "registration.tokens changed from (hidden) to (hidden)" in text
-    assert running.reload_from(new) == ([], ["store.expire_interval", "log.format"])
+    again = after.reload_to(new)
+    assert again.applied == () and again.needs_restart == ("store.expire_interval", "log.format")
+
+
+def test_each_component_is_told_of_the_sections_it_reads():
+    from msgrelay.settings import EVERY_RELOAD
+
+    class Listener:
+        def __init__(self, sections):
+            self.settings_sections = sections
+            self.told = []
+
+        def reconfigure(self, reload):
+            self.told.append(reload.running)
+
+    overrides = {"server.name": "relay.test"}
+    values = {}
+    limits, timeouts, every = Listener(frozenset({"limits"})), Listener(frozenset({"timeouts"})), Listener(EVERY_RELOAD)
+    service = ReloadService(resolve({}, overrides), lambda: resolve(dict(values), overrides), reactor,
+                            listeners=[limits, timeouts, every])
+    values["limits.max_ttl"] = values["limits.default_ttl"] = 100
+    assert service.reload() == (["limits.default_ttl", "limits.max_ttl"], [])
+    assert [s.limits.max_ttl for s in limits.told] == [100] and timeouts.told == []
+    assert every.told == [service.settings]
+    assert service.reload() == ([], [])  # nothing changed: only EVERY_RELOAD listeners hear of it
+    assert len(limits.told) == 1 and len(every.told) == 2
 
 
 def test_a_bad_file_changes_nothing(tmp_path):
@@ -82,13 +110,13 @@ def test_a_bad_file_changes_nothing(tmp_path):
     config.write_text('[limits]\nmax_body_bytes = 4096\nmax_ttl = -1\n')
     with captured_log() as events:
         assert service.reload() is None
-    assert running.limits.max_body_bytes == 2048
+    assert service.settings is running
     assert "reload refused, the running configuration is unchanged: limits.max_ttl" in messages(events)
     config.write_text("[limits\n")
     assert service.reload() is None
     config.write_text('[limits]\nmax_body_bytes = 4096\n')
     assert service.reload() == (["limits.max_body_bytes"], [])
-    assert running.limits.max_body_bytes == 4096
+    assert service.settings.limits.max_body_bytes == 4096
 
 
 @ensure

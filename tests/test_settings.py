@@ -1,6 +1,7 @@
 """Settings: the example config documents every setting with its default, and bad values are named."""
 
 import tomllib
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,28 @@ def test_example_config_names_every_setting_with_its_default():
 def test_example_config_loads_as_is():
     settings = resolve(read_toml(str(EXAMPLE)), {"server.name": "relay.example.org"})
     assert settings.limits.max_ttl == 2592000
-    assert settings.server.listen == ["tcp:8080:interface=127.0.0.1"]
+    assert settings.server.listen == ("tcp:8080:interface=127.0.0.1",)
+
+
+def test_every_setting_has_exactly_one_typed_field():
+    """SETTINGS and the frozen section dataclasses agree (import also fails if they do not)."""
+    from msgrelay.settings import Settings, table_mismatches
+
+    assert table_mismatches() == []
+    settings = resolve({}, {"server.name": "relay.test"})
+    assert set(settings.values) == {s.name for s in SETTINGS}
+    assert all(settings.get(s.name) == (tuple(s.default) if s.kind is list else s.default)
+               for s in SETTINGS if s.name != "server.name")
+    with pytest.raises(FrozenInstanceError):
+        settings.limits.max_ttl = 1
+    assert Settings.from_values(settings.values) == settings
+
+
+def test_a_row_without_a_field_is_caught(monkeypatch):
+    from msgrelay import settings as module
+
+    monkeypatch.setattr(module, "SETTINGS", [*module.SETTINGS, module.Setting("limits", "new_one", int, 1)])
+    assert module.table_mismatches() == ["limits.new_one: a SETTINGS row without a field in LimitsSettings"]
 
 
 @pytest.mark.parametrize("values, named", [

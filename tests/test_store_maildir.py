@@ -458,6 +458,7 @@ async def test_blocking_work_runs_off_the_reactor_thread(tmp_path):
     await store.revoke_token(ALICE, t.id)
     delivery = await store.deliver(ALICE, "k", message(), BIG, NOW)
     await store.fetch(ALICE, NOW, 10)
+    await store.usage(ALICE, NOW)
     await store.acknowledge(ALICE, [delivery.message_id])
     await store.remember_signature(b"sig", NOW + 60, NOW)
     await store.check_writable()

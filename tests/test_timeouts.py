@@ -34,11 +34,13 @@ class Hello(Resource):
 
 
 def clock_site(clock, idle=60, headers=5, body=10):
-    site = RelaySite(Hello(), clock, max_body_bytes=lambda: 1 << 20, errors_url=lambda: "",
-                     allowed_methods=lambda path: ["GET"], idle_timeout=lambda: idle,
-                     header_timeout=lambda: headers, body_timeout=lambda: body)
+    from msgrelay.settings import resolve
+
+    settings = resolve({"timeouts.idle": idle, "timeouts.headers": headers, "timeouts.body": body},
+                       {"server.name": "relay.test"})
     phases = []
-    site.timeout_observers.append(phases.append)
+    site = RelaySite(Hello(), clock, settings, allowed_methods=lambda path: ["GET"],
+                     timeout_observers=[phases.append])
     return site, phases
 
 
@@ -55,7 +57,7 @@ def test_headers_trickling_byte_by_byte_are_cut_off_at_the_deadline():
     channel, transport = connect(site)
     assert site.open_connections == 1
     line = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
-    for i, byte in enumerate(line[:20]):
+    for byte in line[:20]:
         channel.dataReceived(bytes([byte]))
         clock.advance(0.2)  # well inside the idle timeout: each byte resets it
     assert not transport.disconnecting
@@ -204,7 +206,8 @@ async def test_slow_body_and_idle_connections_are_cut_off(start_relay, tmp_path)
 @ensure
 async def test_many_idle_connections_do_not_slow_the_relay(start_relay, tmp_path):
     """A modest-scale version of bench/connections.py (which holds thousands)."""
-    config = write_config(tmp_path, "[timeouts]\nidle = 3\n")
+    # One client address here: lift the per-address cap (tests/test_connlimit.py tests it).
+    config = write_config(tmp_path, "[timeouts]\nidle = 3\n[connections]\nper_address = 1000\n")
     # A second listener with a listen backlog fit for a burst of connections (Twisted's
     # default is 50; docs/operations.md recommends backlog= for busy relays).
     port = free_port()

@@ -49,7 +49,7 @@ def test_full_cycle_against_the_real_process(tmp_path, users):
 
 
 def test_server_key_is_created_0600_and_reused(tmp_path):
-    relay = RelayProcess(tmp_path / "state").start()
+    relay = RelayProcess(tmp_path / "state", seed_key=False).start()
     first = sync_request("GET", relay.url + "/api/v1/server").body["fingerprint"]
     relay.stop()
     key_file = tmp_path / "state" / "server_key.pem"

@@ -142,7 +142,7 @@ def test_time_window():
 
 def test_packets():
     good = {"id": "m-1", "user_id": "a" * 32 + "@Relay.Example:8443", "token": "t",
-            "data": "d", "algorithm": "aes-256-gcm", "password": "p", "ttl": 60}
+            "data": "ZA==", "algorithm": "aes-256-gcm", "password": "cA==", "ttl": 60}
     packet = parse_packet(good)
     assert packet.algorithm == "AES-256-GCM" and packet.address.server_name == "relay.example:8443"
     assert parse_packet(packet.to_json()) == packet

@@ -24,7 +24,8 @@ from ..wire.keys import is_user_id
 from ..store.factory import maildir_root
 from .backends import AdminStore, PostgresAdmin, open_admin_store
 from .context import EXIT_USAGE, AdminContext, AdminFailure, common_options, describe_age, pass_admin
-from .key_commands import keys, retire_key, rotate_key
+from .config_commands import config
+from .key_commands import keep_key, keys, retire_key, rotate_key
 from .key_fsck import check_key_files
 from .queue_commands import queue
 
@@ -69,10 +70,10 @@ def _with_store(admin: AdminContext, writable: bool) -> AdminStore:
 def _outbox_queues(admin: AdminContext, now: float) -> list[dict[str, Any]]:
     """Per-destination federation queues, counted as `queue list` counts them."""
     from ..federation.factory import outbox_path
-    from ..federation.outbox import Outbox
+    from ..federation.outbox import FederationOutbox
 
     queues = []
-    for destination, entries in Outbox(outbox_path(admin.settings)).load_all().items():
+    for destination, entries in FederationOutbox(outbox_path(admin.settings)).load_all().items():
         expired = sum(1 for e in entries if e.expires <= now)
         oldest = min((e.received for e in entries), default=None)
         queues.append({"destination": destination, "queued": len(entries), "expired": expired,
@@ -256,5 +257,7 @@ def user_delete(admin: AdminContext, user_id: str, yes: bool) -> None:
 
 main.add_command(rotate_key)
 main.add_command(retire_key)
+main.add_command(keep_key)
 main.add_command(keys)
 main.add_command(queue)
+main.add_command(config)

@@ -12,29 +12,31 @@ import json
 import os
 import pwd
 import re
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import click
 
-from ..settings import SettingError, Settings, read_toml, resolve
+from ..settings import BY_NAME, SettingError, Settings, read_toml, resolve
+from ..startrecord import RECORD_NAME, read_record
 
 # Exit codes (docs/admin.md lists them too).
 EXIT_OK = 0
 EXIT_FAILED = 1  # damage found, or the operation failed (missing state dir, store down, unknown user)
 EXIT_USAGE = 2  # bad arguments, bad config file or setting
 
-_DURATION = re.compile(r"^(\d+)\s*([smhdw]?)$")
+#: Settings twistd msgrelay takes on its command line, which only the relay's record holds.
+_COMMAND_LINE_SETTINGS = ("server.name", "server.listen", "federation.", "log.")
+_DURATION = re.compile(r"([0-9]+)[ \t]*([smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class AdminFailure(click.ClickException):
     """An expected failure: one line on stderr, no traceback."""
 
-    exit_code = EXIT_FAILED
-
     def __init__(self, message: str, exit_code: int = EXIT_FAILED):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it per instance too
 
     def show(self, file: Any = None) -> None:
         click.echo(f"msgrelay-admin: error: {self.format_message()}", err=True)
@@ -51,15 +53,29 @@ class AdminContext:
 
     @property
     def settings(self) -> Settings:
+        """Resolved as the relay resolved them: its config file, then the command-line options it
+        recorded at its last start (relay-options.json in the state directory), then ours."""
         if self._settings is None:
             overrides: dict[str, Any] = {}
             if self.state_dir is not None:
                 overrides["server.state_dir"] = self.state_dir
+            state_dir = "?"
+            recorded: dict[str, Any] = {}
             try:
                 file_values = read_toml(self.config) if self.config else {}
-                self._settings = resolve(file_values, overrides)
+                state_dir = overrides.get("server.state_dir") or file_values.get("server.state_dir") \
+                    or BY_NAME["server.state_dir"].default
+                config, recorded = read_record(Path(state_dir))
+                if self.config is None and config is not None and os.path.exists(config):
+                    file_values = read_toml(config)
+                self._settings = resolve(file_values, {**recorded, **overrides})
             except SettingError as e:
-                raise AdminFailure(str(e), EXIT_USAGE)
+                hint = ""
+                if not recorded and str(e).startswith(_COMMAND_LINE_SETTINGS):
+                    hint = (f" (msgrelay-admin reads the command-line options the relay recorded in {state_dir}/"
+                            f"{RECORD_NAME} at its last start, and found none: give --state-dir DIR as given to "
+                            "twistd msgrelay, or start the relay once)")
+                raise AdminFailure(f"{e}{hint}", EXIT_USAGE)
         return self._settings
 
     def require_state_dir(self) -> Settings:
@@ -123,7 +139,7 @@ def common_options(function: Callable) -> Callable:
 
 def parse_duration(text: str) -> int:
     """`90`, `45m`, `12h`, `7d`, `2w` -> seconds (0 allowed)."""
-    match = _DURATION.match(text.strip().lower())
+    match = _DURATION.fullmatch(text.strip().lower())
     if not match:
         raise click.BadParameter(f"{text!r} is not a duration like 90s, 45m, 12h, 7d or 2w")
     return int(match.group(1)) * _UNITS[match.group(2)]

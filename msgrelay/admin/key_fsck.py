@@ -62,7 +62,7 @@ def check_key_files(settings: Settings, quarantine: Quarantine, now: float, min_
         names = []
     for name in names:
         path = directory / name
-        match = RETIRED_NAME.match(name)
+        match = RETIRED_NAME.fullmatch(name)
         if match is None:
             try:
                 fresh = os.lstat(path).st_mtime >= now - min_tmp_age

@@ -1,26 +1,29 @@
 """`msgrelay-admin queue list` and `queue retry-now DEST`: the federation outbox.
 
-The queue files are the truth (one file per packet, see msgrelay/federation/outbox.py); a
-running relay adds its backoff state in `outbox/.status.json` and holds `outbox/.lock`,
-which is how these commands tell a running relay from a stopped one.
-
-`retry-now` on a running relay leaves a request file the relay looks at every second; on a
-stopped relay it takes the lock and makes one delivery pass over that queue itself.
+A running relay holds `outbox/.lock` and answers on its control socket
+(`<state_dir>/run/control.sock`, see msgrelay/control): these commands ask it, and get its
+live state. A stopped relay's queues are read from the outbox files, backoff state included;
+`retry-now` on a stopped relay runs the relay's own federation service for that one queue,
+for one pass. Every answer says which of the two it did.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any, Optional
+from urllib.parse import quote
 
 import click
 
+from ..control.client import ControlClient, ControlUnavailable
 from ..federation.factory import outbox_path
-from ..federation.outbox import RETRY_FLAG, Outbox, OutboxBusy, escape_destination
+from ..federation.outbox import FederationOutbox, OutboxBusy
 from ..settings import SettingError, read_toml, resolve
 from ..wire.addresses import is_server_name
 from ..wire.dates import format_date
 from .context import EXIT_USAGE, AdminContext, AdminFailure, common_options, describe_age, pass_admin
+
+STATE_KEYS = ("state", "backoff_seconds", "next_attempt", "pinned_ok", "failures", "last_error", "delivered", "dropped")
 
 
 @click.group("queue")
@@ -29,8 +32,8 @@ def queue() -> None:
     """Federation queues: packets waiting for other relays, and retrying one now."""
 
 
-def _outbox(admin: AdminContext) -> Outbox:
-    return Outbox(outbox_path(admin.require_state_dir()))
+def _outbox(admin: AdminContext) -> FederationOutbox:
+    return FederationOutbox(outbox_path(admin.require_state_dir()))
 
 
 def _row(destination: str, entries: list[Any], state: Optional[dict[str, Any]], now: float) -> dict[str, Any]:
@@ -42,10 +45,16 @@ def _row(destination: str, entries: list[Any], state: Optional[dict[str, Any]], 
         "oldest_age_seconds": None if oldest is None else max(0, int(now - oldest)),
     }
     if state is not None:
-        for key in ("state", "backoff_seconds", "next_attempt", "pinned_ok", "failures", "last_error",
-                    "delivered", "dropped"):
-            row[key] = state.get(key)
+        row.update({key: state.get(key) for key in STATE_KEYS if key in state})
     return row
+
+
+def _saved_state(outbox: FederationOutbox, destination: str, now: float) -> dict[str, Any]:
+    """A stopped relay's queue state: the backoff it saved (failures, next attempt, last error)."""
+    saved = outbox.load_backoff(destination)
+    waiting = saved.next_attempt is not None and saved.next_attempt > now
+    return {"state": "backing-off" if waiting else "idle", "failures": saved.attempts,
+            "next_attempt": saved.next_attempt if waiting else None, "last_error": saved.last_error}
 
 
 def _describe(row: dict[str, Any], now: float) -> str:
@@ -53,12 +62,13 @@ def _describe(row: dict[str, Any], now: float) -> str:
     if row["oldest_age_seconds"] is not None:
         text += f", oldest {describe_age(row['oldest_age_seconds'])} old"
     if row["expired"]:
-        text += f" ({row['expired']} expired, dropped at the next sweep)"
+        text += f" ({row['expired']} expired, dropped at their expiry time)"
     if "state" in row:
         text += f"; {row['state']}"
+        if row.get("failures"):
+            text += f" after {row['failures']} failure(s)"
         if row.get("next_attempt"):
-            text += f", backoff {row['backoff_seconds']:.0f}s, next attempt in " \
-                    f"{describe_age(row['next_attempt'] - now)}"
+            text += f", next attempt in {describe_age(row['next_attempt'] - now)}"
         if row.get("pinned_ok") is False:
             text += "; KEY DOES NOT MATCH THE PINNED FINGERPRINT"
         if row.get("last_error"):
@@ -66,27 +76,43 @@ def _describe(row: dict[str, Any], now: float) -> str:
     return text
 
 
+def _control(admin: AdminContext) -> ControlClient:
+    return ControlClient(admin.settings.state_dir)
+
+
 @queue.command("list")
 @common_options
 @pass_admin
 def queue_list(admin: AdminContext) -> None:
-    """Per destination: packets queued, the oldest one's age, and (running relay) backoff state."""
+    """Per destination: packets queued, the oldest one's age, and the backoff state."""
     outbox = _outbox(admin)
     now = time.time()
     if not outbox.root.is_dir():
-        admin.emit({"running": None, "destinations": []},
+        admin.emit({"running": None, "source": "files", "destinations": []},
                    [f"no federation outbox in {outbox.root}: nothing was ever forwarded"])
         return
     running = outbox.is_locked()
-    status = (outbox.read_status() or {}) if running else {}
-    states = status.get("destinations", {})
+    live: Optional[dict[str, Any]] = None
+    problem = ""
+    if running:
+        try:
+            live = _control(admin).call("GET", "/v1/queues")
+        except ControlUnavailable as e:
+            problem = str(e)
     found = outbox.load_all()
-    names = sorted(set(found) | set(states))
-    rows = [_row(name, found.get(name, []), states.get(name) if running else None, now) for name in names]
-    head = (f"relay running (pid {status.get('pid', '?')}, federation {status.get('mode', '?')})" if running
-            else "relay not running: queue files only (no backoff state)")
+    if live is not None:
+        states = live.get("destinations", {})
+        names = sorted(set(found) | set(states))
+        rows = [_row(name, found.get(name, []), states.get(name), now) for name in names]
+        head = (f"relay running (pid {live.get('pid', '?')}, federation {live.get('mode', '?')}): "
+                "live state from its control socket")
+    else:
+        rows = [_row(name, entries, _saved_state(outbox, name, now), now) for name, entries in sorted(found.items())]
+        head = (f"relay running, but its control socket does not answer ({problem}): read from the outbox files"
+                if running else "relay not running: read from the outbox files (backoff as last saved)")
     lines = [head] + ([_describe(r, now) for r in rows] or ["no destinations"])
-    admin.emit({"running": running, "pid": status.get("pid"), "destinations": rows}, lines)
+    admin.emit({"running": running, "source": "control-socket" if live is not None else "files",
+                "pid": live.get("pid") if live else None, "destinations": rows}, lines)
 
 
 @queue.command("retry-now")
@@ -94,10 +120,8 @@ def queue_list(admin: AdminContext) -> None:
 @click.argument("destination")
 @click.option("--peer", "peers", multiple=True, metavar="NAME=URL[#FP]",
               help="Peer table entry, as given to twistd msgrelay --peer (stopped relay only).")
-@click.option("--wait", type=click.IntRange(min=0), default=5, show_default=True, metavar="SECONDS",
-              help="How long to wait for a running relay to take the request.")
 @pass_admin
-def retry_now(admin: AdminContext, destination: str, peers: tuple[str, ...], wait: int) -> None:
+def retry_now(admin: AdminContext, destination: str, peers: tuple[str, ...]) -> None:
     """Retry DESTINATION now, forgetting its backoff (a stopped relay: deliver from here)."""
     destination = destination.lower()
     if not is_server_name(destination):
@@ -110,9 +134,9 @@ def retry_now(admin: AdminContext, destination: str, peers: tuple[str, ...], wai
         admin.emit({"destination": destination, "queued": 0}, [f"nothing is queued for {destination}"])
         return
     if outbox.is_locked():
-        _ask_running_relay(admin, outbox, destination, queued, wait)
+        _ask_running_relay(admin, destination)
     else:
-        _deliver_here(admin, destination, peers)
+        _deliver_here(admin, destination)
 
 
 def _use_peers(admin: AdminContext, peers: tuple[str, ...]) -> None:
@@ -126,48 +150,64 @@ def _use_peers(admin: AdminContext, peers: tuple[str, ...]) -> None:
         raise AdminFailure(str(e), EXIT_USAGE)
 
 
-def _ask_running_relay(admin: AdminContext, outbox: Outbox, destination: str, queued: int, wait: int) -> None:
-    outbox.request_retry(destination)
-    flag = outbox.root / escape_destination(destination) / RETRY_FLAG
-    deadline = time.monotonic() + wait
-    while flag.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    taken = not flag.exists()
-    line = (f"the running relay is retrying {destination} now ({queued} queued); see `queue list`" if taken
-            else f"asked the running relay to retry {destination}; it has not taken the request yet ({flag})")
-    admin.emit({"destination": destination, "queued": queued, "running": True, "taken": taken}, [line])
+def _ask_running_relay(admin: AdminContext, destination: str) -> None:
+    try:
+        answer = _control(admin).call("POST", f"/v1/queues/{quote(destination, safe='')}/retry")
+    except ControlUnavailable as e:
+        raise AdminFailure(f"the relay is running (it holds the outbox lock) but its control socket does not "
+                           f"answer: {e}; it retries {destination} at its next scheduled attempt")
+    queued = answer.get("queued", 0)
+    line = (f"the running relay is retrying {destination} now ({queued} queued); see `queue list`"
+            if answer.get("retrying") else f"the running relay has nothing queued for {destination}")
+    admin.emit({"destination": destination, "queued": queued, "running": True,
+                "retrying": bool(answer.get("retrying"))}, [line])
 
 
-def _deliver_here(admin: AdminContext, destination: str, peers: tuple[str, ...]) -> None:
-    """One delivery pass with this process's reactor (the relay is stopped: nothing else delivers)."""
-    from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
+def _deliver_here(admin: AdminContext, destination: str) -> None:
+    """One sending pass over one queue, by the relay's own federation service run here."""
+    from twisted.internet import reactor as default_reactor
+    from twisted.internet.defer import Deferred, maybeDeferred
+
+    reactor: Any = default_reactor
 
     from ..federation.factory import build_sender
 
-    sender = build_sender(admin.settings, reactor)
     outcome: dict[str, Any] = {}
+
+    async def one_pass() -> dict[str, Any]:
+        federation = build_sender(admin.settings, reactor, only=destination)
+        federation.startService()
+        try:
+            assert federation.ready is not None
+            await federation.ready
+            if destination in federation.queues:
+                queue = federation.queues[destination]
+                await queue.retry_now()
+                details = queue.details()
+            else:
+                details = {"queued": 0}
+            return details
+        finally:
+            await maybeDeferred(federation.stopService)
 
     def done(result: Any) -> None:
         outcome["result"] = result
         reactor.stop()
 
-    def start() -> None:
-        Deferred.fromCoroutine(sender.deliver_now(destination)).addBoth(done)
-
-    reactor.callWhenRunning(start)
+    reactor.callWhenRunning(lambda: Deferred.fromCoroutine(one_pass()).addBoth(done))
     reactor.run(installSignalHandlers=False)
     result = outcome.get("result")
-    if isinstance(result, Exception) or hasattr(result, "value"):
-        error = getattr(result, "value", result)
-        if isinstance(error, OutboxBusy):
-            raise AdminFailure(f"{error}: the relay started meanwhile; run the command again")
+    error = getattr(result, "value", None)
+    if isinstance(error, OutboxBusy):
+        raise AdminFailure(f"{error}: the relay started meanwhile; run the command again")
+    if error is not None:
         raise AdminFailure(f"delivery to {destination} failed: {error}")
     details = result or {}
     line = (f"relay not running: delivered {details.get('delivered', 0)} and dropped {details.get('dropped', 0)} "
-            f"packet(s) for {destination}; {details.get('queued', 0)} still queued")
-    if details.get("last_error"):
+            f"packet(s) for {destination} from here; {details.get('queued', 0)} still queued")
+    if details.get("queued") and details.get("last_error"):
         line += f" (last error: {details['last_error']})"
     admin.emit({"destination": destination, "running": False, **details}, [line])
     if details.get("queued"):
         click.get_current_context().exit(1)
+

@@ -1,4 +1,4 @@
-"""RelayAPI: one Deferred-returning call per endpoint of PROTOCOL.md section 5, over treq.
+"""RelayClient: one Deferred-returning call per endpoint of docs/protocol.md section 5, over treq.
 
 Requests that act for the user are signed afresh on every call (section 4) with the relay's
 `name` as `server`, a `date` of now corrected by the relay's `Timestamp` header, and a short
@@ -13,19 +13,18 @@ import functools
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Awaitable, Callable, Coroutine, Mapping, Optional, ParamSpec, TypeVar
+from typing import Any, Callable, Coroutine, Mapping, Optional, ParamSpec, TypeVar
 from urllib.parse import quote, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.internet import error as net_error
-from twisted.internet import ssl
-from twisted.internet.defer import CancelledError, Deferred
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.internet.defer import Deferred
 from twisted.web.http import RESPONSES
 
 import treq.client
 
+from ..net import http as net_http
+from ..net.http import describe_failure
+from ..net.trust import TrustRootError, load_trust_root
 from ..wire.addresses import is_server_name
 from ..wire.canonical import parse_json, parse_json_object
 from ..wire.dates import format_date
@@ -33,6 +32,7 @@ from ..wire.envelope import AES_GCM, NONCE_BYTES, TAG_BYTES, open_envelope, seal
 from ..wire.errors import ProtocolError
 from ..wire.keys import fingerprint, is_user_id, load_public_key, user_id_for_key
 from ..wire.signing import sign_params
+from ..wire.transitions import TransitionError, follow_chain, parse_transitions
 from .errors import RelayError, RelayUnreachable, TrustError, UsageError
 from .identity import Identity
 
@@ -67,58 +67,13 @@ def normalise_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
-def load_trust_root(ca_file: str) -> Any:
-    """A trust root holding only the certificates of `ca_file` (like curl's --cacert)."""
-    try:
-        text = Path(ca_file).read_text("ascii")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read the CA file {ca_file}: {e}")
-    marker = "-----BEGIN CERTIFICATE-----"
-    blocks = [marker + chunk for chunk in text.split(marker)[1:]]
-    try:
-        certificates = [ssl.Certificate.loadPEM(block) for block in blocks]
-    except Exception as e:  # pyOpenSSL raises its own error types for bad PEM
-        raise UsageError(f"the CA file {ca_file} does not hold PEM certificates: {e}")
-    if not certificates:
-        raise UsageError(f"the CA file {ca_file} holds no PEM certificate")
-    return ssl.trustRootFromCertificates(certificates)
-
-
-def make_http_client(reactor: Any, ca_file: Optional[str] = None) -> tuple[treq.client.HTTPClient, HTTPConnectionPool]:
+def make_http_client(reactor: Any, ca_file: Optional[str] = None) -> tuple[treq.client.HTTPClient, Any]:
     """A treq client verifying certificates and host names, with keep-alive connections."""
-    policy = BrowserLikePolicyForHTTPS(trustRoot=load_trust_root(ca_file) if ca_file else None)
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.retryAutomatically = False  # a retried POST must be our decision, with the same packet
-    return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool)), pool
-
-
-def describe_failure(exc: BaseException) -> str:
-    """One readable reason for a transport failure (TLS errors are buried in `reasons`)."""
-    if isinstance(exc, (CancelledError, net_error.TimeoutError)):
-        return "timed out"
-    if isinstance(exc, net_error.ConnectionRefusedError):
-        return "connection refused (is the relay running?)"
-    if isinstance(exc, net_error.DNSLookupError):
-        return "host name does not resolve"
-    reasons = getattr(exc, "reasons", None)
-    if reasons:
-        texts = []
-        for reason in reasons:
-            value = getattr(reason, "value", reason)
-            text = _tls_reason(value) or (str(value) or type(value).__name__)
-            texts.append(text)
-        return "; ".join(dict.fromkeys(texts))
-    return str(exc) or type(exc).__name__
-
-
-def _tls_reason(value: BaseException) -> Optional[str]:
-    args = getattr(value, "args", ())
-    if type(value).__module__.startswith("OpenSSL") and args and isinstance(args[0], list):
-        details = ", ".join(str(item[-1]) for item in args[0] if item)
-        return f"TLS handshake failed: {details or value}"
-    if type(value).__name__ in ("VerificationError", "CertificateError"):
-        return f"TLS certificate does not match the host name: {value}"
-    return None
+    try:
+        trust_root = load_trust_root(ca_file) if ca_file else None
+    except TrustRootError as e:
+        raise UsageError(str(e))
+    return net_http.make_http_client(reactor, trust_root=trust_root, persistent=True)
 
 
 def packet_bytes(packet: Mapping[str, Any]) -> bytes:
@@ -201,7 +156,7 @@ class FetchResult:
     remaining: int
 
 
-class RelayAPI:
+class RelayClient:
     """Talks to one relay. `identity` is needed only for signed calls."""
 
     def __init__(
@@ -215,6 +170,7 @@ class RelayAPI:
         timeout: float = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.time,
         label: str = "the relay",
+        follow_transitions: bool = False,
     ):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -223,6 +179,11 @@ class RelayAPI:
         self.url = normalise_url(url)
         self.identity = identity
         self.pinned_fingerprint = pinned_fingerprint
+        # Follow key transitions only where the URL itself is trusted: the relay URL a person
+        # configured (https is verified by the agent; plain http only because they wrote it).
+        self.follow_transitions = follow_transitions
+        #: (old pin, new fingerprint, steps) once a chain of key transitions was followed.
+        self.followed: Optional[tuple[str, str, int]] = None
         self.timeout = timeout
         self.label = label
         self._clock = clock
@@ -237,7 +198,7 @@ class RelayAPI:
         self, method: str, path: str, *, query: str = "", body: Optional[Mapping[str, Any]] = None
     ) -> tuple[dict[str, Any], Any]:
         url = self.url + path + (f"?{query}" if query else "")
-        headers = {b"Accept": [b"application/json"]}
+        headers: dict[bytes | str, list[bytes | str]] = {b"Accept": [b"application/json"]}
         data = None
         if body is not None:
             data = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -256,7 +217,7 @@ class RelayAPI:
             response, raw = await attempt
         except Exception as e:  # every transport failure, whatever Twisted calls it
             reason = f"no answer within {self.timeout:g} s" if not timer.active() else describe_failure(e)
-            raise RelayUnreachable(self.url, reason) from e
+            raise RelayUnreachable(self.url, reason + self._hint(reason)) from e
         finally:
             if timer.active():
                 timer.cancel()
@@ -272,7 +233,8 @@ class RelayAPI:
         if obj is None or not isinstance(obj.get("errno"), int):
             phrase = RESPONSES.get(status, b"").decode("ascii", "replace")
             raise RelayUnreachable(
-                self.url, f"{method} {path} answered HTTP {status} {phrase} without a msgrelay error body"
+                self.url, f"{method} {path} answered HTTP {status} {phrase} without a msgrelay error body: "
+                "not a msgrelay relay (check the URL and port)"
             )
         retry = response.headers.getRawHeaders(b"retry-after")
         raise RelayError(
@@ -283,6 +245,17 @@ class RelayAPI:
             retry_after=int(retry[0]) if retry and retry[0].strip().isdigit() else None,
             where=self.label,
         )
+
+    def _hint(self, reason: str) -> str:
+        """What to try, for the failures people cause by giving the wrong URL."""
+        low = reason.lower()
+        parts = urlsplit(self.url)
+        if parts.scheme == "https" and ("wrong version number" in low or "http request" in low):
+            return (f"; is this an http:// relay? It does not speak TLS: try "
+                    f"http://{parts.netloc}{parts.path}")
+        if "closed cleanly" in low or "was lost" in low:
+            return "; the server hung up without an HTTP answer: is it a msgrelay relay? (check the URL and port)"
+        return ""
 
     def _now(self) -> float:
         return self._clock() + (self._info.clock_offset if self._info else 0.0)
@@ -323,16 +296,32 @@ class RelayAPI:
         except (ValueError, ProtocolError) as e:
             raise RelayUnreachable(self.url, f"server info is unusable: {e}")
         if self.pinned_fingerprint and info.fingerprint != self.pinned_fingerprint:
-            until = info.previous_key_until(self.pinned_fingerprint)
-            rotated = f" The relay lists the pinned key as rotated out (valid until {until})." if until else ""
-            raise TrustError(
-                f"THE RELAY'S KEY HAS CHANGED: {self.url} ({info.name}) now has key fingerprint "
-                f"{info.fingerprint}, but this profile pinned {self.pinned_fingerprint}.{rotated} "
-                "Nothing was sent. If you verified the new fingerprint with the relay's operator, "
-                f"run again with --trust-fingerprint {info.fingerprint}"
-            )
+            self._follow_or_refuse(info)
         self._info = info
         return info
+
+    def _follow_or_refuse(self, info: ServerInfo) -> None:
+        """Re-pin along a verified chain of key transitions, else the loud TrustError."""
+        assert self.pinned_fingerprint is not None
+        broken = ""
+        if self.follow_transitions:
+            try:
+                steps = follow_chain(self.pinned_fingerprint, info.fingerprint,
+                                     parse_transitions(info.raw.get("key_transitions")), info.name)
+            except TransitionError as e:
+                broken = f" The relay shows no valid chain of key transitions from the pinned key ({e})."
+            else:
+                self.followed = (self.pinned_fingerprint, info.fingerprint, len(steps))
+                self.pinned_fingerprint = info.fingerprint
+                return
+        until = info.previous_key_until(self.pinned_fingerprint)
+        rotated = f" The relay lists the pinned key as rotated out (valid until {until})." if until else ""
+        raise TrustError(
+            f"THE RELAY'S KEY HAS CHANGED: {self.url} ({info.name}) now has key fingerprint "
+            f"{info.fingerprint}, but this profile pinned {self.pinned_fingerprint}.{rotated}{broken} "
+            "Nothing was sent. If you verified the new fingerprint with the relay's operator, "
+            f"run again with --trust-fingerprint {info.fingerprint}"
+        )
 
     @returns_deferred
     async def health(self) -> dict[str, Any]:
@@ -416,7 +405,9 @@ class RelayAPI:
         obj = await self._signed("GET", f"{API}/message", {"limit": limit} if limit else None)
         try:
             plaintext = open_envelope([self.identity.private_key], obj, allowed=(AES_GCM,))
-            messages = parse_json(plaintext, errno=103, what="fetch response plaintext")
+            # Lone surrogates are judged message by message (receiving.py), so that one bad
+            # message is set aside instead of making the whole mailbox unreadable.
+            messages = parse_json(plaintext, errno=103, what="fetch response plaintext", allow_surrogates=True)
         except ProtocolError as e:
             raise RelayUnreachable(self.url, f"the fetch response cannot be opened with this profile's key: {e.message}")
         if not isinstance(messages, list):
@@ -434,12 +425,21 @@ class RelayAPI:
 
     @returns_deferred
     async def set_push_endpoint(self, endpoint: str) -> None:
+        """PUT /user: the only way to set (or, with "", clear) the push endpoint (revision 2)."""
         await self._signed("PUT", f"{API}/user", {"push_endpoint": endpoint})
+
+    @returns_deferred
+    async def account(self) -> dict[str, Any]:
+        """GET /user: our own account as the relay keeps it (push endpoint, pending, tokens, quota)."""
+        obj = await self._signed("GET", f"{API}/user")
+        if obj.get("user_id") != (self.identity.user_id if self.identity else None):
+            raise RelayUnreachable(self.url, "GET /user answered for another user id")
+        return obj
 
     @returns_deferred
     async def delete_user(self) -> None:
         await self._signed("DELETE", f"{API}/user")
 
-    def close(self) -> Awaitable[None]:
+    def close(self) -> "Deferred[None]":
         """Close kept-alive connections (tests need a clean reactor)."""
         return self._pool.closeCachedConnections()

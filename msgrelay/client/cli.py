@@ -13,17 +13,22 @@ from typing import Any, Optional
 from urllib.parse import urlsplit
 
 import click
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import __version__
 from ..wire.dates import format_date
-from .api import DEFAULT_TIMEOUT, RelayAPI, normalise_url
+from .api import DEFAULT_TIMEOUT, RelayClient, normalise_url
 from .cli_contacts import contact, invite, token
 from .cli_messages import fetch, outbox, send
 from .cli_session import Job, Options, new_passphrase, pass_options, read_passphrase, report_bug, run_job
 from .errors import EXIT_ABORTED, ClientError, TrustError, UsageError
-from .identity import Identity, generate_private_key
+from .identity import Identity, generate_private_key, pem_is_encrypted, private_key_from_pem
 from .output import error_line, json_line, out, warn
 from .session import Session, normalise_fingerprint
+
+
+#: Options of the group: given after a command name they are "no such option" (main says where they go).
+GLOBAL_OPTIONS = ("--profile", "-p", "--ca", "--trust-fingerprint", "--timeout")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,12 +55,23 @@ def cli(ctx: click.Context, profile_name: str, ca_file: Optional[str], trust_fin
 @click.option("--name", "display_name", default="", help="Display name sent with your messages (optional).")
 @click.option("--passphrase", is_flag=True, help="Encrypt the private key (asks, or MSGRELAY_PASSPHRASE).")
 @click.option("--registration-token", help="For relays with closed registration.")
+@click.option("--key", "key_file", type=click.Path(exists=True, dir_okay=False),
+              help="Use this private key (PKCS#8 PEM, e.g. the web client's identity file) instead of a new one.")
 @pass_options
-def init(opts: Options, server: str, display_name: str, passphrase: bool, registration_token: Optional[str]) -> Job:
+def init(opts: Options, server: str, display_name: str, passphrase: bool, registration_token: Optional[str],
+         key_file: Optional[str]) -> Job:
     """Create a key pair, pin the relay's key, register, and print your address."""
     profile = opts.profile()
     if profile.exists():
-        raise UsageError(f"profile {profile.name!r} already exists at {profile.path}")
+        flag = "" if profile.name == "default" else f" --profile {profile.name}"
+        raise UsageError(
+            f"profile {profile.name!r} already exists at {profile.path}: it is registered already "
+            f"(msgrelay-client{flag} whoami). For another identity pick a new name "
+            f"(msgrelay-client --profile NEW-NAME init ...); to move it to another relay URL run "
+            f"msgrelay-client{flag} set-server URL")
+    if key_file and passphrase:
+        raise UsageError("--key keeps the key file as it is (encrypted or not); --passphrase is for a new key")
+    imported = read_key_file(key_file) if key_file else None
     url = normalise_url(server)
     host = urlsplit(url).hostname or ""
     if url.startswith("http://") and host != "localhost" and not host.startswith("127.") and host != "::1":
@@ -65,11 +81,14 @@ def init(opts: Options, server: str, display_name: str, passphrase: bool, regist
     secret = new_passphrase() if passphrase and not profile.has_key() else None
 
     async def job(reactor: Any) -> None:
-        api = RelayAPI(url, reactor=reactor, ca_file=opts.ca_file, pinned_fingerprint=pinned, timeout=opts.timeout)
+        api = RelayClient(url, reactor=reactor, ca_file=opts.ca_file, pinned_fingerprint=pinned, timeout=opts.timeout)
         try:
             info = await api.server_info()
             profile.create_folder()
-            if profile.has_key():  # an earlier init stopped before registering: keep its key
+            if imported is not None and not profile.has_key():
+                profile.write_key_pem(imported[0])
+                key = imported[1]
+            elif profile.has_key():  # an earlier init stopped before registering: keep its key
                 key = profile.load_private_key(read_passphrase)
             else:
                 key = generate_private_key()
@@ -94,6 +113,15 @@ def init(opts: Options, server: str, display_name: str, passphrase: bool, regist
     return job
 
 
+def read_key_file(path: str) -> tuple[bytes, rsa.RSAPrivateKey]:
+    """A key file to import and its key, checked now (its passphrase is asked if it has one)."""
+    try:
+        pem = open(path, "rb").read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e}")
+    return pem, private_key_from_pem(pem, read_passphrase() if pem_is_encrypted(pem) else None)
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @pass_options
@@ -112,6 +140,45 @@ def whoami(opts: Options, as_json: bool) -> None:
         return
     for key, value in info.items():
         out(f"{key + ':':20}{value}")
+
+
+@cli.command("set-server")
+@click.argument("url")
+@pass_options
+def set_server(opts: Options, url: str) -> Job:
+    """Change the URL of this profile's relay (e.g. when it moves to https://).
+
+    The relay at URL must be the same relay: same name and the pinned key (or a key reached
+    along its verified key transitions, or the one --trust-fingerprint names).
+    """
+    profile = opts.profile()
+    config = profile.load_config()
+    new_url = normalise_url(url)
+    trusted = normalise_fingerprint(opts.trust_fingerprint) if opts.trust_fingerprint else None
+
+    async def job(reactor: Any) -> None:
+        api = RelayClient(new_url, reactor=reactor, ca_file=opts.ca_file or config.get("ca_file"),
+                       pinned_fingerprint=trusted or config["server_fingerprint"], timeout=opts.timeout,
+                       follow_transitions=trusted is None, label=f"relay at {new_url}")
+        try:
+            info = await api.server_info()
+        finally:
+            await api.close()
+        if info.name != config["server_name"]:
+            raise TrustError(f"the relay at {new_url} calls itself {info.name!r}, but this profile is registered at "
+                             f"{config['server_name']!r}: not changed (a different relay needs a new profile)")
+
+        def change(current: dict[str, Any]) -> None:
+            current["server_url"], current["server_fingerprint"] = new_url, info.fingerprint
+            if opts.ca_file:
+                current["ca_file"] = opts.ca_file
+
+        profile.update_config(change)
+        out(f"relay URL of profile {profile.name}: {new_url} (was {config['server_url']})")
+        if info.fingerprint != config["server_fingerprint"]:
+            out(f"relay key now pinned: {info.fingerprint} (was {config['server_fingerprint']})")
+
+    return job
 
 
 @cli.command("delete-account")
@@ -147,6 +214,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     except click.exceptions.Abort:
         warn("aborted: nothing was done")
         sys.exit(EXIT_ABORTED)
+    except click.NoSuchOption as e:
+        if e.option_name in GLOBAL_OPTIONS:
+            hint = click.UsageError(
+                f"{e.option_name} is an option of msgrelay-client itself: put it before the command, "
+                f"e.g. msgrelay-client {e.option_name} ... {e.ctx.info_name if e.ctx else 'COMMAND'} ...", e.ctx)
+            hint.show()
+            sys.exit(hint.exit_code)
+        e.show()
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -10,7 +10,7 @@ import click
 from ..wire.dates import format_date
 from .api import normalise_url
 from .cli_session import Job, Options, duration_option, pass_options
-from .errors import ClientError, TrustError, UsageError
+from .errors import ClientError, RelayUnreachable, TrustError, UsageError
 from .invite import format_invite, parse_invite
 from .output import json_line, out, table
 from .profile import check_contact_name, find_by_user_id, new_contact
@@ -119,7 +119,14 @@ def contact_add(opts: Options, name: str, invite_line: str, relay_url: Optional[
     async def body(session: Session) -> None:
         if parsed.user_id == session.identity.user_id:
             raise UsageError("that is your own invite")
-        key = await session.relay_for(parsed.server_name, relay_url).lookup_user(parsed.user_id)
+        try:
+            key = await session.relay_for(parsed.server_name, relay_url).lookup_user(parsed.user_id)
+        except RelayUnreachable as e:
+            if relay_url is not None or parsed.server_name.lower() == session.config["server_name"].lower():
+                raise
+            raise RelayUnreachable(e.url, f"{e.reason}. {name} is on another relay ({parsed.server_name}), "
+                                          "looked up at https://<its name>; if it answers elsewhere, give its URL: "
+                                          f"contact add {name} INVITE --relay-url URL")
         with session.profile.editing_contacts() as contacts:
             existing, same = contacts.get(name), find_by_user_id(contacts, parsed.user_id)
             if existing is not None and existing.user_id != parsed.user_id and not replace:

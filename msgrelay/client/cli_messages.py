@@ -76,6 +76,8 @@ def fetch(opts: Options, as_json: bool, watch: bool, output_dir: Optional[str], 
 
     async def body(session: Session) -> int:
         if watch:
+            warn(f"watching for new messages: polling {session.api.url} every {interval:g} s, slowing down to "
+                 f"every {max(interval, max_interval):g} s while nothing arrives; Ctrl-C stops")
             await watch_messages(session, show, trouble, output, interval, max(interval, max_interval))
             return 0
         records = await fetch_messages(session, output, limit)

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from ..wire.dates import format_date
 from ..durable import create_durably
 from .profile import json_bytes
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 _SAFE_STEM = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def file_stem(message_id: str) -> str:
     """A file name for a relay message id; ids that are not plain become their hash."""
-    if _SAFE_ID.match(message_id):
+    if _SAFE_ID.fullmatch(message_id):
         return message_id
-    return "h" + hashlib.sha256(message_id.encode("utf-8")).hexdigest()
+    return "h" + hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class Inbox:
@@ -51,14 +52,16 @@ class Inbox:
         return path
 
     def reject(self, server_message: Mapping[str, Any], record: Mapping[str, Any]) -> Path:
-        """Keep what failed the checks (with the reason) for inspection; it is never shown."""
-        return self._keep(self.rejected, {**record, "server_message": dict(server_message)})
+        """Keep what failed the checks (with the reason) for inspection; it is never shown.
+        Written as ASCII JSON, which holds anything a relay sent, lone surrogates included."""
+        kept = {**record, "server_message": dict(server_message)}
+        return self._keep(self.rejected, kept, (json.dumps(kept, indent=2, sort_keys=True) + "\n").encode("ascii"))
 
     @staticmethod
-    def _keep(folder: Path, record: Mapping[str, Any]) -> Path:
+    def _keep(folder: Path, record: Mapping[str, Any], content: Optional[bytes] = None) -> Path:
         path = folder / (file_stem(str(record["id"])) + ".json")
         try:
-            create_durably(path, json_bytes(dict(record)))
+            create_durably(path, content if content is not None else json_bytes(dict(record)))
         except FileExistsError:
             pass  # a concurrent fetch stored the same message first
         return path

@@ -17,7 +17,7 @@ from ..wire.errors import ProtocolError
 from .errors import InviteError
 
 SCHEME = "msgrelay:"
-TOKEN_RE = re.compile(r"^[A-Za-z0-9._~-]{16,1024}$")
+TOKEN_RE = re.compile(r"[A-Za-z0-9._~-]{16,1024}")
 EXAMPLE = "msgrelay:<32-character user id>@<relay name>?token=<token>"
 
 
@@ -65,6 +65,6 @@ def parse_invite(text: str) -> Invite:
     tokens = params.get("token", [])
     if len(tokens) != 1:
         raise InviteError("bad invite: it must carry exactly one token=")
-    if not TOKEN_RE.match(tokens[0]):
+    if not TOKEN_RE.fullmatch(tokens[0]):
         raise InviteError("bad invite: the token must be 16 or more URL-safe characters")
     return Invite(address, tokens[0])

@@ -1,4 +1,4 @@
-"""Message objects (PROTOCOL.md section 6): build and sign, open and verify.
+"""Message objects (docs/protocol.md section 6): build and sign, open and verify.
 
 `{from, to, key, data_type, data, date, signature}` is the client convention the relays
 never see: it travels inside the packet's inner envelope, sealed to the recipient. The

@@ -11,7 +11,7 @@ import click
 from .errors import EXIT_REFUSED, ClientError
 from .sending import Delivery
 
-_DURATION = re.compile(r"^(\d+)\s*([smhdw]?)$")
+_DURATION = re.compile(r"([0-9]+)[ \t]*([smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u0080-\u009f\u202a-\u202e\u2066-\u2069]")
 
@@ -21,7 +21,7 @@ def parse_duration(text: str, allow_never: bool = False) -> int:
     cleaned = text.strip().lower()
     if allow_never and cleaned in ("never", "0"):
         return 0
-    match = _DURATION.match(cleaned)
+    match = _DURATION.fullmatch(cleaned)
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"{text!r} is not a duration like 90s, 45m, 12h, 30d or 2w" + (" (or never)" if allow_never else ""))
     return int(match.group(1)) * _UNITS[match.group(2)]
@@ -44,7 +44,8 @@ def error_line(error: ClientError) -> str:
 def describe_record(record: dict[str, Any]) -> tuple[str, bool]:
     """A fetched message as (line, is_warning); warnings go to stderr."""
     if record["status"] != "ok":
-        return f"REJECTED message {record.get('id')}: {record.get('error')}", True
+        kept = f" (set aside in {record['kept']})" if record.get("kept") else ""
+        return f"REJECTED message {record.get('id')}: {record.get('error')}{kept}", True
     when = f"[{record['date']}]"
     contact = record.get("contact")
     who = contact or f"{record['from']} (unknown sender, key fingerprint {record['fingerprint']})"

@@ -39,8 +39,8 @@ from ..wire.keys import fingerprint, load_public_key, public_key_pem
 from .errors import ProfileError, UsageError
 from .identity import Identity, pem_is_encrypted, private_key_from_pem, private_key_to_pem
 
-PROFILE_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
-CONTACT_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+PROFILE_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+CONTACT_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 DEFAULT_PROFILE = "default"
 #: How many recent message references a contact keeps, to tell a gap from a crossed message.
 RECENT_REFS = 200
@@ -70,7 +70,7 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 
 def check_contact_name(name: str) -> str:
-    if not CONTACT_NAME_RE.match(name):
+    if not CONTACT_NAME_RE.fullmatch(name):
         raise UsageError(f"contact name {name!r} must be 1-64 characters of letters, digits, '.', '_' and '-'")
     return name
 
@@ -128,7 +128,7 @@ class Profile:
     @classmethod
     def locate(cls, name: Optional[str] = None, root: Optional[Path] = None) -> "Profile":
         name = name or DEFAULT_PROFILE
-        if not PROFILE_NAME_RE.match(name):
+        if not PROFILE_NAME_RE.fullmatch(name):
             raise UsageError(f"profile name {name!r} must be 1-64 characters of letters, digits, '.', '_' and '-'")
         return cls((root or default_root()) / name, name)
 
@@ -201,6 +201,10 @@ class Profile:
 
     def write_key(self, key: rsa.RSAPrivateKey, passphrase: Optional[bytes] = None) -> None:
         create_durably(self.key_path, private_key_to_pem(key, passphrase), 0o600)
+
+    def write_key_pem(self, pem: bytes) -> None:
+        """An imported key file, kept as it is (encrypted or not), 0600."""
+        create_durably(self.key_path, pem, 0o600)
 
     def key_pem(self) -> bytes:
         """The key file's bytes, refusing a file others can read (as ssh does)."""

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 from twisted.internet.task import deferLater
 
 from ..wire.addresses import parse_address
+from ..wire.canonical import holds_lone_surrogate, is_valid_unicode
 from .api import returns_deferred
 from .errors import MessageRejected, ProfileError, RelayError, RelayUnreachable
 from .inbox import Inbox, compact_date, write_received_file
@@ -35,7 +36,7 @@ def _pick_name(session: Session, contacts: dict[str, Contact], token_id: Any, us
     """The name given at `invite --for NAME` for the token they used, else `user-<id prefix>`."""
     invites = session.profile.load_config().get("invites", {})
     wanted = invites.get(token_id, {}).get("for") if isinstance(token_id, str) else None
-    candidates = [wanted] if isinstance(wanted, str) and CONTACT_NAME_RE.match(wanted) else []
+    candidates = [wanted] if isinstance(wanted, str) and CONTACT_NAME_RE.fullmatch(wanted) else []
     candidates.append(f"user-{user_id[:8]}")
     candidates += [f"user-{user_id[:8]}-{n}" for n in range(2, 100)]
     return next(c for c in candidates if c not in contacts)
@@ -105,22 +106,39 @@ def _accept(
 
 
 def process(session: Session, inbox: Inbox, sm: Mapping[str, Any], output: Path) -> Optional[dict[str, Any]]:
-    """Handle one server message durably; None when it was already handled by an earlier fetch."""
+    """Handle one server message durably; None when it was already handled by an earlier fetch.
+
+    Whatever the message holds, it is either accepted or set aside in rejected/: only a
+    local failure (OSError: disk full, permissions) escapes, so one hostile contact or a
+    damaged copy can never stop the rest of the mailbox from being stored and acknowledged.
+    """
     message_id = sm["id"]
     if inbox.has(message_id):
         return None
     try:
+        if holds_lone_surrogate(dict(sm)):
+            raise MessageRejected("the relay's copy holds text that is not valid Unicode (damaged or forged)")
         verified = open_message(sm, session.identity)
         if inbox.has_content(verified.ref):
             return None
         with session.profile.editing_contacts() as contacts:
             record = _accept(session, contacts, sm, verified, output)
             inbox.store(record)
-    except MessageRejected as e:
-        record = {"id": message_id, "status": "rejected", "error": str(e), "token_id": sm.get("token"),
-                  "received": sm.get("received")}
-        inbox.reject(sm, record)
+    except OSError:
+        raise
+    except Exception as e:  # MessageRejected, or anything a malformed message provokes
+        reason = str(e) if isinstance(e, MessageRejected) else f"cannot be read ({type(e).__name__}: {e})"
+        record = {"id": message_id, "status": "rejected", "error": _printable(reason),
+                  "token_id": _printable(sm.get("token")), "received": _printable(sm.get("received"))}
+        record["kept"] = str(inbox.reject(sm, record))
     return record
+
+
+def _printable(value: Any) -> Any:
+    """A string that can be printed and stored as UTF-8 (lone surrogates escaped); other values as they are."""
+    if isinstance(value, str) and not is_valid_unicode(value):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 @returns_deferred
@@ -136,10 +154,10 @@ async def fetch(session: Session, output: Optional[Path] = None, limit: Optional
     records: list[dict[str, Any]] = []
     for _ in range(MAX_ROUNDS):
         batch = await session.api.fetch(limit)
-        handled = []
+        handled: list[Any] = []
         for sm in batch.messages:
-            if not isinstance(sm.get("id"), str):
-                records.append({"id": None, "status": "rejected", "error": "the relay sent a message without an id"})
+            if not isinstance(sm.get("id"), str) or not is_valid_unicode(sm["id"]):
+                records.append({"id": None, "status": "rejected", "error": "the relay sent a message without a usable id"})
                 continue
             try:
                 record = process(session, inbox, sm, output)
@@ -160,7 +178,7 @@ async def fetch(session: Session, output: Optional[Path] = None, limit: Optional
 @returns_deferred
 async def watch(
     session: Session,
-    on_records: Callable[[list[dict[str, Any]]], None],
+    on_records: Callable[[list[dict[str, Any]]], Any],
     on_error: Callable[[Exception, float], None],
     output: Optional[Path] = None,
     interval: float = 2.0,

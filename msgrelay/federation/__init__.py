@@ -1,1 +1,1 @@
-"""Server-to-server forwarding (PROTOCOL.md section 7) and push (section 8)."""
+"""Server-to-server forwarding (docs/protocol.md section 7) and push (section 8)."""

@@ -5,25 +5,28 @@ through `BrowserLikePolicyForHTTPS`), against the platform's roots or a private 
 Hosts a user or a stranger chose (push endpoints, unlisted peers in "open" mode) are
 resolved once, every address is checked, and the connection goes to the address that was
 checked, with the original name still used for SNI and certificate verification: a DNS
-answer cannot change between the check and the connection (no rebinding).
+answer cannot change between the check and the connection (no rebinding). Every name,
+the operator's peers included, is resolved by the asynchronous, bounded, caching resolver
+of `resolver.py`, never by getaddrinfo in a thread pool.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
-from typing import AbstractSet, Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence
 
-from twisted.internet import ssl
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.threads import deferToThreadPool
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.web.client import BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 import treq
 from treq.client import HTTPClient
+
+from ..net import http as net_http
+from ..net.http import tls_policy
+from ..net.trust import load_trust_root
 
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
@@ -32,11 +35,40 @@ class AddressRefused(ConnectionError):
     """The host resolves to an address outgoing requests may not reach."""
 
 
+#: Special-purpose ranges (IANA registries) that `ipaddress` counts as global, or that wrap
+#: an IPv4 address a gateway would reach for us (6to4, NAT64, Teredo, IPv4-compatible).
+NON_PUBLIC_RANGES: tuple[tuple[str, Any], ...] = tuple(
+    (name, ipaddress.ip_network(network)) for name, network in (
+        ("6to4", "2002::/16"),
+        ("site-local", "fec0::/10"),
+        ("NAT64", "64:ff9b::/96"),
+        ("local-use NAT64", "64:ff9b:1::/48"),
+        ("Teredo", "2001::/32"),
+        ("documentation", "2001:db8::/32"),
+        ("documentation", "3fff::/20"),
+        ("discard-only", "100::/64"),
+        ("IPv4-compatible", "::/96"),
+        ("shared address space", "100.64.0.0/10"),
+        ("benchmarking", "198.18.0.0/15"),
+        ("IETF protocol assignments", "192.0.0.0/24"),
+        ("documentation", "192.0.2.0/24"),
+        ("documentation", "198.51.100.0/24"),
+        ("documentation", "203.0.113.0/24"),
+        ("6to4 relay anycast", "192.88.99.0/24"),
+        ("reserved", "240.0.0.0/4"),
+        ("this network", "0.0.0.0/8"),
+    )
+)
+
+
 def address_problem(text: str) -> Optional[str]:
     """Why an IP address is not a public unicast address, or None if it is one."""
     address = ipaddress.ip_address(text.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
+    for name, network in NON_PUBLIC_RANGES:
+        if address.version == network.version and address in network:
+            return f"{address} is in a {name} range ({network})"
     for problem, flag in (("loopback", address.is_loopback), ("private", address.is_private),
                           ("link-local", address.is_link_local), ("unspecified", address.is_unspecified),
                           ("multicast", address.is_multicast), ("reserved", address.is_reserved)):
@@ -53,22 +85,6 @@ def is_ip_literal(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def thread_resolver(reactor: Any) -> Resolver:
-    """getaddrinfo in the reactor's thread pool (it blocks)."""
-
-    async def resolve(host: str, port: int) -> Sequence[str]:
-        infos = await deferToThreadPool(reactor, reactor.getThreadPool(), socket.getaddrinfo,
-                                        host, port, 0, socket.SOCK_STREAM)
-        seen: list[str] = []
-        for info in infos:
-            address = str(info[4][0])
-            if address not in seen:
-                seen.append(address)
-        return seen
-
-    return resolve
 
 
 async def checked_addresses(host: str, port: int, resolve: Resolver, allow_private: bool) -> list[str]:
@@ -119,54 +135,45 @@ class GuardedEndpointFactory:
     """Endpoints for an Agent: trusted hosts directly, every other host through the address check."""
 
     def __init__(self, reactor: Any, tls_policy: BrowserLikePolicyForHTTPS, resolve: Resolver,
-                 allow_private: bool, trusted: AbstractSet[tuple[str, int]] = frozenset(), timeout: float = 30):
+                 allow_private: bool, trusted: Iterable[tuple[str, int]] = (), timeout: float = 30):
         self.reactor = reactor
         self.tls_policy = tls_policy
         self.resolve = resolve
         self.allow_private = allow_private
-        # (host, port) pairs the operator configured, reached without the address check; the
-        # owner may pass a set and update it in place when the peer table is reloaded.
-        self.trusted = trusted
+        self.trusted: frozenset[tuple[str, int]] = frozenset()
+        self.set_trusted(trusted)
         self.timeout = timeout
+
+    def set_trusted(self, hosts: Iterable[tuple[str, int]]) -> None:
+        """(host, port) pairs the operator configured, reached without the address check.
+
+        Replaced whole (a reloaded peer table), never shared with another object."""
+        self.trusted = frozenset((host.lower(), port) for host, port in hosts)
 
     def endpointForURI(self, uri: Any) -> Any:
         host = uri.host.decode("ascii")
-        endpoint: Any
-        if (host.lower(), uri.port) in self.trusted:
-            endpoint = HostnameEndpoint(self.reactor, uri.host, uri.port, timeout=self.timeout)
-        else:
-            endpoint = CheckedAddressEndpoint(self.reactor, host, uri.port, self.resolve, self.allow_private,
-                                              self.timeout)
+        # Trusted hosts skip only the address check: they are resolved the same way.
+        trusted = (host.lower(), uri.port) in self.trusted
+        endpoint: Any = CheckedAddressEndpoint(self.reactor, host, uri.port, self.resolve,
+                                               self.allow_private or trusted, self.timeout)
         if uri.scheme == b"https":
             endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint
 
 
-def load_trust_root(ca_file: str) -> Any:
-    """The platform's roots, or every certificate in a PEM bundle (ValueError if none)."""
-    if not ca_file:
-        return ssl.platformTrust()
-    with open(ca_file, "rb") as f:
-        pem = f.read()
-    marker = b"-----END CERTIFICATE-----"
-    certificates = [ssl.Certificate.loadPEM(block + marker) for block in pem.split(marker) if b"-----BEGIN" in block]
-    if not certificates:
-        raise ValueError(f"{ca_file} holds no PEM certificate")
-    return ssl.trustRootFromCertificates(certificates)
-
-
 def make_http_client(reactor: Any, ca_file: str, resolve: Resolver, allow_private: bool,
-                     trusted: AbstractSet[tuple[str, int]] = frozenset(), persistent: bool = True,
+                     trusted: Iterable[tuple[str, int]] = (), persistent: bool = True,
                      timeout: float = 30) -> tuple[HTTPClient, Optional[HTTPConnectionPool]]:
     """A treq client with verified TLS and the address guard, and its pool (to close at stop)."""
-    policy = BrowserLikePolicyForHTTPS(trustRoot=load_trust_root(ca_file))
-    pool = HTTPConnectionPool(reactor, persistent=persistent) if persistent else None
-    if pool is not None:
-        pool.maxPersistentPerHost = 2
-        pool.retryAutomatically = False  # a POST /message is retried by our own queue, never blindly
-    factory = GuardedEndpointFactory(reactor, policy, resolve, allow_private, trusted, timeout)
-    agent = Agent.usingEndpointFactory(reactor, factory, pool=pool)
-    return HTTPClient(agent), pool
+    endpoints = GuardedEndpointFactory(reactor, tls_policy(load_trust_root(ca_file)), resolve, allow_private,
+                                       trusted, timeout)
+    return guarded_http_client(reactor, endpoints, persistent)
+
+
+def guarded_http_client(reactor: Any, endpoints: "GuardedEndpointFactory",
+                        persistent: bool = True) -> tuple[HTTPClient, Optional[HTTPConnectionPool]]:
+    """The shared treq client factory over these guarded endpoints (their owner keeps them)."""
+    return net_http.make_http_client(reactor, endpoints=endpoints, persistent=persistent)
 
 
 class BodyTooLarge(Exception):

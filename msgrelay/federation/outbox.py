@@ -1,14 +1,16 @@
 """The durable outbox: packets accepted for other relays, one queue per destination.
 
-Synchronous file operations; the sender runs them in a thread, `msgrelay-admin` calls them
-directly. Layout under `<state_dir>/outbox/`:
+Synchronous file operations; the federation service runs them in its own threads,
+`msgrelay-admin` calls them directly on a stopped relay. Layout under `<state_dir>/outbox/`:
 
     .lock                 flock held by the process delivering this outbox
-    .status.json          that process's per-destination state (advisory, for operators)
     .dedup/<sha256 hex>   idempotency records: "<message id>\\n<expires>" until expiry
     <destination>/        one queue; the server name with ":" written as "_"
         <seq>-<received>-<expires>-<random>.json   one packet record (mode 0600)
-        .retry-now        "retry this destination now", written by msgrelay-admin
+        .backoff          the queue's backoff: failures in a row, next attempt (after a failure)
+
+A destination's folder is removed once its queue is empty (open federation would otherwise
+keep one per made-up relay forever).
 
 Every record is written to a temporary file, fsynced, renamed and its folder fsynced, so a
 packet the relay answered `200` for survives a crash. File names sort in arrival order and
@@ -31,10 +33,9 @@ from typing import Any, Optional
 from ..durable import fsync_dir, replace_durably
 
 LOCK_NAME = ".lock"
-STATUS_NAME = ".status.json"
 DEDUP_DIR = ".dedup"
-RETRY_FLAG = ".retry-now"
-_ENTRY = re.compile(r"^(\d{16})-(\d{1,12})-(\d{1,12})-([0-9a-f]{8})\.json$")
+BACKOFF_NAME = ".backoff"
+_ENTRY = re.compile(r"([0-9]{16})-([0-9]{1,12})-([0-9]{1,12})-([0-9a-f]{8})\.json")
 
 
 class OutboxUnavailable(Exception):
@@ -80,6 +81,17 @@ def _mkdir_durably(path: Path) -> None:
         fsync_dir(path.parent)
 
 
+def _unlink_durably(path: Path, what: str) -> None:
+    """Remove `path` if it is there, and fsync its folder (OutboxUnavailable: cannot `what`)."""
+    try:
+        os.unlink(path)
+        fsync_dir(path.parent)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise OutboxUnavailable(f"cannot {what}: {e.strerror}")
+
+
 class OutboxLock:
     """An exclusive flock on `<outbox>/.lock`: one delivering process per outbox."""
 
@@ -92,7 +104,26 @@ class OutboxLock:
             self._fd = None
 
 
-class Outbox:
+@dataclass(frozen=True)
+class BackoffState:
+    """What a queue remembers across restarts after failures: no peer is hammered at start."""
+
+    attempts: int = 0
+    next_attempt: Optional[float] = None
+    last_error: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"attempts": self.attempts, "next_attempt": self.next_attempt, "last_error": self.last_error}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "BackoffState":
+        attempts, when, error = obj.get("attempts"), obj.get("next_attempt"), obj.get("last_error")
+        return cls(attempts if isinstance(attempts, int) and attempts >= 0 else 0,
+                   float(when) if isinstance(when, (int, float)) else None,
+                   error if isinstance(error, str) else None)
+
+
+class FederationOutbox:
     """The files of one outbox. Thread-safe: any thread may call any method."""
 
     def __init__(self, root: Path):
@@ -101,7 +132,7 @@ class Outbox:
         self._last_seq = 0
 
     @classmethod
-    def open(cls, root: Path) -> "Outbox":
+    def open(cls, root: Path) -> "FederationOutbox":
         """Create the folder if needed (raises OutboxUnavailable)."""
         outbox = cls(root)
         try:
@@ -125,6 +156,8 @@ class Outbox:
 
     def is_locked(self) -> bool:
         """True while a relay process delivers from this outbox."""
+        if not (self.root / LOCK_NAME).exists():  # never used: no relay has run here
+            return False
         try:
             self.lock().release()
         except OutboxBusy:
@@ -148,7 +181,7 @@ class Outbox:
             return []
         found = []
         for name in names:
-            match = _ENTRY.match(name)
+            match = _ENTRY.fullmatch(name)
             if match:
                 seq, received, expires, nonce = match.groups()
                 found.append(Entry(destination, int(seq), int(received), int(expires), nonce))
@@ -199,10 +232,17 @@ class Outbox:
                     return Entry(destination, int(seq), int(old_received), int(old_expires), nonce), True
             entry = Entry(destination, self._next_seq(), received, expires, secrets.token_hex(4))
             folder = self.root / escape_destination(destination)
-            _mkdir_durably(folder)
             record = {"v": 1, "id": entry.id, "destination": destination,
                       "received": received, "expires": expires, "packet": packet}
-            replace_durably(folder / entry.file_name, json.dumps(record, separators=(",", ":")).encode())
+            data = json.dumps(record, separators=(",", ":")).encode()
+            for last_try in (False, False, True):
+                _mkdir_durably(folder)
+                try:
+                    replace_durably(folder / entry.file_name, data)
+                    break
+                except FileNotFoundError:  # the emptied folder was reclaimed meanwhile: make it again
+                    if last_try:
+                        raise
             if dedup_key is not None:
                 replace_durably(self.root / DEDUP_DIR / dedup_key, f"{entry.id}\n{expires}".encode())
             return entry, False
@@ -211,14 +251,7 @@ class Outbox:
 
     def remove(self, entry: Entry) -> None:
         """Forget a delivered, refused or expired packet (durably)."""
-        folder = self.root / escape_destination(entry.destination)
-        try:
-            os.unlink(folder / entry.file_name)
-            fsync_dir(folder)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise OutboxUnavailable(f"cannot remove {entry.id}: {e.strerror}")
+        _unlink_durably(self.root / escape_destination(entry.destination) / entry.file_name, f"remove {entry.id}")
 
     def sweep_dedup(self, now: int) -> int:
         """Remove expired idempotency records; the count removed."""
@@ -239,36 +272,40 @@ class Outbox:
                     pass
         return removed
 
-    # -- operator requests and status -------------------------------------------
+    # -- backoff state and reclaiming ---------------------------------------------
 
-    def request_retry(self, destination: str) -> bool:
-        """Ask the delivering process to retry `destination` now; False if it has no queue."""
-        folder = self.root / escape_destination(destination)
-        if not folder.is_dir():
-            return False
-        (folder / RETRY_FLAG).write_bytes(b"")
-        return True
-
-    def take_retry_requests(self) -> list[str]:
-        """Destinations an operator asked to retry now (each request is consumed)."""
-        asked = []
-        for destination in self.destinations():
-            flag = self.root / escape_destination(destination) / RETRY_FLAG
-            try:
-                os.unlink(flag)
-            except FileNotFoundError:
-                continue
-            asked.append(destination)
-        return asked
-
-    def write_status(self, status: dict[str, Any]) -> None:
-        """Replace the advisory status file atomically (no fsync: it is rewritten often)."""
-        tmp = self.root / f".tmp-{STATUS_NAME}"
-        tmp.write_text(json.dumps(status, indent=1, sort_keys=True))
-        os.replace(tmp, self.root / STATUS_NAME)
-
-    def read_status(self) -> Optional[dict[str, Any]]:
+    def load_backoff(self, destination: str) -> BackoffState:
         try:
-            return json.loads((self.root / STATUS_NAME).read_text())
-        except (OSError, ValueError):
-            return None
+            text = (self.root / escape_destination(destination) / BACKOFF_NAME).read_text()
+            return BackoffState.from_json(json.loads(text))
+        except (OSError, ValueError, AttributeError):
+            return BackoffState()
+
+    def save_backoff(self, destination: str, state: BackoffState) -> None:
+        """Durably, so the next process keeps waiting (OutboxUnavailable if it cannot)."""
+        folder = self.root / escape_destination(destination)
+        try:
+            _mkdir_durably(folder)
+            replace_durably(folder / BACKOFF_NAME, json.dumps(state.to_json()).encode())
+        except OSError as e:
+            raise OutboxUnavailable(f"cannot save the backoff of {destination}: {e.strerror}")
+
+    def clear_backoff(self, destination: str) -> None:
+        _unlink_durably(self.root / escape_destination(destination) / BACKOFF_NAME,
+                        f"clear the backoff of {destination}")
+
+    def remove_destination(self, destination: str) -> bool:
+        """Remove an empty queue's folder (its backoff state too); False if packets are in it."""
+        folder = self.root / escape_destination(destination)
+        if self.entries(destination):
+            return False
+        try:
+            if (folder / BACKOFF_NAME).exists():
+                os.unlink(folder / BACKOFF_NAME)
+            os.rmdir(folder)  # fails if a packet arrived meanwhile: then the queue stays
+            fsync_dir(self.root)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        return True

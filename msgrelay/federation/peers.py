@@ -1,4 +1,4 @@
-"""The peer table and federation policy (PROTOCOL.md section 7).
+"""The peer table and federation policy (docs/protocol.md section 7).
 
 A peer entry is `NAME=URL[#fingerprint]`: the server name used in addresses, the base URL
 its API lives under, and optionally the pinned SHA-256 fingerprint of its key. Plain
@@ -18,7 +18,7 @@ from ..wire.addresses import is_server_name
 from ..wire.errors import ProtocolError
 
 MODES = ("off", "allowlist", "open")
-_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 class PeerError(ValueError):
@@ -47,7 +47,7 @@ def parse_peer(entry: str) -> Peer:
     url, _, pin = rest.strip().partition("#")
     if pin:
         pin = pin.strip().lower().replace(":", "")
-        if not _FINGERPRINT.match(pin):
+        if not _FINGERPRINT.fullmatch(pin):
             raise PeerError(f"{name}: the pinned fingerprint must be 64 hex digits (SHA-256 of the key)")
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http"):
@@ -55,7 +55,7 @@ def parse_peer(entry: str) -> Peer:
     if not parts.hostname or parts.query or parts.username or parts.password:
         raise PeerError(f"{name}: URL {url!r} needs a host and no query or credentials")
     try:
-        parts.port
+        _ = parts.port  # raises for a bad port
     except ValueError:
         raise PeerError(f"{name}: URL {url!r} has an invalid port")
     return Peer(name, url.rstrip("/"), pin or None)
@@ -104,6 +104,14 @@ class FederationPolicy:
         if _private_literal(destination.rsplit(":", 1)[0]):  # server names never hold IPv6 literals
             raise ProtocolError(122, f"{destination} is not a public address; list it as a peer to reach it")
         return Peer(destination, f"https://{destination}", None, listed=False)
+
+    def trusted_hosts(self) -> frozenset[tuple[str, int]]:
+        """(host, port) of every listed peer: the operator's choice, reached without the address guard."""
+        hosts = set()
+        for peer in self.peers.values():
+            parts = urlsplit(peer.url)
+            hosts.add(((parts.hostname or "").lower(), parts.port or (443 if parts.scheme == "https" else 80)))
+        return frozenset(hosts)
 
     def peer_for_delivery(self, destination: str) -> tuple[Optional[Peer], Optional[str]]:
         """(peer, None) when a queued packet may go now, else (None, why not)."""

@@ -1,4 +1,4 @@
-"""Push notifications (PROTOCOL.md section 8): a content-free POST after a message is stored.
+"""Push notifications (docs/protocol.md section 8): a content-free POST after a message is stored.
 
 The observer returns at once: the sender already has its `200` by the time anything here
 touches the network. The POST carries only `{"user_id", "pending"}`. Endpoints go through
@@ -10,7 +10,6 @@ messages only mark it to be sent once more with the new count.
 
 from __future__ import annotations
 
-import random
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
@@ -20,6 +19,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ..store.interface import IStore, UserRecord
+from .backoff import Backoff
 from .netguard import AddressRefused, read_body
 
 log = Logger(namespace="msgrelay.push")
@@ -39,14 +39,13 @@ class PushNotifier(Service):
     name = "push"
 
     def __init__(self, store: IStore, clock: Any, http: Any, retries: int = 3, timeout: float = 10,
-                 retry_base: float = 1.0, max_concurrent: int = 50, rng: Optional[random.Random] = None):
+                 backoff: Optional[Backoff] = None, max_concurrent: int = 50):
         self.store = store
         self.clock = clock
         self.http = http
         self.retries = retries
         self.timeout = timeout
-        self.retry_base = retry_base
-        self.rng = rng or random.Random()
+        self.backoff = backoff or Backoff(1, 60)
         self._slots = DeferredSemaphore(max_concurrent)
         self._busy: set[str] = set()
         self._again: set[str] = set()
@@ -94,8 +93,7 @@ class PushNotifier(Service):
         problem = ""
         for attempt in range(self.retries + 1):
             if attempt:
-                delay = self.retry_base * 2 ** (attempt - 1) * (0.5 + self.rng.random() / 2)
-                await deferLater(self.clock, delay, lambda: None)
+                await deferLater(self.clock, self.backoff.delay(attempt), lambda: None)
             try:
                 code = await self._post(user.push_endpoint, body)
             except AddressRefused as e:

@@ -1,108 +1,130 @@
-"""Per-destination queue state and the backoff arithmetic of PROTOCOL.md section 7."""
+"""All destination queues of one relay: what they share, and reclaiming the empty ones.
+
+Queues are made on demand. A queue that empties (delivered, refused, expired) is forgotten
+with its outbox folder unless its destination is in the peer table, so open federation to
+many made-up relays leaves no per-destination state behind: no queue, folder, backoff file
+or metrics series.
+"""
 
 from __future__ import annotations
 
-import bisect
-import random
-from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterable
 
-from .outbox import Entry
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
-#: The longest `Retry-After` honoured (a day): a peer may slow its own queue, not freeze it.
-MAX_RETRY_AFTER = 86400
+from .backoff import Backoff
+from .deliverer import Deliverer
+from .outbox import BackoffState, Entry, FederationOutbox
+from .peers import FederationPolicy
+from .queue import DestinationQueue, QueueState
 
-
-def backoff_delay(failures: int, minimum: float, maximum: float, rng: random.Random) -> float:
-    """Exponential backoff with jitter: the n-th failure waits in [d/2, d], d = min * 2^(n-1) capped.
-
-    Half the delay is random so peers that failed together do not retry together, and the
-    other half keeps a failing peer from being retried at once.
-    """
-    ceiling = min(maximum, minimum * (2 ** min(max(failures - 1, 0), 62)))
-    return ceiling / 2 + rng.random() * ceiling / 2
+log = Logger(namespace="msgrelay.federation")
 
 
-def parse_retry_after(value: Optional[Union[bytes, str]], now: float) -> Optional[float]:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), capped."""
-    if not value:
-        return None
-    text = (value.decode("latin-1") if isinstance(value, bytes) else value).strip()
-    try:
-        seconds = float(int(text))
-    except ValueError:
-        try:
-            seconds = parsedate_to_datetime(text).timestamp() - now
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+class Queues:
+    """The queues, and what every queue uses: outbox, thread runner, deliverer, backoff, policy."""
 
+    def __init__(self, outbox: FederationOutbox, run: Callable[..., Deferred], deliverer: Deliverer,
+                 backoff: Backoff, clock: Any, policy: FederationPolicy):
+        self.outbox = outbox
+        self.run = run
+        self.deliverer = deliverer
+        self.backoff = backoff
+        self.clock = clock
+        self.policy = policy
+        self.running = False  # packets are accepted (from start to stop)
+        self.sending = False  # queues send (once what a previous process left is loaded)
+        self.queues: dict[str, DestinationQueue] = {}
+        for name in policy.peers:
+            self.get(name)
 
-@dataclass
-class DestinationQueue:
-    """What the sender knows about one destination; the packets themselves stay on disk."""
+    def __getitem__(self, destination: str) -> DestinationQueue:
+        return self.queues[destination.lower()]
 
-    name: str
-    entries: list[Entry] = field(default_factory=list)
-    failures: int = 0
-    backoff: float = 0.0
-    next_attempt: Optional[float] = None
-    timer: Any = None  # IDelayedCall of the next attempt
-    running: bool = False
-    pinned_ok: bool = True
-    state: str = "idle"  # idle, delivering, backoff, pin-mismatch, blocked
-    last_error: Optional[str] = None
-    delivered: int = 0
-    dropped: int = 0
-    ids: set[str] = field(default_factory=set)
+    def __contains__(self, destination: str) -> bool:
+        return destination.lower() in self.queues
 
-    def add(self, entry: Entry) -> None:
-        """Insert in arrival order (writes finishing out of order still queue in order)."""
-        if entry.id in self.ids:
+    def __len__(self) -> int:
+        return len(self.queues)
+
+    def values(self) -> Iterable[DestinationQueue]:
+        return list(self.queues.values())
+
+    def get(self, destination: str) -> DestinationQueue:
+        """The destination's queue, made if there is none."""
+        destination = destination.lower()
+        queue = self.queues.get(destination)
+        if queue is None:
+            queue = self.queues[destination] = DestinationQueue(destination, self)
+        return queue
+
+    def start(self) -> None:
+        self.running = True
+
+    def load(self, found: dict[str, tuple[list[Entry], BackoffState]]) -> None:
+        """Queues as a previous process left them (merged with packets accepted meanwhile);
+        then every queue that may send, sends."""
+        total = 0
+        for destination, (entries, saved) in found.items():
+            queue = self.get(destination)
+            for entry in entries:
+                queue.insert(entry)
+            total += len(entries)
+            queue.restore(saved)
+        if total:
+            log.info("federation: resuming {count} queued packets for {destinations} destinations",
+                     count=total, destinations=sum(1 for entries, _ in found.values() if entries))
+        self.sending = self.running
+        for queue in self.values():
+            if queue.state is QueueState.IDLE:
+                queue.kick()
+
+    def stop(self) -> None:
+        self.running = self.sending = False
+        for queue in self.values():
+            queue.cancel_timer()
+
+    def emptied(self, queue: DestinationQueue) -> None:
+        """An empty queue of an unlisted destination is forgotten, and its folder removed."""
+        if (queue.entries or queue.adding or queue.name in self.policy.peers
+                or self.queues.get(queue.name) is not queue or not self.sending):
             return
-        self.ids.add(entry.id)
-        keys = [(e.seq, e.nonce) for e in self.entries[-8:]]
-        if not keys or (entry.seq, entry.nonce) > keys[-1]:
-            self.entries.append(entry)
-        else:
-            bisect.insort(self.entries, entry, key=lambda e: (e.seq, e.nonce))
+        del self.queues[queue.name]
+        self.run(self.outbox.remove_destination, queue.name).addErrback(
+            lambda f: log.failure("federation: cannot remove the empty queue of {destination}", f,
+                                  destination=queue.name))
 
-    def discard(self, entry: Entry) -> None:
-        if entry.id in self.ids:
-            self.ids.discard(entry.id)
-            self.entries.remove(entry)
+    def retry_now(self, destination: str) -> bool:
+        """Forget the backoff of `destination` and attempt at once; False if nothing is queued."""
+        queue = self.queues.get(destination.lower())
+        if queue is None or not queue.entries:
+            return False
+        log.info("federation: retrying {destination} now, as an operator asked", destination=queue.name)
+        queue.retry_now()
+        return True
 
-    def waiting(self) -> bool:
-        return self.timer is not None and self.timer.active()
+    def set_policy(self, policy: FederationPolicy) -> None:
+        """Adopt a reloaded mode and peer table. A peer whose URL or pin changed has its cached
+        key dropped and its queue tried at once, as has every queue the old table held back."""
+        old, self.policy = self.policy, policy
+        changed = {name for name in set(old.peers) | set(policy.peers) if old.peers.get(name) != policy.peers.get(name)}
+        for name in changed:
+            self.deliverer.keys.invalidate(name)
+        for name in policy.peers:
+            self.get(name)
+        log.info("federation: policy reloaded (mode {mode}, {count} peers, {changed} changed)",
+                 mode=policy.mode, count=len(policy.peers), changed=len(changed))
+        for queue in self.values():
+            held = queue.state is QueueState.HELD_POLICY
+            if queue.entries and (queue.name in changed or held):
+                queue.retry_now()
+            elif not queue.entries:
+                self.emptied(queue)
 
-    def cancel_timer(self) -> None:
-        if self.waiting():
-            self.timer.cancel()
-        self.timer = None
-        self.next_attempt = None
+    def status(self) -> list[dict[str, Any]]:
+        now = self.clock.seconds()
+        return [self.queues[name].status(now) for name in sorted(self.queues)]
 
-    def oldest_age(self, now: float) -> float:
-        return max(0.0, now - min(e.received for e in self.entries)) if self.entries else 0.0
-
-    def status(self, now: float) -> dict[str, Any]:
-        """The fields `queue_status()` promises (metrics read these)."""
-        return {
-            "destination": self.name,
-            "queued": len(self.entries),
-            "oldest_age_seconds": round(self.oldest_age(now), 3),
-            "backoff_seconds": round(self.backoff, 3),
-            "next_attempt": self.next_attempt if self.waiting() else None,
-            "pinned_ok": self.pinned_ok,
-        }
-
-    def details(self) -> dict[str, Any]:
-        """What an operator reads (the status file): nothing in it changes by itself with time."""
-        return {
-            "queued": len(self.entries),
-            "oldest_received": min(e.received for e in self.entries) if self.entries else None,
-            "backoff_seconds": round(self.backoff, 3),
-            "next_attempt": round(self.next_attempt, 3) if self.waiting() and self.next_attempt else None,
-            "pinned_ok": self.pinned_ok, "state": self.state, "failures": self.failures,
-            "last_error": self.last_error, "delivered": self.delivered, "dropped": self.dropped,
-        }
+    def details(self) -> dict[str, dict[str, Any]]:
+        return {name: q.details() for name, q in sorted(self.queues.items())}

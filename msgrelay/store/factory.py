@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from twisted.python.threadpool import ThreadPool
 
 from ..settings import Settings
 from .interface import IStore
@@ -14,14 +16,19 @@ def maildir_root(settings: Settings) -> Path:
     return settings.state_dir / "maildir"
 
 
-def open_store(settings: Settings, reactor: Any) -> IStore:
-    """The configured backend, opened; raises StoreUnavailable with a one-line reason."""
+def open_store(settings: Settings, reactor: Any, pool: Optional[ThreadPool] = None) -> IStore:
+    """The configured backend, opened; raises StoreUnavailable with a one-line reason.
+
+    Store calls run in `pool`, the relay's store pool (msgrelay/pools.py), which the
+    service tree starts and stops; without one the store makes its own (tools).
+    """
     if settings.store.backend == "postgresql":
         from .postgres import PostgresStore
 
-        store = PostgresStore(settings.store.postgres_dsn, reactor)
+        store = PostgresStore(settings.store.postgres_dsn, reactor, threadpool=pool,
+                              max_size=pool.max if pool is not None else 8)
         store.open_blocking()
         return store
     from .maildir import MaildirStore
 
-    return MaildirStore(maildir_root(settings), reactor)
+    return MaildirStore(maildir_root(settings), reactor, threadpool=pool)

@@ -9,7 +9,7 @@ OS and database failures surface as `StoreUnavailable` (errno 180 for the client
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from zope.interface import Attribute, Interface
@@ -64,11 +64,13 @@ class NewMessage:
     signature: Optional[str]
     received: int
     expires: int
+    #: Bytes counted against the byte quota: the UTF-8 length of the opaque payload the relay
+    #: keeps (docs/protocol.md section 6), computed once here so that every store counts alike.
+    size: int = field(init=False, compare=False)
 
-    @property
-    def size(self) -> int:
-        """Bytes counted against the byte quota: the opaque payload the relay keeps."""
-        return len(self.data) + len(self.password) + len(self.signature or "")
+    def __post_init__(self) -> None:
+        payload = (self.data, self.password, self.signature or "")
+        object.__setattr__(self, "size", sum(len(text.encode("utf-8")) for text in payload))
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ class MessageRecord:
     expires: int
 
     def to_json(self) -> dict[str, Any]:
-        """The server message object of PROTOCOL.md section 6."""
+        """The server message object of docs/protocol.md section 6."""
         obj: dict[str, Any] = {
             "id": self.message_id,
             "token": self.token_id,
@@ -151,9 +153,15 @@ class IStore(Interface):
         arrival order and match [A-Za-z0-9._-]{1,128}.
         """
 
-    def fetch(user_id: str, now: int, limit: int):
+    def fetch(user_id: str, now: int, limit: int, max_bytes: Optional[int] = None):
         """Fires (messages, remaining): up to `limit` pending unexpired MessageRecords,
-        oldest first, and how many more pending unexpired ones there are."""
+        oldest first, and how many more pending unexpired ones there are. With `max_bytes`,
+        stops before the message whose size (NewMessage.size) would take the total past
+        it, but always returns the first: the relay's memory for one fetch stays bounded."""
+
+    def usage(user_id: str, now: int):
+        """Fires (messages, bytes) of the user's pending unexpired messages, counted as the
+        quota counts them; (0, 0) for an unknown user. Must not read message bodies."""
 
     def acknowledge(user_id: str, message_ids: list[str]):
         """Delete these pending messages; unknown or malformed ids are ignored. Fires the count deleted."""

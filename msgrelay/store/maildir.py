@@ -25,6 +25,18 @@ __all__ = ["MaildirStore", "MaildirFiles", "UnknownUser"]
 log = Logger(namespace="msgrelay.store.maildir")
 
 
+_SHARED: Optional[ThreadPool] = None
+
+
+def _shared_pool(reactor: Any) -> ThreadPool:
+    global _SHARED
+    if _SHARED is None:
+        _SHARED = ThreadPool(0, 4, name="msgrelay-maildir")
+        _SHARED.start()
+        reactor.addSystemEventTrigger("during", "shutdown", _SHARED.stop)
+    return _SHARED
+
+
 @implementer(IStore)
 class MaildirStore:
     """IStore over a state directory; see `maildir_files` for the layout and guarantees."""
@@ -34,11 +46,16 @@ class MaildirStore:
     files_class: type[MaildirFiles] = MaildirFiles
 
     def __init__(self, root: Union[str, Path], reactor: Any = None, threadpool: Optional[ThreadPool] = None):
-        """Open (creating) the directory now, synchronously: raises StoreUnavailable if unusable."""
+        """Open (creating) the directory now, synchronously: raises StoreUnavailable if unusable.
+        Calls run in `threadpool` (the relay's store pool, msgrelay/pools.py)."""
         if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
         self._reactor = reactor
-        self._pool = threadpool if threadpool is not None else reactor.getThreadPool()
+        # Never the reactor's default pool (DNS lookups queue there): the relay passes its
+        # store pool; tools and tests share one small pool of this module's.
+        self._pool = threadpool if threadpool is not None else _shared_pool(reactor)
         self.files = self.files_class.open(root)
 
     def _run(self, function: Callable[..., Any], *args: Any) -> Deferred:
@@ -78,8 +95,11 @@ class MaildirStore:
     def deliver(self, user_id: str, dedup_key: str, message: NewMessage, quota: Quota, now: int) -> Deferred:
         return self._run(self.files.deliver, user_id, dedup_key, message, quota, now)
 
-    def fetch(self, user_id: str, now: int, limit: int) -> Deferred:
-        return self._run(self.files.fetch, user_id, now, limit)
+    def fetch(self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None) -> Deferred:
+        return self._run(self.files.fetch, user_id, now, limit, max_bytes)
+
+    def usage(self, user_id: str, now: int) -> Deferred:
+        return self._run(self.files.usage, user_id, now)
 
     def acknowledge(self, user_id: str, message_ids: list[str]) -> Deferred:
         return self._run(self.files.acknowledge, user_id, list(message_ids))

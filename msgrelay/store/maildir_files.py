@@ -93,7 +93,7 @@ class MaildirFiles:
 
     def _user_dir(self, user_id: str) -> Optional[Path]:
         """The user's folder, or None if the id could not be a user id (so nothing exists)."""
-        if not isinstance(user_id, str) or not SAFE_NAME.match(user_id):
+        if not isinstance(user_id, str) or not SAFE_NAME.fullmatch(user_id):
             return None
         return self.users / user_id
 
@@ -103,7 +103,7 @@ class MaildirFiles:
 
     def user_ids(self) -> list[str]:
         """Ids of all users, sorted."""
-        return sorted(name for name in list_dir(self.users) if SAFE_NAME.match(name))
+        return sorted(name for name in list_dir(self.users) if SAFE_NAME.fullmatch(name))
 
     # -- users ---------------------------------------------------------------------------
 
@@ -176,7 +176,7 @@ class MaildirFiles:
 
     def _token_path(self, user_id: str, token_id: str) -> Optional[Path]:
         udir = self._user_dir(user_id)
-        if udir is None or not isinstance(token_id, str) or not SAFE_NAME.match(token_id):
+        if udir is None or not isinstance(token_id, str) or not SAFE_NAME.fullmatch(token_id):
             return None
         return udir / "tokens" / f"{token_id}.json"
 
@@ -185,7 +185,7 @@ class MaildirFiles:
         udir = self._user_dir(user_id)
         if udir is None:
             raise UnknownUser(user_id)
-        if not SAFE_NAME.match(token.id):
+        if not SAFE_NAME.fullmatch(token.id):
             raise ValueError("token id is not a safe file name")
         with locked_directory(udir) as exists:
             if not exists:
@@ -268,21 +268,29 @@ class MaildirFiles:
             return Delivery(name, message.expires, False)
 
     @disk_operation("read messages")
-    def fetch(self, user_id: str, now: int, limit: int) -> tuple[list[MessageRecord], int]:
+    def fetch(self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None) -> tuple[list[MessageRecord], int]:
         udir = self._existing_user_dir(user_id)
         if udir is None:
             return [], 0
         pending = sorted((m for m in self._messages(udir) if m.is_live(now)), key=str)
         found: list[MessageRecord] = []
-        consumed = 0
+        consumed = used = 0
         for name in pending:
-            if len(found) >= limit:
+            if len(found) >= limit or (found and max_bytes is not None and used + name.size > max_bytes):
                 break
+            used += name.size
             consumed += 1
             record = records.read_message(udir / "new" / str(name), name)
             if record is not None:
                 found.append(record)
         return found, len(pending) - consumed
+
+    @disk_operation("count messages")
+    def usage(self, user_id: str, now: int) -> tuple[int, int]:
+        """Pending unexpired messages and their quota bytes, from the file names alone."""
+        udir = self._existing_user_dir(user_id)
+        live = [m for m in self._messages(udir) if m.is_live(now)] if udir is not None else []
+        return len(live), sum(m.size for m in live)
 
     @disk_operation("delete messages")
     def acknowledge(self, user_id: str, message_ids: list[str]) -> int:

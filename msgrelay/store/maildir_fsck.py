@@ -20,6 +20,7 @@ import os
 import re
 import stat
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,8 +32,8 @@ from ..durable import fsync_dir, write_durably
 from .maildir_layout import DIR_MODE, SAFE_NAME, MessageName, list_dir, locked_directory, remove_tree
 from .quarantine import Finding, FsckReport, Quarantine
 
-HEX64 = re.compile(r"^[0-9a-f]{64}$")
-SHARD = re.compile(r"^[0-9a-f]{2}$")
+HEX64 = re.compile(r"[0-9a-f]{64}")
+SHARD = re.compile(r"[0-9a-f]{2}")
 RECORD_NAMES = {"messages": "message file", "tokens": "token record", "dedup": "dedup record",
                 "replay": "replay entry"}
 #: Temporary files younger than this may belong to a write in progress of a running relay.
@@ -95,7 +96,7 @@ def token_problem(path: Path, token_id: str) -> Optional[str]:
     problem = problem or _kinds(obj, TOKEN_FIELDS)
     if problem:
         return problem
-    if obj["id"] != token_id or not HEX64.match(obj["digest"]) or not obj["digest"].startswith(token_id):
+    if obj["id"] != token_id or not HEX64.fullmatch(obj["digest"]) or not obj["digest"].startswith(token_id):
         return "does not match its file name"
     return None
 
@@ -176,7 +177,11 @@ class MaildirFsck:
             return
         if os.path.lexists(path):
             self._move(path, "should be a folder")
-        self._recreate(path, "folder", lambda: (os.mkdir(path, DIR_MODE), fsync_dir(path.parent)))
+        def make() -> None:
+            os.mkdir(path, DIR_MODE)
+            fsync_dir(path.parent)
+
+        self._recreate(path, "folder", make)
 
     def _checked(self, path: Path, problem_of: Callable[[], Optional[str]], kind: str) -> None:
         """Run one record check; a file that vanished meanwhile is skipped."""
@@ -209,7 +214,7 @@ class MaildirFsck:
 
     def _check_user_entry(self, udir: Path) -> None:
         name = udir.name
-        if not SAFE_NAME.match(name) or not udir.is_dir() or udir.is_symlink():
+        if not SAFE_NAME.fullmatch(name) or not udir.is_dir() or udir.is_symlink():
             self._move(udir, "does not belong in users/")
             return
         with locked_directory(udir) as exists:
@@ -237,32 +242,32 @@ class MaildirFsck:
             if parsed is None:
                 self._move(path, "is not a message name")
             else:
-                self._checked(path, lambda: message_problem(path, parsed), "messages")
+                self._checked(path, partial(message_problem, path, parsed), "messages")
         for entry in sorted(list_dir(udir / "tokens")):
             path, token_id = udir / "tokens" / entry, entry.removesuffix(".json")
-            if not entry.endswith(".json") or not SAFE_NAME.match(token_id):
+            if not entry.endswith(".json") or not SAFE_NAME.fullmatch(token_id):
                 self._move(path, "is not a token file name")
             else:
-                self._checked(path, lambda: token_problem(path, token_id), "tokens")
+                self._checked(path, partial(token_problem, path, token_id), "tokens")
         for entry in sorted(list_dir(udir / "dedup")):
             path = udir / "dedup" / entry
-            if not HEX64.match(entry):
+            if not HEX64.fullmatch(entry):
                 self._move(path, "is not a dedup record name")
             else:
-                self._checked(path, lambda: dedup_problem(path), "dedup")
+                self._checked(path, partial(dedup_problem, path), "dedup")
 
     def _check_replay(self) -> None:
         for shard in sorted(list_dir(self.files.replay)):
             folder = self.files.replay / shard
-            if not SHARD.match(shard) or not folder.is_dir() or folder.is_symlink():
+            if not SHARD.fullmatch(shard) or not folder.is_dir() or folder.is_symlink():
                 self._move(folder, "is not a replay shard")
                 continue
             for entry in sorted(list_dir(folder)):
                 path = folder / entry
-                if not HEX64.match(entry) or not entry.startswith(shard):
+                if not HEX64.fullmatch(entry) or not entry.startswith(shard):
                     self._move(path, "does not belong in this replay shard")
                 else:
-                    self._checked(path, lambda: replay_problem(path), "replay")
+                    self._checked(path, partial(replay_problem, path), "replay")
         if not self.files.replay.is_dir():
             return  # dry run: already reported missing
         present = set(list_dir(self.files.replay))

@@ -28,13 +28,13 @@ from .interface import StoreUnavailable
 DIR_MODE = 0o700
 
 #: User ids and token ids become path components: no dots (so never "." or ".."), no slashes.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")  # use fullmatch
 
-#: A message file name, which is also its message id (PROTOCOL.md section 6 allows
+#: A message file name, which is also its message id (docs/protocol.md section 6 allows
 #: [A-Za-z0-9._-]{1,128}): arrival time in ns (fixed width, so ids sort in arrival order),
 #: a random tie-breaker between processes, then received, expires and quota size, so that
 #: expiry, quota and stats need only a directory listing, never the message body.
-MESSAGE_NAME = re.compile(r"^(\d{20})-([0-9a-f]{8})-r(\d{1,15})-e(\d{1,15})-s(\d{1,15})$")
+MESSAGE_NAME = re.compile(r"([0-9]{20})-([0-9a-f]{8})-r([0-9]{1,15})-e([0-9]{1,15})-s([0-9]{1,15})")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class MessageName:
         """The decoded name, or None for anything that is not exactly a message name."""
         if not isinstance(name, str):
             return None
-        match = MESSAGE_NAME.match(name)
+        match = MESSAGE_NAME.fullmatch(name)
         if match is None:
             return None
         ns, nonce, received, expires, size = match.groups()

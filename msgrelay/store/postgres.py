@@ -48,6 +48,10 @@ _RETRIES = 3  # for deadlocks and serialization failures, which PostgreSQL asks 
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58", "XX")  # connection, resources, operator, system
 
 
+#: A user's pending unexpired messages and their quota bytes (deliver's quota check, usage).
+_USAGE = "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE user_id = %s AND expires > %s"
+
+
 def _enc(text: Optional[str]) -> Optional[bytes]:
     """Opaque strings go to bytea: text columns refuse NUL and lone surrogates."""
     return None if text is None else text.encode("utf-8", "surrogatepass")
@@ -329,11 +333,7 @@ class PostgresCore:
             ).fetchone()
             if seen is not None:
                 return Delivery(seen[0], int(seen[1]), duplicate=True)
-            count, used = conn.execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM messages"
-                " WHERE user_id = %s AND expires > %s",
-                (user_id, now),
-            ).fetchone() or (0, 0)
+            count, used = conn.execute(_USAGE, (user_id, now)).fetchone() or (0, 0)
             size = message.size
             if int(count) + 1 > quota.max_messages or int(used) + size > quota.max_bytes:
                 raise QuotaExceeded(
@@ -369,15 +369,29 @@ class PostgresCore:
 
         return self._run("deliver", work)
 
-    def fetch(self, user_id: str, now: int, limit: int) -> tuple[list[MessageRecord], int]:
-        """One REPEATABLE READ snapshot, so `remaining` agrees with the page."""
+    def fetch(
+        self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None
+    ) -> tuple[list[MessageRecord], int]:
+        """One REPEATABLE READ snapshot, so `remaining` agrees with the page; the sizes
+        cut the page at `max_bytes` before any body is read (the first row always comes)."""
 
         def work(conn: psycopg.Connection) -> tuple[list[MessageRecord], int]:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            sizes = conn.execute(
+                "SELECT id, size FROM messages WHERE user_id = %s AND expires > %s ORDER BY id LIMIT %s",
+                (user_id, now, max(0, int(limit))),
+            ).fetchall()
+            page: list[Any] = []
+            used = 0
+            for seq, size in sizes:  # bodies are read only for the rows that fit
+                if page and max_bytes is not None and used + int(size) > max_bytes:
+                    break
+                page.append(int(seq))
+                used += int(size)
             rows = conn.execute(
                 "SELECT id, token_id, data, algorithm, password, signature, received, expires"
-                " FROM messages WHERE user_id = %s AND expires > %s ORDER BY id LIMIT %s",
-                (user_id, now, max(0, int(limit))),
+                " FROM messages WHERE user_id = %s AND id = ANY(%s::bigint[]) ORDER BY id",
+                (user_id, page),
             ).fetchall()
             total = conn.execute(
                 "SELECT count(*) FROM messages WHERE user_id = %s AND expires > %s",
@@ -399,6 +413,15 @@ class PostgresCore:
             return messages, max(0, int(total[0] if total else 0) - len(messages))
 
         return self._run("fetch", work)
+
+    def usage(self, user_id: str, now: int) -> tuple[int, int]:
+        """Counted from the size column, as the quota in `deliver` counts."""
+
+        def work(conn: psycopg.Connection) -> tuple[int, int]:
+            row = conn.execute(_USAGE, (user_id, now)).fetchone()
+            return (int(row[0]), int(row[1])) if row else (0, 0)
+
+        return self._run("usage", work)
 
     def acknowledge(self, user_id: str, message_ids: list[str]) -> int:
         seqs = sorted({s for s in map(parse_message_id, message_ids) if s is not None})
@@ -659,9 +682,12 @@ class PostgresStore:
         return self._call("deliver", self.core.deliver, user_id, dedup_key, message, quota, now)
 
     def fetch(
-        self, user_id: str, now: int, limit: int
+        self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None
     ) -> "Deferred[tuple[list[MessageRecord], int]]":
-        return self._call("fetch", self.core.fetch, user_id, now, limit)
+        return self._call("fetch", self.core.fetch, user_id, now, limit, max_bytes)
+
+    def usage(self, user_id: str, now: int) -> "Deferred[tuple[int, int]]":
+        return self._call("usage", self.core.usage, user_id, now)
 
     def acknowledge(self, user_id: str, message_ids: list[str]) -> "Deferred[int]":
         return self._call("acknowledge", self.core.acknowledge, user_id, list(message_ids))

@@ -137,7 +137,7 @@ def migrate(conn: psycopg.Connection, schema: Optional[str]) -> tuple[int, list[
             if version <= current:
                 continue
             for statement in statements:
-                conn.execute(statement)  # type: ignore[arg-type]  # constant DDL
+                conn.execute(statement)  # constant DDL
             conn.execute(
                 "INSERT INTO schema_version (version, applied) VALUES (%s, %s)"
                 " ON CONFLICT (version) DO NOTHING",

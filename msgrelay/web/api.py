@@ -1,4 +1,4 @@
-"""The HTTP API of PROTOCOL.md section 5: a thin Klein layer over `RelayCore`.
+"""The HTTP API of docs/protocol.md section 5: a thin Klein layer over `RelayCore`.
 
 Handlers parse parameters, call one core operation and answer JSON; every failure goes
 through `handle_errors` into the section 9 error body.
@@ -7,7 +7,7 @@ through `handle_errors` into the section 9 error body.
 from __future__ import annotations
 
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from klein import Klein
 from twisted.logger import Logger
@@ -15,13 +15,14 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..ratelimit import RateLimits
-from ..relay import RelayCore
+from ..relay import MAX_ACK_IDS, MAX_FETCH_LIMIT, RelayCore
 from ..store.interface import UserRecord
 from ..wire.canonical import parse_json_object
 from ..wire.errors import ProtocolError, malformed
 from ..wire.signing import INT, STR, STR_LIST, SignedRequest, parse_signed_body, parse_signed_query
-from .errors_page import ERRORS_PAGE
-from .responses import info_base, write_error, write_json
+from .errors_page import ERRORS_MARKDOWN, ERRORS_PAGE
+from .responses import info_base, shown_path, write_error, write_json
+from .site import request_client_host
 
 log = Logger()
 
@@ -55,12 +56,14 @@ class RelayAPI:
     def _limit_address(self, name: str, request: IRequest) -> None:
         """Per-address limit, checked before any expensive work (RSA decryption, storage)."""
         if self.limits is not None:
-            self.limits.check_address(name, request.client_host())
+            self.limits.check_address(name, request_client_host(request))
 
-    def _limit_user(self, name: str, user: UserRecord) -> None:
-        """Per-user limit, checked after authentication."""
-        if self.limits is not None:
-            self.limits.check_user(name, user.user_id)
+    def _user_limit(self, name: str) -> Optional[Callable[[UserRecord], None]]:
+        """The per-user limit `name`, for `authenticate` to check once the signature verified."""
+        limits = self.limits
+        if limits is None:
+            return None
+        return lambda user: limits.check_user(name, user.user_id)
 
     # -- plumbing ----------------------------------------------------------------
 
@@ -69,12 +72,15 @@ class RelayAPI:
             return parse_signed_query(_query(request), spec)
         return parse_signed_body(_body(request), spec)
 
-    async def _authenticate(self, request: IRequest, signed: SignedRequest) -> UserRecord:
-        return await self.core.authenticate(signed, request.method.decode("ascii"), request.path.decode("utf-8"))
+    async def _authenticate(self, request: IRequest, signed: SignedRequest, limit: str) -> UserRecord:
+        """Authenticate, checking the per-user rate limit `limit` before any durable write."""
+        return await self.core.authenticate(
+            signed, request.method.decode("ascii"), request.path.decode("utf-8"), self._user_limit(limit)
+        )
 
-    async def _signed(self, request: IRequest, spec: Spec) -> tuple[SignedRequest, UserRecord]:
+    async def _signed(self, request: IRequest, spec: Spec, limit: str) -> tuple[SignedRequest, UserRecord]:
         signed = self._parse_signed(request, spec)
-        return signed, await self._authenticate(request, signed)
+        return signed, await self._authenticate(request, signed, limit)
 
     @app.handle_errors(ProtocolError)
     def _protocol_error(self, request: IRequest, failure: Any) -> bytes:
@@ -82,7 +88,7 @@ class RelayAPI:
 
     @app.handle_errors(NotFound)
     def _not_found(self, request: IRequest, failure: Any) -> bytes:
-        error = ProtocolError(132, f"no endpoint {request.path.decode('utf-8', 'replace')} on this relay")
+        error = ProtocolError(132, f"no endpoint {shown_path(request.path)} on this relay")
         return write_error(request, error, info_base(request, self.core.settings.server.errors_url))
 
     @app.handle_errors(MethodNotAllowed)
@@ -95,7 +101,7 @@ class RelayAPI:
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Any) -> bytes:
         log.failure("unexpected error on {method} {path}", failure,
-                    method=request.method.decode(), path=request.path.decode("utf-8", "replace"))
+                    method=request.method.decode(), path=shown_path(request.path))
         error = ProtocolError(999, "the relay failed unexpectedly; the operator's log has the details")
         return write_error(request, error, info_base(request, self.core.settings.server.errors_url))
 
@@ -111,8 +117,16 @@ class RelayAPI:
 
     @app.route("/errors", methods=["GET"])
     def errors_page(self, request: IRequest) -> bytes:
-        request.setHeader("Content-Type", "text/markdown; charset=utf-8")
+        """HTML for browsers (the `info` anchors); markdown for `Accept: text/markdown`."""
+        if b"text/markdown" in (request.getHeader(b"accept") or b""):
+            return self.errors_markdown(request)
+        request.setHeader("Content-Type", "text/html; charset=utf-8")
         return ERRORS_PAGE
+
+    @app.route("/errors.md", methods=["GET"])
+    def errors_markdown(self, request: IRequest) -> bytes:
+        request.setHeader("Content-Type", "text/markdown; charset=utf-8")
+        return ERRORS_MARKDOWN
 
     # -- users -------------------------------------------------------------------
 
@@ -121,14 +135,19 @@ class RelayAPI:
         self._limit_address("register", request)
         return write_json(request, await self.core.register(_body(request)))
 
+    @app.route("/api/v1/user", methods=["GET"])
+    async def own_account(self, request: IRequest) -> bytes:
+        _, user = await self._signed(request, {}, "account")
+        return write_json(request, await self.core.account(user))
+
     @app.route("/api/v1/user", methods=["PUT"])
     async def update_user(self, request: IRequest) -> bytes:
-        signed, user = await self._signed(request, {"push_endpoint": (STR, True)})
+        signed, user = await self._signed(request, {"push_endpoint": (STR, True)}, "account")
         return write_json(request, await self.core.set_push_endpoint(user, signed.own["push_endpoint"]))
 
     @app.route("/api/v1/user", methods=["DELETE"])
     async def delete_user(self, request: IRequest) -> bytes:
-        _, user = await self._signed(request, {})
+        _, user = await self._signed(request, {}, "account")
         return write_json(request, await self.core.delete_user(user))
 
     @app.route("/api/v1/user/<user_id>", methods=["GET"])
@@ -142,13 +161,12 @@ class RelayAPI:
         signed = self._parse_signed(request, {"expires_in": (INT, False), "label": (STR, False)})
         expires_in, label = signed.own.get("expires_in"), signed.own.get("label")
         self.core.check_token_request(expires_in, label)
-        user = await self._authenticate(request, signed)
-        self._limit_user("token", user)
+        user = await self._authenticate(request, signed, "token")
         return write_json(request, await self.core.mint_token(user, expires_in, label))
 
     @app.route("/api/v1/token", methods=["GET"])
     async def list_tokens(self, request: IRequest) -> bytes:
-        _, user = await self._signed(request, {})
+        _, user = await self._signed(request, {}, "token_manage")
         return write_json(request, await self.core.list_tokens(user))
 
     @app.route("/api/v1/token", methods=["DELETE"])
@@ -156,7 +174,7 @@ class RelayAPI:
         signed = self._parse_signed(request, {"token": (STR, False), "id": (STR, False)})
         if ("token" in signed.own) == ("id" in signed.own):
             raise malformed("give exactly one of token or id")
-        user = await self._authenticate(request, signed)
+        user = await self._authenticate(request, signed, "token_manage")
         return write_json(request, await self.core.revoke_token(user, signed.own.get("token"), signed.own.get("id")))
 
     # -- messages ----------------------------------------------------------------
@@ -171,18 +189,17 @@ class RelayAPI:
     async def fetch_messages(self, request: IRequest) -> bytes:
         signed = self._parse_signed(request, {"limit": (INT, False)})
         limit = signed.own.get("limit")
-        if limit is not None and not 1 <= limit <= 1000:
-            raise malformed("limit must be between 1 and 1000")
-        user = await self._authenticate(request, signed)
-        self._limit_user("fetch", user)
+        if limit is not None and not 1 <= limit <= MAX_FETCH_LIMIT:
+            raise malformed(f"limit must be between 1 and {MAX_FETCH_LIMIT}")
+        user = await self._authenticate(request, signed, "fetch")
         return write_json(request, await self.core.fetch(user, limit))
 
     @app.route("/api/v1/message", methods=["DELETE"])
     async def acknowledge(self, request: IRequest) -> bytes:
         signed = self._parse_signed(request, {"ids": (STR_LIST, True)})
-        if len(signed.own["ids"]) > 1000:
-            raise malformed("ids holds more than 1000 message ids; acknowledge in batches")
-        user = await self._authenticate(request, signed)
+        if len(signed.own["ids"]) > MAX_ACK_IDS:
+            raise malformed(f"ids holds more than {MAX_ACK_IDS} message ids; acknowledge in batches")
+        user = await self._authenticate(request, signed, "ack")
         return write_json(request, await self.core.acknowledge(user, signed.own["ids"]))
 
 

@@ -5,13 +5,35 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Optional
+from urllib.parse import unquote_to_bytes
 
 from twisted.web.iweb import IRequest
 
 from ..wire.errors import ProtocolError
 
 JSON_TYPE = "application/json; charset=utf-8"
-_HOST = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,270}$")
+_HOST = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,270}")
+
+
+#: Characters of a request path shown in log lines and error messages; the rest is counted.
+SHOWN_PATH_CHARS = 200
+
+
+def shown_path(raw: bytes) -> str:
+    """A request path for a log line or message: decoded leniently, long ones truncated."""
+    text = raw.decode("utf-8", "replace")
+    if len(text) <= SHOWN_PATH_CHARS:
+        return text
+    return f"{text[:SHOWN_PATH_CHARS]}...[truncated, {len(raw)} bytes]"
+
+
+def is_utf8_path(raw: bytes) -> bool:
+    """True when the percent-decoded path is valid UTF-8 (docs/protocol.md section 1)."""
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def encode_json(obj: Any) -> bytes:
@@ -40,7 +62,7 @@ def info_base(request: IRequest, configured: Optional[str]) -> str:
     if configured:
         return configured
     host = (request.getHeader("host") or "").strip()
-    if not _HOST.match(host):
+    if not _HOST.fullmatch(host):
         address = request.getHost()
         host = f"{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 80)}"
     scheme = "https" if request.isSecure() else "http"

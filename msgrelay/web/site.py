@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, ClassVar, Optional, Sequence, cast
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.resource import IResource
 
 from ..ratelimit import client_host, parse_networks
+from ..settings import Reload, Settings
 from ..timeouts import RelayChannel
+from ..twisted_compat import request_line
 from ..wire.errors import ProtocolError
-from .responses import JSON_TYPE, encode_json, info_base
+from .connlimit import LINGER_BYTES, LINGER_SECONDS, linger_close
+from .responses import JSON_TYPE, encode_json, info_base, is_utf8_path, shown_path
 
 log = Logger(namespace="msgrelay.access")
 
@@ -36,20 +39,20 @@ class RelayRequest(server.Request):
 
     @property
     def relay_site(self) -> "RelaySite":
-        return self.channel.site
+        return cast("RelaySite", cast(RelayChannel, self.channel).site)
 
     def client_host(self) -> str:
         """The client's address: the peer's, or from X-Forwarded-For behind a trusted proxy."""
         cached = getattr(self, "_client_host", None)
         if cached is None:
             peer = getattr(self.getClientAddress(), "host", None)
-            trusted = parse_networks(self.relay_site.trusted_proxies())
+            trusted = parse_networks(self.relay_site.settings.server.trusted_proxies)
             forwarded = (self.requestHeaders.getRawHeaders("X-Forwarded-For") or []) if trusted else []
             cached = self._client_host = client_host(peer, forwarded, trusted)
         return cached
 
     def gotLength(self, length: Optional[int]) -> None:
-        limit = self.relay_site.max_body_bytes()
+        limit = self.relay_site.settings.limits.max_body_bytes
         if length is not None and length > limit:
             self._refuse(f"request body of {length} bytes is over the limit of {limit} bytes (max_body_bytes)")
             return
@@ -59,7 +62,7 @@ class RelayRequest(server.Request):
         if self._refused:
             return
         self._received += len(data)
-        limit = self.relay_site.max_body_bytes()
+        limit = self.relay_site.settings.limits.max_body_bytes
         if self._received > limit:
             self._refuse(f"request body is over the limit of {limit} bytes (max_body_bytes)")
             return
@@ -70,12 +73,12 @@ class RelayRequest(server.Request):
             super().requestReceived(command, path, version)
 
     def _refuse(self, message: str) -> None:
-        """Answer 413 at once and close: the body is never read into memory or disk."""
+        """Answer 413 at once and close: the body is never kept in memory or on disk."""
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")
         error = ProtocolError(140, message)
         self.errno = error.errno
-        body = encode_json(error.body(info_base(self, self.relay_site.errors_url())))
+        body = encode_json(error.body(info_base(self, self.relay_site.settings.server.errors_url)))
         headers = [
             b"HTTP/1.1 413 Request Entity Too Large",
             b"Content-Type: " + JSON_TYPE.encode(),
@@ -83,17 +86,28 @@ class RelayRequest(server.Request):
             b"Connection: close",
             b"Timestamp: " + str(int(self.relay_site.clock.seconds())).encode(),
         ] + [name + b": " + value for name, value in CORS_HEADERS.items()]
-        self.channel.transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
-        self.channel.transport.loseConnection()
+        transport = self.channel.transport
+        assert transport is not None  # a request is refused while its connection is open
+        transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
+        # Read and discard the body the client may still be sending, so it gets this answer
+        # rather than a reset (docs/protocol.md section 1, lingering close).
+        cast(RelayChannel, self.channel).stop_deadlines()
+        linger_close(transport, LINGER_BYTES, LINGER_SECONDS)
         self.code = 413
-        self.method = getattr(self.channel, "_command", None) or b"?"
-        raw_path = getattr(self.channel, "_path", None) or b"?"
+        command, raw_path = request_line(self.channel)
+        self.method = command or b"?"
+        raw_path = raw_path or b"?"
         self.relay_site.log_request(self, path=raw_path.split(b"?", 1)[0])
 
     def process(self) -> None:
         for name, value in CORS_HEADERS.items():
             self.setHeader(name, value)
         self.setHeader(b"Timestamp", str(int(self.relay_site.clock.seconds())).encode())
+        if not is_utf8_path(self.path):  # Klein would answer HTML and log a traceback
+            self.site = self.relay_site
+            self._write_error(ProtocolError(100, "request path is not valid UTF-8 once percent-decoded"))
+            self.finish()
+            return
         if self.method == b"OPTIONS":
             self._preflight()
             return
@@ -103,11 +117,7 @@ class RelayRequest(server.Request):
         self.site = self.relay_site
         methods = self.relay_site.allowed_methods(self.path.decode("utf-8", "replace"))
         if not methods:
-            self.setResponseCode(404)
-            self.errno = 132
-            self.setHeader(b"Content-Type", JSON_TYPE.encode())
-            error = ProtocolError(132, "no endpoint at this path")
-            self.write(encode_json(error.body(info_base(self, self.relay_site.errors_url()))))
+            self._write_error(ProtocolError(132, "no endpoint at this path"))
         else:
             self.setResponseCode(204)
             allowed = ", ".join(sorted(set(methods) | {"OPTIONS"}))
@@ -119,58 +129,74 @@ class RelayRequest(server.Request):
     def processingFailed(self, reason):
         """Last resort: never an HTML traceback to a client."""
         log.failure("request processing failed", reason)
-        error = ProtocolError(999, "the relay failed unexpectedly; the operator's log has the details")
-        body = encode_json(error.body(info_base(self, self.relay_site.errors_url())))
-        self.errno = 999
-        self.setResponseCode(500)
-        self.setHeader(b"Content-Type", JSON_TYPE.encode())
-        self.setHeader(b"Content-Length", str(len(body)).encode())
-        self.write(body)
+        self._write_error(ProtocolError(999, "the relay failed unexpectedly; the operator's log has the details"))
         self.finish()
         return reason
 
+    def _write_error(self, error: ProtocolError) -> None:
+        """A section 9 error body, written outside Klein (which has not routed this request)."""
+        body = encode_json(error.body(info_base(self, self.relay_site.settings.server.errors_url)))
+        self.errno = error.errno
+        self.setResponseCode(error.status)
+        self.setHeader(b"Content-Type", JSON_TYPE.encode())
+        self.setHeader(b"Content-Length", str(len(body)).encode())
+        self.write(body)
+
+
+def request_client_host(request: Any) -> str:
+    """The client address of a request: a RelayRequest's (trusted proxies applied), else the
+    peer's (a resource served by another site, e.g. in tests)."""
+    if isinstance(request, RelayRequest):
+        return request.client_host()
+    return getattr(request.getClientAddress(), "host", None) or "unknown"
+
 
 class RelaySite(server.Site):
-    """A Site whose requests are RelayRequests, with one structured log line per request."""
+    """A Site whose requests are RelayRequests, with one structured log line per request.
+
+    It reads the running `settings` per request and per connection (body limit, errors URL,
+    trusted proxies, timeouts); a reload swaps the whole object (`reconfigure`).
+    """
+
+    settings_sections: ClassVar[frozenset[str]] = frozenset({"limits", "server", "timeouts"})
 
     requestFactory = RelayRequest
-    protocol = RelayChannel  # HTTP/1.1 with header and body deadlines (msgrelay/timeouts.py)
+    # HTTP/1.1 with header and body deadlines (msgrelay/timeouts.py), not the HTTP/2-capable wrapper.
+    protocol = RelayChannel  # type: ignore[assignment]
     displayTracebacks = False
+    noisy = False  # no "Starting factory <RelaySite object at 0x...>": "listening on" says it
 
     def __init__(
         self,
         resource: IResource,
         clock: IReactorTime,
-        max_body_bytes: Callable[[], int],
-        errors_url: Callable[[], str],
+        settings: Settings,
         allowed_methods: Callable[[str], list[str]],
-        idle_timeout: Callable[[], Optional[float]] = lambda: 60,
-        header_timeout: Callable[[], Optional[float]] = lambda: 20,
-        body_timeout: Callable[[], Optional[float]] = lambda: 120,
-        trusted_proxies: Callable[[], list[str]] = lambda: [],
+        routes: Optional[dict[bytes, IResource]] = None,
+        request_observers: Sequence[Callable[[RelayRequest, bytes, float], None]] = (),
+        timeout_observers: Sequence[Callable[[str], None]] = (),
     ):
         # Bodies are JSON whatever their Content-Type says: never parse them as form data,
         # so request.args holds the query string alone.
         super().__init__(resource, parsePOSTFormSubmission=False, reactor=clock)
         self.clock = clock
-        self.max_body_bytes = max_body_bytes
-        self.errors_url = errors_url
+        self.settings = settings
+        #: The methods routed for a path (OPTIONS preflights).
         self.allowed_methods = allowed_methods
-        self.idle_timeout = idle_timeout
-        self.header_timeout = header_timeout
-        self.body_timeout = body_timeout
-        self.trusted_proxies = trusted_proxies
         #: Extra resources by exact path, served before the API (e.g. b"/metrics").
-        self.routes: dict[bytes, IResource] = {}
+        self.routes: dict[bytes, IResource] = dict(routes or {})
         #: Told (request, path, seconds) after each answered request (metrics).
-        self.request_observers: list[Callable[[RelayRequest, bytes, float], None]] = []
+        self.request_observers = list(request_observers)
         #: Told the phase ("idle", "headers", "body") of each connection cut off (metrics).
-        self.timeout_observers: list[Callable[[str], None]] = []
+        self.timeout_observers = list(timeout_observers)
         self.open_connections = 0
 
-    def buildProtocol(self, addr):
+    def reconfigure(self, reload: Reload) -> None:
+        self.settings = reload.running
+
+    def buildProtocol(self, addr: Any) -> Any:
         channel = super().buildProtocol(addr)
-        channel.timeOut = self.idle_timeout()  # read per connection: a reload applies to new ones
+        channel.timeOut = self.settings.timeouts.idle  # read per connection: a reload applies to new ones
         return channel
 
     def connection_opened(self, channel: RelayChannel) -> None:
@@ -187,16 +213,18 @@ class RelaySite(server.Site):
             return extra
         return super().getResourceFor(request)
 
-    def log(self, request: RelayRequest) -> None:
-        self.log_request(request, path=request.path)
+    def log(self, request: http.Request) -> None:
+        self.log_request(cast(RelayRequest, request), path=request.path)
 
     def log_request(self, request: RelayRequest, path: bytes) -> None:
         """Method, path (never the query: it carries signatures), status, errno, time taken."""
         elapsed = time.monotonic() - request._started
         log.info(
-            "{method} {path} {status} errno={errno} {duration_ms}ms",
+            # errno only when there is one (the field itself is always there, None on success)
+            "{method} {path} {status} {duration_ms}ms" if request.errno is None
+            else "{method} {path} {status} errno={errno} {duration_ms}ms",
             method=request.method.decode("ascii", "replace"),
-            path=path.decode("utf-8", "replace"),
+            path=shown_path(path),
             status=request.code,
             errno=request.errno,
             duration_ms=round(elapsed * 1000, 1),

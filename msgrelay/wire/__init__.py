@@ -1,1 +1,1 @@
-"""The pure wire-format layer of PROTOCOL.md: no I/O, shared by server and client."""
+"""The pure wire-format layer of docs/protocol.md: no I/O, shared by server and client."""

@@ -1,4 +1,4 @@
-"""Qualified addresses `<user_id>@<server_name>` (PROTOCOL.md section 2)."""
+"""Qualified addresses `<user_id>@<server_name>` (docs/protocol.md section 2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from .errors import ProtocolError
 from .keys import is_user_id
 
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-_SERVER_NAME = re.compile(rf"^(?:{_LABEL})(?:\.{_LABEL})*(?::(\d{{1,5}}))?$")
+#: Matched with fullmatch: ASCII only, never a trailing newline (docs/protocol.md section 1).
+_SERVER_NAME = re.compile(rf"(?:{_LABEL})(?:\.{_LABEL})*(?::([0-9]{{1,5}}))?")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Address:
 
 def is_server_name(text: str) -> bool:
     """A DNS name (or address) with an optional :port in 1..65535."""
-    match = _SERVER_NAME.match(text)
+    match = _SERVER_NAME.fullmatch(text)
     if not match or len(text) > 261:
         return False
     port = match.group(1)

@@ -1,4 +1,4 @@
-"""RFC 3339 UTC times (PROTOCOL.md section 1)."""
+"""RFC 3339 UTC times (docs/protocol.md section 1)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from datetime import datetime, timezone
 from .errors import ProtocolError
 
 _RFC3339 = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 
 
 def parse_date(text: str, field: str = "date") -> float:
     """POSIX seconds of an RFC 3339 UTC time; `Z` or `+00:00`, fractions allowed (errno 105)."""
-    match = _RFC3339.match(text)
+    match = _RFC3339.fullmatch(text)  # ASCII digits, no trailing newline
     if not match:
         raise ProtocolError(105, f"{field} is not an RFC 3339 time like 2026-11-22T10:15:00Z")
     year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])

@@ -1,11 +1,11 @@
-"""Hybrid encryption envelopes (PROTOCOL.md section 3)."""
+"""Hybrid encryption envelopes (docs/protocol.md section 3)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import os
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -17,8 +17,11 @@ from .errors import ProtocolError
 AES_GCM = "AES-256-GCM"
 CHACHA = "CHACHA20-POLY1305"
 ALGORITHMS = (AES_GCM, CHACHA)
-_CIPHERS = {AES_GCM: AESGCM, CHACHA: ChaCha20Poly1305}
+_CIPHERS: dict[str, Callable[[bytes], Union[AESGCM, ChaCha20Poly1305]]] = {AES_GCM: AESGCM, CHACHA: ChaCha20Poly1305}
 ENVELOPE_FIELDS = ("algorithm", "password", "data")
+#: One message for every decryption failure: telling an RSA failure from a tag failure
+#: would hand an attacker an oracle on the key unwrapping.
+DOES_NOT_DECRYPT = "the envelope does not decrypt with this key (wrong key, or tampered with)"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -36,6 +39,15 @@ def b64decode(text: str) -> bytes:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError) as e:
         raise ValueError(f"not standard base64: {e}")
+
+
+def canonical_b64decode(text: str) -> bytes:
+    """Bytes of `text` when it is their one canonical standard base64 form (padding, zero
+    padding bits, no whitespace); ValueError naming what is wrong otherwise."""
+    raw = b64decode(text)
+    if b64encode(raw) != text:
+        raise ValueError("not canonical base64 (padding bits must be zero)")
+    return raw
 
 
 def normalise_algorithm(name: str, allowed: Iterable[str] = ALGORITHMS, field: str = "algorithm") -> str:
@@ -87,8 +99,6 @@ def open_envelope(
         sealed = b64decode(str(envelope["data"]))
     except ValueError as e:
         raise ProtocolError(103, f"data is {e}")
-    if len(sealed) < NONCE_BYTES + TAG_BYTES:
-        raise ProtocolError(103, "data is shorter than a nonce and a tag")
     key = None
     for private_key in private_keys:
         try:
@@ -97,8 +107,10 @@ def open_envelope(
         except ValueError:
             continue
     if key is None or len(key) != KEY_BYTES:
-        raise ProtocolError(103, "password does not decrypt to a 32-byte key with this relay's key")
+        key = os.urandom(KEY_BYTES)  # go on with a key that cannot work: same work, same answer
     try:
+        if len(sealed) < NONCE_BYTES + TAG_BYTES:
+            raise InvalidTag()
         return _CIPHERS[algorithm](key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], None)
     except InvalidTag:
-        raise ProtocolError(103, "data does not decrypt (authentication tag mismatch)")
+        raise ProtocolError(103, DOES_NOT_DECRYPT)

@@ -1,4 +1,4 @@
-"""Protocol errors (PROTOCOL.md section 9): one exception type carrying a stable errno."""
+"""Protocol errors (docs/protocol.md section 9): one exception type carrying a stable errno."""
 
 from __future__ import annotations
 

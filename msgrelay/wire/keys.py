@@ -1,4 +1,4 @@
-"""RSA keys, user ids and fingerprints (PROTOCOL.md section 2)."""
+"""RSA keys, user ids and fingerprints (docs/protocol.md section 2)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ MIN_MODULUS_BITS = 2048
 MAX_MODULUS_BITS = 8192
 PUBLIC_EXPONENT = 65537
 
-USER_ID_RE = re.compile(r"^[a-z2-7]{32}$")
+USER_ID_RE = re.compile(r"[a-z2-7]{32}")  # fullmatch: the whole string, ASCII only
 
 
 def load_public_key(pem: str, field: str = "key") -> rsa.RSAPublicKey:
@@ -59,4 +59,4 @@ def fingerprint(key: rsa.RSAPublicKey) -> str:
 
 
 def is_user_id(text: str) -> bool:
-    return bool(USER_ID_RE.match(text))
+    return bool(USER_ID_RE.fullmatch(text))

@@ -1,12 +1,11 @@
-"""Signed requests (PROTOCOL.md section 4): parameter shape, signature base, RSA-PSS, time window."""
+"""Signed requests (docs/protocol.md section 4): parameter shape, signature base, RSA-PSS, time window."""
 
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -14,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .canonical import MAX_SAFE_INTEGER, canonical_json
 from .dates import parse_date
+from .envelope import canonical_b64decode
 from .errors import ProtocolError, malformed
 from .keys import is_user_id
 
@@ -23,7 +23,7 @@ RESERVED = frozenset({"method", "path", "server"})
 AUTH_FIELDS = ("user_id", "date", "validity", "signature")
 #: Query-string parameters that are integers in the signature base; all others are strings.
 QUERY_INTEGERS = frozenset({"validity", "limit"})
-_DECIMAL = re.compile(r"^-?[0-9]{1,16}$")
+_DECIMAL = re.compile(r"-?[0-9]{1,16}")  # fullmatch: "300\n" and non-ASCII digits are not integers
 
 # Parameter kinds an endpoint may declare.
 STR, INT, STR_LIST = "string", "integer", "list of strings"
@@ -73,10 +73,10 @@ def verify_signature(public_key: rsa.RSAPublicKey, signature: str, base: bytes) 
     """Check a canonical base64 PSS signature of exactly the modulus size (errno 110)."""
     size = (public_key.key_size + 7) // 8
     try:
-        raw = base64.b64decode(signature.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raise ProtocolError(110, "signature is not standard base64")
-    if len(raw) != size or base64.b64encode(raw).decode("ascii") != signature:
+        raw = canonical_b64decode(signature)
+    except ValueError:
+        raise ProtocolError(110, f"signature must be the canonical base64 of exactly {size} bytes")
+    if len(raw) != size:
         raise ProtocolError(110, f"signature must be the canonical base64 of exactly {size} bytes")
     try:
         public_key.verify(raw, base, _PSS, hashes.SHA256())
@@ -150,18 +150,10 @@ def parse_signed_query(
             raise malformed(f"query parameter {name!r} is repeated")
         value = values[0]
         if name in QUERY_INTEGERS:
-            if not _DECIMAL.match(value):
+            if not _DECIMAL.fullmatch(value):
                 raise malformed(f"{name} must be an integer")
             params[name] = int(value)
         else:
             params[name] = value
     return _parse(params, spec)
 
-
-def parse_optional_int(value: Optional[int], name: str, low: int, high: int, default: int) -> int:
-    """An optional integer parameter in [low, high] (errno 100 naming the limit)."""
-    if value is None:
-        return default
-    if not low <= value <= high:
-        raise malformed(f"{name} must be between {low} and {high}")
-    return value

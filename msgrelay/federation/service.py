@@ -1,0 +1,124 @@
+"""The federation service: owns the outbox, its lock and threads, the queues and the deliverer.
+
+Lifecycle only: take the outbox lock, start the outbox threads, load the queues a previous
+process left, sweep old idempotency records now and then; at stop, cancel what is in flight
+and let go of everything. Accepting packets is forwarder.py, sending them queue.py and
+deliverer.py.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from .backoff import Backoff
+from .deliverer import Deliverer
+from .forwarder import Forwarder
+from .netguard import GuardedEndpointFactory
+from .outbox import BackoffState, Entry, FederationOutbox, OutboxLock
+from .peers import FederationPolicy
+from .queues import Queues
+
+log = Logger(namespace="msgrelay.federation")
+
+#: Seconds between sweeps of expired idempotency records (one directory, not the queues).
+DEDUP_SWEEP_SECONDS = 60.0
+
+
+class FederationService(Service):
+    def __init__(self, outbox: FederationOutbox, deliverer: Deliverer, backoff: Backoff, policy: FederationPolicy,
+                 clock: Any, max_queue: int, *, endpoints: Optional[GuardedEndpointFactory] = None,
+                 pool: Any = None, run: Optional[Callable[..., Deferred]] = None, only: Optional[str] = None):
+        self.setName("federation")
+        self.outbox = outbox
+        self.deliverer = deliverer
+        self.clock = clock
+        self.endpoints = endpoints  # whose trusted hosts follow the peer table
+        self.pool = pool  # the HTTP connection pool, closed at stop
+        self.only = only  # msgrelay-admin on a stopped relay: load just this destination
+        self._threads: Optional[ThreadPool] = None if run else ThreadPool(1, 4, "msgrelay-outbox")
+        self.queues = Queues(outbox, run or self._in_thread, deliverer, backoff, clock, policy)
+        self.forwarder = Forwarder(self.queues, max_queue)
+        self._lock: Optional[OutboxLock] = None
+        self._sweeper: Optional[LoopingCall] = None
+        self.ready: Optional[Deferred] = None  # fires once the outbox is loaded
+        if endpoints is not None:
+            endpoints.set_trusted(policy.trusted_hosts())
+
+    def _in_thread(self, function: Callable[..., Any], *args: Any) -> Deferred:
+        """Outbox I/O on our own small pool, so slow work elsewhere never holds it up."""
+        assert self._threads is not None
+        return deferToThreadPool(self.clock, self._threads, function, *args)
+
+    @property
+    def policy(self) -> FederationPolicy:
+        return self.queues.policy
+
+    def acquire_lock(self) -> None:
+        """Take the outbox lock (OutboxBusy if another running relay delivers from it)."""
+        if self._lock is None:
+            self._lock = self.outbox.lock()
+
+    def startService(self) -> None:
+        self.acquire_lock()
+        super().startService()
+        if self._threads is not None:
+            self._threads.start()
+        self.queues.start()  # accepting now; sending once the outbox is loaded
+        self.ready = self.queues.run(self._load)
+        self.ready.addCallback(self.queues.load)
+        self.ready.addErrback(lambda f: log.failure("cannot load the federation outbox", f))
+        if self.only is None:
+            self._sweeper = LoopingCall(self._sweep)
+            self._sweeper.clock = self.clock
+            self._sweeper.start(DEDUP_SWEEP_SECONDS, now=False)
+
+    def _load(self) -> dict[str, tuple[list[Entry], BackoffState]]:
+        names = [self.only] if self.only is not None else self.outbox.destinations()
+        return {d: (self.outbox.entries(d), self.outbox.load_backoff(d)) for d in names}
+
+    def _sweep(self) -> Deferred:
+        d = self.queues.run(self.outbox.sweep_dedup, int(self.clock.seconds()))
+        d.addErrback(lambda f: log.failure("federation: sweeping idempotency records failed", f))
+        return d
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self.queues.stop()
+        self.deliverer.stop()
+        closed = self.pool.closeCachedConnections() if self.pool is not None else None
+        if self._threads is not None and self._threads.started:
+            self._threads.stop()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        return closed
+
+    # -- what operators and metrics ask ----------------------------------------------
+
+    def set_policy(self, policy: FederationPolicy) -> None:
+        """A reloaded mode and peer table (SIGHUP)."""
+        if self.endpoints is not None:
+            self.endpoints.set_trusted(policy.trusted_hosts())
+        self.queues.set_policy(policy)
+
+    def retry_now(self, destination: str) -> bool:
+        return self.queues.retry_now(destination)
+
+    def queue_status(self) -> list[dict[str, Any]]:
+        """Per destination: destination, queued, oldest_age_seconds, backoff_seconds,
+        next_attempt (POSIX seconds, None when no attempt is scheduled), pinned_ok."""
+        return self.queues.status()
+
+    def status_document(self) -> dict[str, Any]:
+        """What `msgrelay-admin queue list` shows of a running relay."""
+        return {"pid": os.getpid(), "mode": self.policy.mode, "destinations": self.queues.details()}

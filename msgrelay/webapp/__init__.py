@@ -1,0 +1,1 @@
+"""The browser client (static files served at /app/; see docs/web-client.md)."""

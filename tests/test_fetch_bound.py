@@ -1,0 +1,74 @@
+"""Fetch answers bounded by limits.max_fetch_bytes, sealed off the reactor thread (issue 9 item 2),
+over real sockets against the real service tree."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+
+import pytest_twisted
+
+ensure = pytest_twisted.ensureDeferred
+
+
+@ensure
+async def test_fetch_answer_stops_before_max_fetch_bytes(start_relay, users, tmp_path):
+    config = tmp_path / "fetch.toml"
+    config.write_text("[limits]\nmax_body_bytes = 65536\nmax_fetch_bytes = 100000\n")
+    relay = await start_relay("--config", str(config))
+    client, alice = relay.client, users[0]
+    await client.register(alice)
+    token = await client.mint(alice)
+    body = json.dumps({"blob": base64.b64encode(os.urandom(20000)).decode()}).encode()  # ~36 KB stored
+    sent = [await client.send(alice, token, body=body) for _ in range(5)]
+    assert all(s.status == 200 for s in sent), [s.body for s in sent]
+    answer, messages = await client.fetch(alice, limit=100)
+    assert answer.status == 200
+    plaintext_size = len(json.dumps(messages, separators=(",", ":")))
+    assert plaintext_size <= 100000
+    assert len(messages) == answer.body["count"] == 2 and answer.body["remaining"] == 3
+    assert [m["id"] for m in messages] == [s.body["message_id"] for s in sent[:2]]
+    await client.signed(alice, "DELETE", "/api/v1/message", ids=[m["id"] for m in messages])
+    rest, _ = await client.fetch(alice, limit=1)
+    assert (rest.body["count"], rest.body["remaining"]) == (1, 2)
+    info = await client.call("GET", "/api/v1/server")
+    assert info.body["max_fetch_bytes"] == 100000
+
+
+@ensure
+async def test_fetch_answer_is_encoded_and_sealed_off_the_reactor_thread(relay, users, monkeypatch):
+    import msgrelay.relay
+
+    threads = []
+    original = msgrelay.relay.seal_fetch_answer
+
+    def recording(*args):
+        threads.append(threading.current_thread())
+        return original(*args)
+
+    monkeypatch.setattr(msgrelay.relay, "seal_fetch_answer", recording)
+    client, alice = relay.client, users[0]
+    await client.register(alice)
+    token = await client.mint(alice)
+    await client.send(alice, token)
+    answer, messages = await client.fetch(alice)
+    assert answer.status == 200 and len(messages) == 1
+    assert threads and all(t is not threading.main_thread() for t in threads)
+
+
+@ensure
+async def test_stopping_the_service_stops_the_cores_worker_threads(tmp_path, users):
+    from conftest import LiveRelay
+
+    relay = await LiveRelay(tmp_path / "state", []).start()
+    try:
+        client, alice = relay.client, users[0]
+        await client.register(alice)
+        assert (await client.fetch(alice))[0].status == 200
+        pool = relay.core._own_pool
+        assert pool is not None and pool.started
+    finally:
+        await relay.stop()
+    assert relay.core._own_pool is None and not pool.started
