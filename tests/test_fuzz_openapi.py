@@ -36,7 +36,7 @@ EXAMPLES = int(os.environ.get("MSGRELAY_FUZZ_EXAMPLES", "25"))
 SEED = int(os.environ.get("MSGRELAY_FUZZ_SEED", "20261127"))
 #: Seconds: when set, schemathesis keeps fuzzing until this budget is spent (the long run).
 MAX_TIME = os.environ.get("MSGRELAY_FUZZ_MAX_TIME")
-CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
+CHECKS = ("no_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
           "response_schema_conformance,negative_data_rejection,unsupported_method,allow_header_conformance,"
           "section9_error")
 #: Loopback is exempt from the per-address limits and the per-user limits are out of reach,
