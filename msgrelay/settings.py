@@ -198,6 +198,8 @@ SETTINGS: list[Setting] = [
     Setting("federation", "timeout", int, 30, _positive),
     Setting("federation", "key_refresh", int, 3600, _positive),
     Setting("federation", "max_queue", int, 100000, _positive),
+    # PostgreSQL store only: how often a relay looks for packets other processes queued.
+    Setting("federation", "poll_interval", int, 5, _positive),
     Setting("push", "allow_private", bool, False),
     Setting("push", "ca_file", str, "", _readable_file),
     Setting("push", "retries", int, 3, _between(0, 10)),
@@ -410,6 +412,7 @@ class FederationSettings:
     timeout: int
     key_refresh: int
     max_queue: int
+    poll_interval: int
 
 
 @dataclass(frozen=True)

@@ -149,3 +149,17 @@ async def test_client_library_sets_push_only_through_put_and_reads_its_account(r
         assert (await api.account())["push_endpoint"] is None
     finally:
         await api.close()
+
+
+@ensure
+async def test_put_user_checks_the_push_endpoints_shape_before_the_signature(relay, users):
+    """docs/protocol.md section 4.5: shape (100) comes before the unknown user (130)."""
+    client, stranger = relay.client, users[3]  # never registered
+    answer = await client.signed(stranger, "PUT", "/api/v1/user", push_endpoint="http://push.example/a")
+    assert (answer.status, answer.errno) == (400, 100) and "push_endpoint" in answer.body["message"]
+    unknown = await client.signed(stranger, "PUT", "/api/v1/user", push_endpoint="https://push.example/a")
+    assert unknown.errno == 130
+    body = client.signed_params(stranger, "PUT", "/api/v1/user", push_endpoint="https://push.example/a")
+    body["validity"] = "60"
+    wrong_type = await client.call("PUT", "/api/v1/user", body)
+    assert wrong_type.errno == 100 and wrong_type.body["message"] == "validity must be an integer"

@@ -204,7 +204,13 @@ def test_federation_example_on_one_machine(first_relay, clone):
     try:
         output, codes = run_blocks(blocks, clone)
     finally:
-        for pidfile in demo.glob("*.pid"):  # the example's own last step stops them; this is for failures
+        # The example's own last step stops both relays; give them time to exit before
+        # stopping what is left (a failed step), so no relay is signalled twice while it
+        # shuts down (twistd would log ReactorNotRunning).
+        deadline = time.monotonic() + 30
+        while any(demo.glob("*.pid")) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        for pidfile in demo.glob("*.pid"):
             try:
                 os.kill(int(pidfile.read_text()), signal.SIGTERM)
             except (ValueError, ProcessLookupError):

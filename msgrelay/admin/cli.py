@@ -69,16 +69,22 @@ def _with_store(admin: AdminContext, writable: bool) -> AdminStore:
 
 def _outbox_queues(admin: AdminContext, now: float) -> list[dict[str, Any]]:
     """Per-destination federation queues, counted as `queue list` counts them."""
-    from ..federation.factory import outbox_path
-    from ..federation.outbox import FederationOutbox
+    from ..federation.factory import open_outbox, outbox_path
+    from ..federation.outbox import FederationOutbox, OutboxUnavailable
+    from ..federation.outbox_interface import Outbox
 
-    queues = []
-    for destination, entries in FederationOutbox(outbox_path(admin.settings)).load_all().items():
-        expired = sum(1 for e in entries if e.expires <= now)
-        oldest = min((e.received for e in entries), default=None)
-        queues.append({"destination": destination, "queued": len(entries), "expired": expired,
-                       "oldest_received": None if oldest is None else format_date(oldest)})
-    return queues
+    try:  # with the PostgreSQL store the outbox is in the database too
+        outbox: Outbox = (open_outbox(admin.settings) if admin.settings.store.backend == "postgresql"
+                          else FederationOutbox(outbox_path(admin.settings)))
+        try:
+            found = outbox.summary(now)
+        finally:
+            outbox.close()
+    except OutboxUnavailable as e:
+        raise AdminFailure(f"federation outbox: {e}")
+    return [{"destination": q.destination, "queued": q.queued, "expired": q.expired,
+             "oldest_received": None if q.oldest_received is None else format_date(q.oldest_received)}
+            for q in found]
 
 
 @main.command()

@@ -35,11 +35,17 @@ def _tell_relay(admin: AdminContext) -> tuple[dict[str, Any], str]:
     from ..federation.outbox import FederationOutbox
 
     settings = admin.settings
-    if not FederationOutbox(outbox_path(settings)).is_locked():
+    # With the PostgreSQL store no file lock tells whether a relay runs here: ask the socket.
+    shared = settings.store.backend == "postgresql"
+    if not shared and not FederationOutbox(outbox_path(settings)).is_locked():
         return {"relay": "stopped"}, "relay not running: it uses these keys when it starts"
     try:
         answer = ControlClient(settings.state_dir).call("POST", "/v1/keys/reload")
     except ControlUnavailable as e:
+        if shared:
+            return ({"relay": "unknown", "told": False},
+                    f"no relay answers on this host's control socket ({e}): a running one picks this up within "
+                    f"{settings.server.key_check_interval}s (server.key_check_interval)")
         return ({"relay": "running", "told": False},
                 f"relay running, but its control socket does not answer ({e}): it picks this up within "
                 f"{settings.server.key_check_interval}s (server.key_check_interval)")

@@ -5,6 +5,11 @@ A running relay holds `outbox/.lock` and answers on its control socket
 live state. A stopped relay's queues are read from the outbox files, backoff state included;
 `retry-now` on a stopped relay runs the relay's own federation service for that one queue,
 for one pass. Every answer says which of the two it did.
+
+With the PostgreSQL store the outbox is in the database, shared by every relay process:
+`list` reads it there (and adds the live state of this host's relay if it answers), and
+`retry-now` clears the shared backoff, then asks this host's relay or, if none answers,
+sends from here under the same claim every relay takes.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from urllib.parse import quote
 import click
 
 from ..control.client import ControlClient, ControlUnavailable
-from ..federation.factory import outbox_path
-from ..federation.outbox import FederationOutbox, OutboxBusy
+from ..federation.factory import open_outbox, outbox_path
+from ..federation.outbox import FederationOutbox, OutboxBusy, OutboxUnavailable
+from ..federation.outbox_interface import Outbox, QueueSummary
 from ..settings import SettingError, read_toml, resolve
 from ..wire.addresses import is_server_name
 from ..wire.dates import format_date
@@ -65,6 +71,8 @@ def _describe(row: dict[str, Any], now: float) -> str:
         text += f" ({row['expired']} expired, dropped at their expiry time)"
     if "state" in row:
         text += f"; {row['state']}"
+        if row.get("holder"):
+            text += f" (by {row['holder']})"
         if row.get("failures"):
             text += f" after {row['failures']} failure(s)"
         if row.get("next_attempt"):
@@ -85,6 +93,9 @@ def _control(admin: AdminContext) -> ControlClient:
 @pass_admin
 def queue_list(admin: AdminContext) -> None:
     """Per destination: packets queued, the oldest one's age, and the backoff state."""
+    if _shared(admin):
+        _list_shared(admin)
+        return
     outbox = _outbox(admin)
     now = time.time()
     if not outbox.root.is_dir():
@@ -128,6 +139,9 @@ def retry_now(admin: AdminContext, destination: str, peers: tuple[str, ...]) -> 
         raise AdminFailure(f"{destination!r} is not a server name", EXIT_USAGE)
     if peers:
         _use_peers(admin, peers)
+    if _shared(admin):
+        _retry_shared(admin, destination)
+        return
     outbox = _outbox(admin)
     queued = len(outbox.entries(destination)) if outbox.root.is_dir() else 0
     if not queued:
@@ -163,7 +177,90 @@ def _ask_running_relay(admin: AdminContext, destination: str) -> None:
                 "retrying": bool(answer.get("retrying"))}, [line])
 
 
-def _deliver_here(admin: AdminContext, destination: str) -> None:
+def _shared(admin: AdminContext) -> bool:
+    return admin.settings.store.backend == "postgresql"
+
+
+def _open_shared(admin: AdminContext) -> Outbox:
+    try:
+        return open_outbox(admin.settings)
+    except OutboxUnavailable as e:
+        raise AdminFailure(f"federation outbox: {e}")
+
+
+def _live_states(admin: AdminContext) -> Optional[dict[str, Any]]:
+    """This host's relay's live queue state, if it answers on its control socket."""
+    try:
+        return _control(admin).call("GET", "/v1/queues")
+    except ControlUnavailable:
+        return None
+
+
+def _shared_row(summary: QueueSummary, live: Optional[dict[str, Any]], now: float) -> dict[str, Any]:
+    backoff = summary.backoff
+    waiting = backoff.next_attempt is not None and backoff.next_attempt > now
+    oldest = summary.oldest_received
+    row: dict[str, Any] = {
+        "destination": summary.destination, "queued": summary.queued, "expired": summary.expired,
+        "oldest_received": None if oldest is None else format_date(oldest),
+        "oldest_age_seconds": None if oldest is None else max(0, int(now - oldest)),
+        "state": "sending" if summary.holder else "backing-off" if waiting else "idle",
+        "holder": summary.holder, "failures": backoff.attempts,
+        "next_attempt": backoff.next_attempt if waiting else None, "last_error": backoff.last_error,
+    }
+    if live is not None:
+        row.update({key: live[key] for key in ("pinned_ok", "delivered", "dropped") if key in live})
+        if str(live.get("state", "")).startswith("held"):
+            row["state"] = live["state"]
+    return row
+
+
+def _list_shared(admin: AdminContext) -> None:
+    outbox = _open_shared(admin)
+    now = time.time()
+    try:
+        found = outbox.summary(now)
+    except OutboxUnavailable as e:
+        raise AdminFailure(f"federation outbox: {e}")
+    finally:
+        outbox.close()
+    live = _live_states(admin)
+    states = (live or {}).get("destinations", {})
+    rows = [_shared_row(s, states.get(s.destination), now) for s in found]
+    head = "outbox in PostgreSQL, shared by every relay process on the database: read from the database"
+    if live is not None:
+        head += f"; live state added from this host's relay (pid {live.get('pid', '?')})"
+    lines = [head] + ([_describe(r, now) for r in rows] or ["no destinations"])
+    admin.emit({"running": live is not None, "source": "database", "pid": live.get("pid") if live else None,
+                "destinations": rows}, lines)
+
+
+def _retry_shared(admin: AdminContext, destination: str) -> None:
+    """Clear the shared backoff: every relay on the database may send at once (they find it at
+    their next poll); this host's relay is asked to start now, or, if none answers, send here."""
+    outbox = _open_shared(admin)
+    try:
+        queued = len(outbox.entries(destination))
+        if queued:
+            outbox.clear_backoff(destination)
+    except OutboxUnavailable as e:
+        raise AdminFailure(f"federation outbox: {e}")
+    finally:
+        outbox.close()
+    if not queued:
+        admin.emit({"destination": destination, "queued": 0}, [f"nothing is queued for {destination}"])
+        return
+    try:
+        _control(admin).call("POST", f"/v1/queues/{quote(destination, safe='')}/retry")
+    except ControlUnavailable:
+        _deliver_here(admin, destination, "no relay answers on this host's control socket")
+        return
+    admin.emit({"destination": destination, "queued": queued, "running": True, "retrying": True},
+               [f"the running relay is retrying {destination} now ({queued} queued; the backoff is cleared "
+                "for every relay on the database); see `queue list`"])
+
+
+def _deliver_here(admin: AdminContext, destination: str, why: str = "relay not running") -> None:
     """One sending pass over one queue, by the relay's own federation service run here."""
     from twisted.internet import reactor as default_reactor
     from twisted.internet.defer import Deferred, maybeDeferred
@@ -203,7 +300,7 @@ def _deliver_here(admin: AdminContext, destination: str) -> None:
     if error is not None:
         raise AdminFailure(f"delivery to {destination} failed: {error}")
     details = result or {}
-    line = (f"relay not running: delivered {details.get('delivered', 0)} and dropped {details.get('dropped', 0)} "
+    line = (f"{why}: delivered {details.get('delivered', 0)} and dropped {details.get('dropped', 0)} "
             f"packet(s) for {destination} from here; {details.get('queued', 0)} still queued")
     if details.get("queued") and details.get("last_error"):
         line += f" (last error: {details['last_error']})"

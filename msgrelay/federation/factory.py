@@ -15,6 +15,7 @@ from .backoff import Backoff
 from .deliverer import Deliverer
 from .netguard import GuardedEndpointFactory, Resolver, guarded_http_client, make_http_client
 from .outbox import FederationOutbox
+from .outbox_interface import Outbox
 from .peerkeys import PeerKeys
 from .peers import FederationPolicy, parse_peer_table
 from .push import PushNotifier
@@ -36,7 +37,9 @@ def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] =
     """
     federation = settings.federation
     policy = _policy(settings)
-    outbox = FederationOutbox.open(outbox_path(settings))
+    outbox = open_outbox(settings)
+    if outbox.shared:  # the file outbox made it; the control socket needs it either way
+        settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     endpoints = GuardedEndpointFactory(reactor, tls_policy(load_trust_root(federation.ca_file)),
                                        resolve or build_resolver(settings, reactor).resolve, allow_private=False,
                                        timeout=federation.timeout)
@@ -48,7 +51,26 @@ def build_sender(settings: Settings, reactor: Any, resolve: Optional[Resolver] =
     backoff = Backoff(federation.backoff_min, federation.backoff_max)
     run = None if outbox_pool is None else functools.partial(run_in, reactor, outbox_pool)
     return FederationService(outbox, deliverer, backoff, policy, reactor, federation.max_queue,
-                             endpoints=endpoints, pool=pool, run=run, only=only)
+                             endpoints=endpoints, pool=pool, run=run, only=only,
+                             poll_interval=federation.poll_interval)
+
+
+def lease_seconds(settings: Settings) -> float:
+    """How long a claim on a destination lasts unrenewed: longer than one attempt (a key
+    fetch and a POST, each bounded by federation.timeout), renewed before every attempt."""
+    return 2 * settings.federation.timeout + 10
+
+
+def open_outbox(settings: Settings) -> Outbox:
+    """The outbox for these settings: in PostgreSQL, shared by every relay process on the
+    database, when the store is there; else files in the state directory (OutboxUnavailable)."""
+    if settings.store.backend == "postgresql":
+        from .pgoutbox import PostgresOutbox
+
+        # as many connections as the outbox pool has threads: more would sit idle
+        return PostgresOutbox.open(settings.store.postgres_dsn, lease_seconds(settings),
+                                   connections=settings.pools.outbox)
+    return FederationOutbox.open(outbox_path(settings))
 
 
 def _policy(settings: Settings) -> FederationPolicy:

@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from ..wire.errors import ProtocolError
 from ..wire.packet import Packet
 from .outbox import OutboxUnavailable
+from .outbox_interface import OutboxFull
 from .queues import Queues
 
 log = Logger(namespace="msgrelay.federation")
@@ -40,12 +41,17 @@ class Forwarder:
         if not self.queues.running:
             raise ProtocolError(180, "the relay is shutting down; send again in a moment")
         queue = self.queues.get(destination)
-        if len(queue.entries) + queue.adding >= self.max_queue:
+        # A shared outbox counts every process's packets in the database (OutboxFull below);
+        # this process's view of the queue may be stale there.
+        if not self.queues.outbox.shared and len(queue.entries) + queue.adding >= self.max_queue:
             raise ProtocolError(160, f"the outgoing queue for {destination} is full; try again later")
         queue.adding += 1
         try:
             entry, duplicate = await self.queues.run(self.queues.outbox.add, queue.name, packet.to_json(), received,
-                                                     expires, dedup_key(queue.name, packet))
+                                                     expires, dedup_key(queue.name, packet), self.max_queue)
+        except OutboxFull:  # counted in the outbox, which other processes fill too
+            queue.adding -= 1
+            raise ProtocolError(160, f"the outgoing queue for {destination} is full; try again later")
         except OutboxUnavailable as e:
             queue.adding -= 1
             self.queues.emptied(queue)

@@ -28,9 +28,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..durable import fsync_dir, replace_durably
+
+if TYPE_CHECKING:
+    from .outbox_interface import Claim, QueueSummary
 
 LOCK_NAME = ".lock"
 DEDUP_DIR = ".dedup"
@@ -64,6 +67,12 @@ class Entry:
     @property
     def file_name(self) -> str:
         return self.id + ".json"
+
+    @classmethod
+    def from_id(cls, destination: str, message_id: str) -> "Entry":
+        """The entry behind an id this outbox gave out (ValueError if it is not one)."""
+        seq, received, expires, nonce = message_id.split("-")
+        return cls(destination, int(seq), int(received), int(expires), nonce)
 
 
 def escape_destination(destination: str) -> str:
@@ -124,7 +133,13 @@ class BackoffState:
 
 
 class FederationOutbox:
-    """The files of one outbox. Thread-safe: any thread may call any method."""
+    """The files of one outbox. Thread-safe: any thread may call any method.
+
+    One process delivers from it (it holds `lock()`), so claims are always its own: `claim`
+    only checks the backoff, and there is never work from another process to poll for.
+    """
+
+    shared = False
 
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -141,6 +156,9 @@ class FederationOutbox:
         except OSError as e:
             raise OutboxUnavailable(f"{root}: cannot create the outbox: {e.strerror}")
         return outbox
+
+    def close(self) -> None:
+        """Nothing to let go of: every call opens and closes its own files."""
 
     # -- locking ----------------------------------------------------------------
 
@@ -222,14 +240,16 @@ class FederationOutbox:
         return (message_id, int(expires)) if int(expires) > now else None
 
     def add(self, destination: str, packet: dict[str, Any], received: int, expires: int,
-            dedup_key: Optional[str] = None) -> tuple[Entry, bool]:
-        """Queue a packet durably; (entry, False). An unexpired duplicate: (its entry, True)."""
+            dedup_key: Optional[str] = None, max_queue: Optional[int] = None) -> tuple[Entry, bool]:
+        """Queue a packet durably; (entry, False). An unexpired duplicate: (its entry, True).
+
+        `max_queue` is not checked here (it would list the folder on every packet): the one
+        delivering process holds the queue in memory and checks it there."""
         try:
             if dedup_key is not None:
                 earlier = self.find_duplicate(dedup_key, received)
                 if earlier is not None:
-                    seq, old_received, old_expires, nonce = earlier[0].split("-")
-                    return Entry(destination, int(seq), int(old_received), int(old_expires), nonce), True
+                    return Entry.from_id(destination, earlier[0]), True
             entry = Entry(destination, self._next_seq(), received, expires, secrets.token_hex(4))
             folder = self.root / escape_destination(destination)
             record = {"v": 1, "id": entry.id, "destination": destination,
@@ -309,3 +329,35 @@ class FederationOutbox:
         except OSError:
             return False
         return True
+
+    # -- claims: one process, so only the backoff decides ------------------------------
+
+    def claim(self, destination: str, now: float) -> "Claim":
+        from .outbox_interface import Claim
+
+        backoff = self.load_backoff(destination)
+        return Claim(_due(backoff, now), backoff, self.entries(destination))
+
+    def renew(self, destination: str, now: float) -> bool:
+        return True
+
+    def release(self, destination: str, now: float) -> bool:
+        return bool(self.entries(destination)) and _due(self.load_backoff(destination), now)
+
+    def pending(self, now: float) -> dict[str, bool]:
+        return {d: _due(self.load_backoff(d), now) for d in self.destinations() if self.entries(d)}
+
+    def summary(self, now: float) -> list["QueueSummary"]:
+        from .outbox_interface import QueueSummary
+
+        found = []
+        for destination, entries in self.load_all().items():
+            found.append(QueueSummary(destination, len(entries), sum(1 for e in entries if e.expires <= now),
+                                      min((e.received for e in entries), default=None),
+                                      self.load_backoff(destination)))
+        return found
+
+
+def _due(backoff: BackoffState, now: float) -> bool:
+    """Whether the backoff allows an attempt at `now`."""
+    return backoff.next_attempt is None or backoff.next_attempt <= now

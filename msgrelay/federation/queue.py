@@ -36,6 +36,9 @@ class QueueState(enum.Enum):
 class DestinationQueue:
     """What the relay knows about one destination; see the module docstring."""
 
+    #: The entries in memory are the whole queue (no other process adds to it).
+    knows_whole_queue = True
+
     def __init__(self, name: str, owner: "Queues"):
         self.name = name
         self.owner = owner
@@ -109,7 +112,7 @@ class DestinationQueue:
         """Start sending unless already sending or waiting for the next attempt."""
         if not self.owner.sending or self._draining or self._timer is not None:
             return
-        if not self.entries:
+        if not self.entries and self.knows_whole_queue:
             self._emptied()
             return
         self._draining = True
@@ -121,9 +124,22 @@ class DestinationQueue:
         self._draining = False
         Deferred.fromCoroutine(self._wait("unexpected error", QueueState.BACKING_OFF, None))
 
+    @property
+    def draining(self) -> bool:
+        """A sending pass is running."""
+        return self._draining
+
+    async def _send(self) -> None:
+        """One sending pass (shared outboxes claim the destination around it: shared.py)."""
+        await self._deliver_all()
+
+    async def _hold(self) -> bool:
+        """Whether this process may still send the next packet (shared outboxes renew a lease)."""
+        return True
+
     async def _drain(self) -> None:
         try:
-            await self._deliver_all()
+            await self._send()
         finally:
             self._draining = False
             settled, self._settled = self._settled, []
@@ -143,6 +159,8 @@ class DestinationQueue:
                 self.dropped += 1
                 await self._forget(entry)
                 continue
+            if not await self._hold():
+                return
             peer, why = self.owner.policy.peer_for_delivery(self.name)
             if peer is None:
                 log.warn("federation: {queued} packets for {destination} wait: {why}",

@@ -15,7 +15,8 @@ from twisted.logger import Logger
 
 from .backoff import Backoff
 from .deliverer import Deliverer
-from .outbox import BackoffState, Entry, FederationOutbox
+from .outbox import BackoffState, Entry
+from .outbox_interface import Outbox
 from .peers import FederationPolicy
 from .queue import DestinationQueue, QueueState
 
@@ -25,7 +26,7 @@ log = Logger(namespace="msgrelay.federation")
 class Queues:
     """The queues, and what every queue uses: outbox, thread runner, deliverer, backoff, policy."""
 
-    def __init__(self, outbox: FederationOutbox, run: Callable[..., Deferred], deliverer: Deliverer,
+    def __init__(self, outbox: Outbox, run: Callable[..., Deferred], deliverer: Deliverer,
                  backoff: Backoff, clock: Any, policy: FederationPolicy):
         self.outbox = outbox
         self.run = run
@@ -36,6 +37,11 @@ class Queues:
         self.running = False  # packets are accepted (from start to stop)
         self.sending = False  # queues send (once what a previous process left is loaded)
         self.queues: dict[str, DestinationQueue] = {}
+        self.queue_class = DestinationQueue
+        if outbox.shared:  # several processes send from it: claim before sending (shared.py)
+            from .shared import SharedQueue
+
+            self.queue_class = SharedQueue
         for name in policy.peers:
             self.get(name)
 
@@ -56,7 +62,7 @@ class Queues:
         destination = destination.lower()
         queue = self.queues.get(destination)
         if queue is None:
-            queue = self.queues[destination] = DestinationQueue(destination, self)
+            queue = self.queues[destination] = self.queue_class(destination, self)
         return queue
 
     def start(self) -> None:
@@ -98,7 +104,9 @@ class Queues:
     def retry_now(self, destination: str) -> bool:
         """Forget the backoff of `destination` and attempt at once; False if nothing is queued."""
         queue = self.queues.get(destination.lower())
-        if queue is None or not queue.entries:
+        if self.outbox.shared and self.sending:  # other processes' packets count too: the claim loads them
+            queue = queue or self.get(destination)
+        elif queue is None or not queue.entries:
             return False
         log.info("federation: retrying {destination} now, as an operator asked", destination=queue.name)
         queue.retry_now()

@@ -1,8 +1,9 @@
 """The federation service: owns the outbox, its lock and threads, the queues and the deliverer.
 
 Lifecycle only: take the outbox lock, start the outbox threads, load the queues a previous
-process left, sweep old idempotency records now and then; at stop, cancel what is in flight
-and let go of everything. Accepting packets is forwarder.py, sending them queue.py and
+process left, sweep old idempotency records now and then, and, on an outbox other processes
+share, poll it for their work (shared.py); at stop, cancel what is in flight and let go of
+everything. Accepting packets is forwarder.py, sending them queue.py and
 deliverer.py.
 """
 
@@ -12,7 +13,7 @@ import os
 from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -22,9 +23,11 @@ from .backoff import Backoff
 from .deliverer import Deliverer
 from .forwarder import Forwarder
 from .netguard import GuardedEndpointFactory
-from .outbox import BackoffState, Entry, FederationOutbox, OutboxLock
+from .outbox import BackoffState, Entry, OutboxLock, OutboxUnavailable
+from .outbox_interface import Outbox
 from .peers import FederationPolicy
 from .queues import Queues
+from .shared import wake_pending
 
 log = Logger(namespace="msgrelay.federation")
 
@@ -33,9 +36,10 @@ DEDUP_SWEEP_SECONDS = 60.0
 
 
 class FederationService(Service):
-    def __init__(self, outbox: FederationOutbox, deliverer: Deliverer, backoff: Backoff, policy: FederationPolicy,
+    def __init__(self, outbox: Outbox, deliverer: Deliverer, backoff: Backoff, policy: FederationPolicy,
                  clock: Any, max_queue: int, *, endpoints: Optional[GuardedEndpointFactory] = None,
-                 pool: Any = None, run: Optional[Callable[..., Deferred]] = None, only: Optional[str] = None):
+                 pool: Any = None, run: Optional[Callable[..., Deferred]] = None, only: Optional[str] = None,
+                 poll_interval: float = 5.0):
         self.setName("federation")
         self.outbox = outbox
         self.deliverer = deliverer
@@ -48,6 +52,8 @@ class FederationService(Service):
         self.forwarder = Forwarder(self.queues, max_queue)
         self._lock: Optional[OutboxLock] = None
         self._sweeper: Optional[LoopingCall] = None
+        self.poll_interval = poll_interval
+        self._poller: Optional[LoopingCall] = None
         self.ready: Optional[Deferred] = None  # fires once the outbox is loaded
         if endpoints is not None:
             endpoints.set_trusted(policy.trusted_hosts())
@@ -79,6 +85,10 @@ class FederationService(Service):
             self._sweeper = LoopingCall(self._sweep)
             self._sweeper.clock = self.clock
             self._sweeper.start(DEDUP_SWEEP_SECONDS, now=False)
+        if self.outbox.shared and self.only is None:
+            self._poller = LoopingCall(self._poll)
+            self._poller.clock = self.clock
+            self._poller.start(self.poll_interval, now=False)
 
     def _load(self) -> dict[str, tuple[list[Entry], BackoffState]]:
         names = [self.only] if self.only is not None else self.outbox.destinations()
@@ -89,19 +99,42 @@ class FederationService(Service):
         d.addErrback(lambda f: log.failure("federation: sweeping idempotency records failed", f))
         return d
 
+    def _poll(self) -> Deferred:
+        """Work other processes queued, or left when they died (shared outboxes only)."""
+        if not self.queues.sending:
+            return succeed(None)
+        d = self.queues.run(self.outbox.pending, self.clock.seconds())
+        d.addCallback(lambda pending: wake_pending(self.queues, pending))
+        d.addErrback(self._poll_failed)
+        return d
+
+    @staticmethod
+    def _poll_failed(failure: Any) -> None:
+        if failure.check(OutboxUnavailable):  # the database is down: one line per poll, no traceback
+            log.warn("federation: cannot poll the shared outbox: {problem}", problem=failure.getErrorMessage())
+        else:
+            log.failure("federation: polling the shared outbox failed", failure)
+
     def stopService(self) -> Any:
         super().stopService()
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
+        for timer in (self._sweeper, self._poller):
+            if timer is not None and timer.running:
+                timer.stop()
         self.queues.stop()
         self.deliverer.stop()
-        closed = self.pool.closeCachedConnections() if self.pool is not None else None
+        waits = [self.pool.closeCachedConnections()] if self.pool is not None else []
+        # A shared outbox gives up this process's claims (in a thread: it is a database call).
+        closed = self.queues.run(self.outbox.close) if self.outbox.shared else succeed(None)
+        closed.addErrback(lambda f: log.failure("federation: closing the outbox failed", f))
+        closed.addBoth(self._let_go)
+        return gatherResults([closed, *waits]) if waits else closed
+
+    def _let_go(self, _: Any) -> None:
         if self._threads is not None and self._threads.started:
             self._threads.stop()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-        return closed
 
     # -- what operators and metrics ask ----------------------------------------------
 

@@ -213,6 +213,11 @@ class PostgresCore:
                 raise
         raise AssertionError("unreachable")
 
+    def transact(self, operation: str, work: Callable[[psycopg.Connection], T]) -> T:
+        """`work` in one committed transaction on this pool, for other tables on the same
+        database (the federation outbox); errors as for the store's own calls."""
+        return self._run(operation, work)
+
     # -- users -------------------------------------------------------------------
 
     def add_user(self, user: UserRecord) -> bool:

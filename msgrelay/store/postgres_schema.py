@@ -78,6 +78,40 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (
+        2,
+        [
+            # The federation outbox (msgrelay/federation/pgoutbox.py), shared by every relay
+            # process on the database. One row per destination: its backoff, shared by all,
+            # and the lease of the one process sending to it now.
+            """CREATE TABLE IF NOT EXISTS outbox_destinations (
+                destination text PRIMARY KEY,
+                attempts integer NOT NULL DEFAULT 0,
+                next_attempt double precision,
+                last_error text,
+                lease_owner text,
+                lease_until double precision
+            )""",
+            # seq comes from one sequence, taken under the destination row's lock, so a
+            # queue's packets sort in commit order whichever process accepted them.
+            """CREATE TABLE IF NOT EXISTS outbox_packets (
+                seq bigint GENERATED ALWAYS AS IDENTITY (CACHE 1) PRIMARY KEY,
+                destination text NOT NULL REFERENCES outbox_destinations (destination),
+                nonce text NOT NULL,
+                received bigint NOT NULL,
+                expires bigint NOT NULL,
+                packet bytea NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS outbox_packets_queue ON outbox_packets (destination, seq)",
+            # Idempotency records outlive delivery, until the packet's expiry (as the file outbox).
+            """CREATE TABLE IF NOT EXISTS outbox_dedup (
+                dedup_key text PRIMARY KEY,
+                message_id text NOT NULL,
+                expires bigint NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS outbox_dedup_expires ON outbox_dedup (expires)",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -15,7 +15,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..ratelimit import RateLimits
-from ..relay import MAX_ACK_IDS, MAX_FETCH_LIMIT, RelayCore
+from ..relay import MAX_ACK_IDS, MAX_FETCH_LIMIT, RelayCore, check_push_endpoint
 from ..store.interface import UserRecord
 from ..wire.canonical import parse_json_object
 from ..wire.errors import ProtocolError, malformed
@@ -142,7 +142,9 @@ class RelayAPI:
 
     @app.route("/api/v1/user", methods=["PUT"])
     async def update_user(self, request: IRequest) -> bytes:
-        signed, user = await self._signed(request, {"push_endpoint": (STR, True)}, "account")
+        signed = self._parse_signed(request, {"push_endpoint": (STR, True)})
+        check_push_endpoint(signed.own["push_endpoint"])  # its shape is checked first (100), like every shape
+        user = await self._authenticate(request, signed, "account")
         return write_json(request, await self.core.set_push_endpoint(user, signed.own["push_endpoint"]))
 
     @app.route("/api/v1/user", methods=["DELETE"])

@@ -103,7 +103,7 @@ def _typed(name: str, value: Any, kind: str) -> Any:
         return value
     if kind == STR_LIST and isinstance(value, list) and all(isinstance(v, str) for v in value):
         return value
-    raise malformed(f"{name} must be a {kind}")
+    raise malformed(f"{name} must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}")
 
 
 def _parse(params: dict[str, Any], spec: Mapping[str, tuple[str, bool]]) -> SignedRequest:
