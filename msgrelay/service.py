@@ -195,9 +195,7 @@ def makeService(options: Options, reactor: Any = None) -> "LoggedService":
     log.info("open-file limit {soft} (hard limit {hard})", soft=soft, hard=hard)
     new_key = not settings.key_path().exists()
     once = role is None or role.first  # what must happen once per relay: see msgrelay/workers.py
-    relay = _build(settings, reactor, take_outbox=once)
-    if not once:
-        relay.federation.disownServiceParent()  # worker 0 owns the outbox (federation is off with workers)
+    relay = _build(settings, reactor)  # workers need PostgreSQL, whose outbox every process shares
     if role is None:
         write_record(settings.state_dir, options["config"], getattr(options, "overrides", {}))
     level = LevelPredicate(settings.log.level)
@@ -290,15 +288,14 @@ def _start_up_lines(settings: Settings, relay: Relay) -> None:
                  "you add one to federation.peers and reload (SIGHUP), or restart with --peer NAME=URL[#FP]")
 
 
-def _build(settings: Settings, reactor: Any, take_outbox: bool = True) -> Relay:
+def _build(settings: Settings, reactor: Any) -> Relay:
     """build_relay, with start-up errors as one line; the outbox lock is taken now, so a
-    second relay on the same state directory stops here (a worker other than 0 takes none)."""
+    second relay on the same state directory stops here."""
     from .federation.outbox import OutboxBusy, OutboxUnavailable
 
     try:
         relay = build_relay(settings, reactor)
-        if take_outbox:
-            relay.federation.acquire_lock()
+        relay.federation.acquire_lock()
     except (StoreUnavailable, ServerKeyError) as e:
         fail(str(e), status=1)
     except OutboxBusy as e:

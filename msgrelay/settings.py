@@ -288,9 +288,6 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings
     if values["server.workers"] > 1 and values["store.backend"] != "postgresql":
         raise SettingError(f"server.workers: {values['server.workers']} needs store.backend = 'postgresql': the "
                            "maildir store's index, quota and dedup are kept in one process (docs/operations.md)")
-    if values["server.workers"] > 1 and values["federation.mode"] != "off":
-        raise SettingError(f"server.workers: {values['server.workers']} needs federation.mode = 'off' until the "
-                           "federation outbox is shared in PostgreSQL: the file outbox has one owner per state_dir")
     from .relay import MAX_FETCH_LIMIT
 
     if not 1 <= values["limits.fetch_default"] <= MAX_FETCH_LIMIT:

@@ -15,9 +15,10 @@ does); on SIGTERM it sends SIGTERM to every worker, waits for them (SIGKILL afte
 through a pipe and is written to the parent's log, one event per line with the worker's
 index and pid. A worker whose parent has gone (SIGKILL) stops by itself.
 
-What must happen once is done by worker 0: the federation outbox and its lock, the control
-socket of msgrelay-admin, expiry sweeps, and the dedicated `metrics.listen` listeners. Each
-worker watches the key files itself, so a rotated key reaches all of them.
+Workers need the PostgreSQL store, whose federation outbox every process shares (leases in
+the database), so every worker queues and delivers. What must happen once is done by worker
+0: the control socket of msgrelay-admin, expiry sweeps, and the dedicated `metrics.listen`
+listeners. Each worker watches the key files itself, so a rotated key reaches all of them.
 """
 
 from __future__ import annotations

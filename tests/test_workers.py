@@ -69,7 +69,9 @@ def alive(pid: int) -> bool:
 
 def config_file(tmp_path: Path, dsn: str, extra: str = "") -> Path:
     path = tmp_path / "msgrelay.toml"
-    path.write_text(f'[store]\nbackend = "postgresql"\npostgres_dsn = "{dsn}"\n{extra}')
+    # Federation on: every worker runs the sender on the outbox they share in PostgreSQL.
+    path.write_text(f'[store]\nbackend = "postgresql"\npostgres_dsn = "{dsn}"\n'
+                    f'[federation]\nmode = "open"\n{extra}')
     return path
 
 
