@@ -60,7 +60,7 @@ def free_port() -> int:
 class Relay:
     """A `twistd msgrelay` subprocess with its resource figures from /proc."""
 
-    def __init__(self, twistd: str, workdir: Path, config: Path):
+    def __init__(self, twistd: str, workdir: Path, config: Path, workers: int = 1):
         self.port = free_port()
         self.workdir = workdir
         log = workdir / f"relay-{self.port}.log"
@@ -68,7 +68,7 @@ class Relay:
         self.proc = subprocess.Popen(
             [twistd, "--nodaemon", "--pidfile=", f"--logfile={log}", "msgrelay", "--config", str(config),
              "--listen", f"tcp:{self.port}:interface=127.0.0.1:backlog=1024", "--state-dir", str(workdir / "state"),
-             "--server-name", "bench.test"],
+             "--server-name", "bench.test", "--workers", str(workers)],
             cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 120
@@ -86,15 +86,30 @@ class Relay:
         self.startup_seconds = time.perf_counter() - started
         self.host = f"127.0.0.1:{self.port}"
 
+    def pids(self) -> list[int]:
+        """The relay's process and, with workers, its worker processes."""
+        try:
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return [self.proc.pid, *(int(pid) for pid in children)]
+
     def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """Resident memory of the relay's process, or of its largest worker."""
+        sizes = []
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes.append(int(line.split()[1]) / 1024)
+        return max(sizes) if sizes else float("nan")
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time of the relay's process and its workers together."""
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -198,7 +213,29 @@ class Run:
             self.extra["rss_mib_after_run"] = relay.rss_mib()
         finally:
             relay.stop()
+        if self.backend == "postgresql":
+            self._workers(workdir, twistd, config, single, small, n_accept, n_fetch)
         self._big_state(workdir, twistd, pem)
+
+    def _workers(self, workdir: Path, twistd: str, config: Path, single: Seeded, small: Seeded,
+                 n_accept: int, n_fetch: int) -> None:
+        """Accept and fetch with 1 and with 2 worker processes on one port (PostgreSQL only)."""
+        rates: dict[tuple[str, int], float] = {}
+        for workers in (1, 2):
+            relay = Relay(twistd, workdir, config, workers)
+            try:
+                user_pub = self.key.public_key()
+                label = f"{workers} worker{'s' if workers > 1 else ''}"
+                accepted = self.measure(relay, f"accept, 1 recipient, {label}",
+                                        packets(relay, [single], user_pub, n_accept), "msgs/s")
+                fetched = self.measure(relay, f"fetch limit=10, 100 msgs, {label}",
+                                       [signed(relay, self.key, small.user_id, "GET", limit=10)
+                                        for _ in range(n_fetch)])
+                rates[("accept", workers)], rates[("fetch", workers)] = accepted.rate, fetched.rate
+            finally:
+                relay.stop()
+        for kind in ("accept", "fetch"):
+            self.extra[f"workers_2_to_1_{kind}"] = rates[(kind, 2)] / max(rates[(kind, 1)], 1e-9)
 
     def _big_state(self, workdir: Path, twistd: str, pem: str) -> None:
         """Start-up time and memory with many stored messages over many users."""
@@ -260,7 +297,10 @@ def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]]
         print(f"{backend}: relay RSS after the run {extra.get('rss_mib_after_run', 0):.0f} MiB; with "
               f"{extra.get('stored_messages', 0):,} stored messages over {extra.get('stored_users', 0):,} users: "
               f"start-up {extra.get('startup_seconds', 0):.1f} s, RSS {extra.get('rss_mib_stored', 0):.0f} MiB")
-    print("\nsrvCPU: relay process CPU per wall second (100% = one core busy); cliCPU: all load generator "
+        if "workers_2_to_1_accept" in extra:
+            print(f"{backend}: 2 workers / 1 worker on one port: accept {extra['workers_2_to_1_accept']:.2f}x, "
+                  f"fetch {extra['workers_2_to_1_fetch']:.2f}x (load generator on the same {os.cpu_count()} cores)")
+    print("\nsrvCPU: relay process (and workers) CPU per wall second (100% = one core busy); cliCPU: all load generator "
           "processes together. With other work on the machine, compare ratios rather than absolute figures.")
 
 

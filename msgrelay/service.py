@@ -6,12 +6,14 @@ nothing here prints a traceback for an operator's mistake.
 
 from __future__ import annotations
 
+import os
 import sys
+from functools import partial
 from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
@@ -21,7 +23,7 @@ from .builder import Relay, build_relay
 from .federation.push import PushNotifier
 from .federation.resolver import CachingResolver
 from .federation.service import FederationService
-from .keyrotation import KeyringWatcher
+from .keyrotation import KeyringWatcher, load_keyring
 from .logs import LevelPredicate, TwistdLogOptions, build_observer
 from .metrics import RelayMetrics
 from .relay import RelayCore
@@ -34,6 +36,7 @@ from .store.interface import StoreUnavailable
 from .timeouts import raise_open_file_limit
 from .twisted_compat import raise_listen_errors_synchronously
 from .web.site import RelaySite
+from .workers import AdoptedListener, BoundListener, ParentWatch, WorkerRole, WorkerSupervisor, worker_command
 
 log = Logger()
 
@@ -63,6 +66,10 @@ class Options(usage.Options):
                                    "[default: text]"],
         ["log-level", None, None, "Least severe level logged: debug, info, warn, error or critical; "
                                   "overrides log.level. [default: info]"],
+        ["workers", None, None, "Relay processes serving the same listening sockets; overrides server.workers "
+                                "(more than 1 needs the PostgreSQL store; see docs/operations.md). [default: 1]", int],
+        # Set by the supervising parent on the workers it starts (msgrelay/workers.py), not by hand.
+        ["worker", None, None, "Internal: run as worker INDEX of a parent, on its inherited sockets FD,..."],
     ]
 
     def __init__(self) -> None:
@@ -108,6 +115,12 @@ class Options(usage.Options):
             overrides["log.format"] = self["log-format"]
         if self["log-level"] is not None:
             overrides["log.level"] = self["log-level"]
+        if self["workers"] is not None:
+            overrides["server.workers"] = self["workers"]
+        try:
+            self.role = WorkerRole.parse(self["worker"]) if self["worker"] is not None else None
+        except ValueError:
+            fail(f"--worker: {self['worker']!r} is not INDEX:FD,... (it is set by the parent process)")
         self.overrides = overrides
         # Where twistd would send logs (--logfile, --nodaemon, --syslog, --logger): msgrelay
         # builds that observer itself, in log.format and filtered by log.level (logs.py).
@@ -116,8 +129,13 @@ class Options(usage.Options):
             settings = self.settings = self.load_settings()
         except SettingError as e:
             fail(str(e))
+        if self.role is not None:
+            return  # the parent checked and bound the endpoints; their sockets are inherited
         for description in settings.server.listen:
-            _check_endpoint(description)
+            endpoint = _check_endpoint(description)
+            if settings.server.workers > 1 and isinstance(endpoint, SSL4ServerEndpoint):
+                fail(f"server.workers: {settings.server.workers} cannot serve the TLS listener {description!r}: "
+                     "workers inherit plain sockets; terminate TLS in a proxy in front, or run one worker")
         for description in settings.metrics.listen:
             _check_endpoint(description, "metrics.listen")
 
@@ -131,12 +149,12 @@ class Options(usage.Options):
         return resolve(file_values, overrides)
 
 
-def _check_endpoint(description: str, setting: str = "server.listen / --listen") -> None:
+def _check_endpoint(description: str, setting: str = "server.listen / --listen") -> Any:
     """Parse an endpoint string now, so a typo stops start-up with its name."""
     from twisted.internet import reactor
 
     try:
-        serverFromString(reactor, description)
+        return serverFromString(reactor, description)
     except IndexError:  # systemd:...:index=N with fewer sockets passed
         fail(f"{setting}: {description!r}: no such socket was passed by systemd (is the .socket unit active?)")
     except (ValueError, TypeError, KeyError, OSError) as e:
@@ -162,7 +180,7 @@ class ListeningService(StreamServerEndpointService):
         log.info("listening on {endpoint}", endpoint=self.description)
 
 
-def makeService(options: Options, reactor: Any = None) -> "RelayService":
+def makeService(options: Options, reactor: Any = None) -> "LoggedService":
     """The relay (builder.py), then its SIGHUP reloader, listeners and timers."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -170,11 +188,16 @@ def makeService(options: Options, reactor: Any = None) -> "RelayService":
         reactor = default_reactor
     settings = options.settings
     assert settings is not None
+    role: Optional[WorkerRole] = getattr(options, "role", None)
+    if role is None and settings.server.workers > 1:
+        return _make_supervisor(options, settings, reactor)
     soft, hard = raise_open_file_limit()  # first: the connection caps are sized from it
     log.info("open-file limit {soft} (hard limit {hard})", soft=soft, hard=hard)
     new_key = not settings.key_path().exists()
-    relay = _build(settings, reactor)
-    write_record(settings.state_dir, options["config"], getattr(options, "overrides", {}))
+    once = role is None or role.first  # what must happen once per relay: see msgrelay/workers.py
+    relay = _build(settings, reactor)  # workers need PostgreSQL, whose outbox every process shares
+    if role is None:
+        write_record(settings.state_dir, options["config"], getattr(options, "overrides", {}))
     level = LevelPredicate(settings.log.level)
     metrics_sites = [(description, relay.metrics_site()) for description in settings.metrics.listen]
     reloader = ReloadService(settings, options.load_settings, reactor, source=options["config"] or "",
@@ -189,17 +212,68 @@ def makeService(options: Options, reactor: Any = None) -> "RelayService":
 
     listeners: list[tuple[str, Any, str]] = [(d, relay.connections, d) for d in settings.server.listen]
     listeners += [(d, site, f"{d} (metrics)") for d, site in metrics_sites]
-    for description, site, shown in listeners:
-        ListeningService(serverFromString(reactor, description), site, shown, forget_new_key).setServiceParent(top)
-    build_control(settings, relay.federation, relay.keyring_watcher, reactor).setServiceParent(top)
-    timers = [(settings.store.expire_interval, _expire, relay.core),
-              (settings.server.key_check_interval, _check_keys, relay.keyring_watcher)]
+    if role is None:
+        for description, site, shown in listeners:
+            ListeningService(serverFromString(reactor, description), site, shown,
+                             forget_new_key).setServiceParent(top)
+    else:
+        _adopt_listeners(role, listeners, len(settings.server.listen), reactor, top)
+        ParentWatch(reactor).setServiceParent(top)
+    timers: list[tuple[int, Any, Any]] = [(settings.server.key_check_interval, _check_keys, relay.keyring_watcher)]
+    if once:
+        build_control(settings, relay.federation, relay.keyring_watcher, reactor).setServiceParent(top)
+        timers.append((settings.store.expire_interval, _expire, relay.core))
     for interval, function, argument in timers:
         timer = TimerService(interval, function, argument)
         timer.clock = reactor
         timer.setServiceParent(top)
     _start_up_lines(settings, relay)
     return top
+
+
+def _adopt_listeners(role: WorkerRole, listeners: list[tuple[str, Any, str]], relay_count: int, reactor: Any,
+                     top: MultiService) -> None:
+    """A worker serves the parent's sockets: every worker the relay's, worker 0 the metrics ones."""
+    if len(role.fds) != len(listeners):
+        fail(f"--worker: {len(role.fds)} sockets inherited for {len(listeners)} listeners")
+    for position, (fd, (_, site, shown)) in enumerate(zip(role.fds, listeners)):
+        if position < relay_count or role.first:
+            AdoptedListener(reactor, fd, site, shown).setServiceParent(top)
+        else:
+            os.close(fd)
+
+
+def _make_supervisor(options: Options, settings: Settings, reactor: Any) -> "SupervisorService":
+    """With server.workers > 1: bind the listeners, and start and watch the workers."""
+    try:
+        load_keyring(settings, reactor.seconds())  # a new relay's key is made here, once
+    except ServerKeyError as e:
+        fail(str(e), status=1)
+    write_record(settings.state_dir, options["config"], getattr(options, "overrides", {}))
+    level = LevelPredicate(settings.log.level)
+    top = SupervisorService(_log_observer(options, settings, level))
+    bound = [BoundListener(reactor, d, lambda problem: fail(problem, status=1))
+             for d in (*settings.server.listen, *settings.metrics.listen)]
+    for listener in bound:
+        listener.setServiceParent(top)
+    args = _worker_args(options)
+    command = partial(worker_command, ["--nodaemon", "--pidfile=", "--logfile=-"], args)
+    WorkerSupervisor(reactor, settings.server.workers, lambda index: command(), bound).setServiceParent(top)
+    log.info("msgrelay {version}: {count} workers on {listen}", version=__version__,
+             count=settings.server.workers, listen=", ".join(settings.server.listen))
+    return top
+
+
+def _worker_args(options: Options) -> list[str]:
+    """The parent's own msgrelay options, for its workers (they read the same config file)."""
+    args: list[str] = []
+    for name in ("config", "state-dir", "server-name", "federation", "log-format", "log-level"):
+        if options[name] is not None:
+            args += [f"--{name}", str(options[name])]
+    for name in ("listen", "peer"):
+        for value in options[name]:
+            args += [f"--{name}", value]
+    return args
 
 
 def _start_up_lines(settings: Settings, relay: Relay) -> None:
@@ -241,8 +315,8 @@ def _log_observer(options: Options, settings: Settings, level: LevelPredicate) -
     return None
 
 
-class RelayService(MultiService):
-    """The service tree of `twistd msgrelay`: the relay's parts, its reloader and listeners.
+class LoggedService(MultiService):
+    """A top service that gives twistd msgrelay's log observer.
 
     twistd takes its log observer from, in order: its `--logger` option; an `ILogObserver`
     component of the application; its own `--logfile`/`--syslog` options. It builds the
@@ -250,11 +324,29 @@ class RelayService(MultiService):
     attaching is the one moment a plugin can set that component (docs/architecture.md).
     """
 
-    def __init__(self, relay: Relay, reloader: ReloadService, log_observer: Optional[ILogObserver] = None):
+    def __init__(self, log_observer: Optional[ILogObserver] = None):
         super().__init__()
+        self.log_observer = log_observer
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if (self.log_observer is not None and isinstance(parent, Componentized)
+                and parent.getComponent(ILogObserver, None) is None):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
+
+
+class SupervisorService(LoggedService):
+    """The service tree of the parent with server.workers > 1: bound sockets and the workers."""
+
+
+class RelayService(LoggedService):
+    """The service tree of `twistd msgrelay` (or of one worker): the relay's parts, its
+    reloader and listeners."""
+
+    def __init__(self, relay: Relay, reloader: ReloadService, log_observer: Optional[ILogObserver] = None):
+        super().__init__(log_observer)
         self.relay = relay
         self.reloader = reloader
-        self.log_observer = log_observer
 
     @property
     def core(self) -> RelayCore:
@@ -283,12 +375,6 @@ class RelayService(MultiService):
     @property
     def push(self) -> PushNotifier:
         return self.relay.push
-
-    def setServiceParent(self, parent: Any) -> Any:
-        if (self.log_observer is not None and isinstance(parent, Componentized)
-                and parent.getComponent(ILogObserver, None) is None):
-            parent.setComponent(ILogObserver, self.log_observer)
-        return super().setServiceParent(parent)
 
 
 async def _expire_once(core: RelayCore) -> None:

@@ -145,6 +145,8 @@ SETTINGS: list[Setting] = [
     # How long /api/v1/server lists a key transition (docs/protocol.md section 5: at least a year).
     Setting("server", "key_transition_keep", int, 34560000, _between(31536000, 2**31), reloadable=True),
     Setting("server", "errors_url", str, ""),
+    # Relay processes serving the same listening sockets (msgrelay/workers.py); >1 needs PostgreSQL.
+    Setting("server", "workers", int, 1, _between(1, 64)),
     Setting("store", "backend", str, "maildir", _one_of("maildir", "postgresql")),
     Setting("store", "postgres_dsn", str, ""),
     Setting("store", "expire_interval", int, 60, _positive),
@@ -283,6 +285,9 @@ def resolve(file_values: dict[str, Any], overrides: dict[str, Any]) -> "Settings
         raise SettingError("registration.tokens: mode 'token' needs at least one registration token")
     if values["store.backend"] == "postgresql" and not values["store.postgres_dsn"]:
         raise SettingError("store.postgres_dsn: needed when store.backend is 'postgresql'")
+    if values["server.workers"] > 1 and values["store.backend"] != "postgresql":
+        raise SettingError(f"server.workers: {values['server.workers']} needs store.backend = 'postgresql': the "
+                           "maildir store's index, quota and dedup are kept in one process (docs/operations.md)")
     from .relay import MAX_FETCH_LIMIT
 
     if not 1 <= values["limits.fetch_default"] <= MAX_FETCH_LIMIT:
@@ -328,6 +333,7 @@ class ServerSettings:
     errors_url: str
     trusted_proxies: Strings
     key_transition_keep: int
+    workers: int
 
 
 @dataclass(frozen=True)
