@@ -212,13 +212,25 @@ def makeService(options: Options, reactor: Any = None) -> "LoggedService":
 
     listeners: list[tuple[str, Any, str]] = [(d, relay.connections, d) for d in settings.server.listen]
     listeners += [(d, site, f"{d} (metrics)") for d, site in metrics_sites]
-    if role is None:
-        for description, site, shown in listeners:
-            ListeningService(serverFromString(reactor, description), site, shown,
-                             forget_new_key).setServiceParent(top)
-    else:
-        _adopt_listeners(role, listeners, len(settings.server.listen), reactor, top)
+    _add_listeners(role, listeners, len(settings.server.listen), forget_new_key, reactor, top)
+    _add_timers_and_control(settings, relay, once, reactor, top)
+    _start_up_lines(settings, relay)
+    return top
+
+
+def _add_listeners(role: Optional[WorkerRole], listeners: list[tuple[str, Any, str]], relay_count: int,
+                   on_failure: Any, reactor: Any, top: MultiService) -> None:
+    """Bind the listeners; a worker adopts the sockets its parent bound instead."""
+    if role is not None:
+        _adopt_listeners(role, listeners, relay_count, reactor, top)
         ParentWatch(reactor).setServiceParent(top)
+        return
+    for description, site, shown in listeners:
+        ListeningService(serverFromString(reactor, description), site, shown, on_failure).setServiceParent(top)
+
+
+def _add_timers_and_control(settings: Settings, relay: Relay, once: bool, reactor: Any, top: MultiService) -> None:
+    """The key watch in every process; the control socket and expiry sweeps only once per relay."""
     timers: list[tuple[int, Any, Any]] = [(settings.server.key_check_interval, _check_keys, relay.keyring_watcher)]
     if once:
         build_control(settings, relay.federation, relay.keyring_watcher, reactor).setServiceParent(top)
@@ -227,8 +239,6 @@ def makeService(options: Options, reactor: Any = None) -> "LoggedService":
         timer = TimerService(interval, function, argument)
         timer.clock = reactor
         timer.setServiceParent(top)
-    _start_up_lines(settings, relay)
-    return top
 
 
 def _adopt_listeners(role: WorkerRole, listeners: list[tuple[str, Any, str]], relay_count: int, reactor: Any,
