@@ -29,8 +29,8 @@ CLIENT = str(Path(sys.executable).with_name("msgrelay-client"))
 SERVER_NAME = "relay.test"
 
 
-def start_relay(state: Path, port: Optional[int] = None, **kwargs) -> RelayProcess:
-    """A relay subprocess, or a test failure that says why (never a hang)."""
+def start_relay(state: Path, port: Optional[int] = None, config_text: str = "", **kwargs) -> RelayProcess:
+    """A relay subprocess (`config_text`: more of its TOML file), or a test failure that says why (never a hang)."""
     try:
         import msgrelay.service  # noqa: F401
     except ImportError as e:
@@ -39,7 +39,7 @@ def start_relay(state: Path, port: Optional[int] = None, **kwargs) -> RelayProce
         pytest.fail(f"{CLIENT} is not installed: pip install -e . in the venv")
     config = state.parent / f"{state.name}.toml"
     # Many people register from 127.0.0.1 here: exempt loopback from the per-address limits.
-    config.write_text('[rate_limits]\nexempt = ["127.0.0.1"]\n')
+    config.write_text('[rate_limits]\nexempt = ["127.0.0.1"]\n' + config_text)
     relay = RelayProcess(state, server_name=SERVER_NAME, port=port, extra_args=["--config", str(config)], **kwargs)
     try:
         return relay.start(timeout=30)

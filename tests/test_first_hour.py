@@ -135,8 +135,14 @@ def test_contact_on_another_relay_names_relay_url(tmp_path, relay):
 @pytest.mark.slow
 def test_client_errors_point_to_the_fix(tmp_path, relay):
     alice = Person(tmp_path / "config", "alice")
-    port = relay.url.rsplit(":", 1)[1]
-    plain = alice.run("init", "--server", f"127.0.0.1:{port}", expect=3)
+    # The relay answers a TLS hello only when its header timeout ends: a relay of its own, with
+    # the shortest one, so the check does not wait the default 20 s.
+    plain_relay = start_relay(tmp_path / "plain", config_text="\n[timeouts]\nheaders = 1\n")
+    try:
+        port = plain_relay.url.rsplit(":", 1)[1]
+        plain = alice.run("init", "--server", f"127.0.0.1:{port}", expect=3)
+    finally:
+        plain_relay.stop()
     assert f"is this an http:// relay? It does not speak TLS: try http://127.0.0.1:{port}" in plain.err
 
     with socket.socket() as hangs_up:  # a server that accepts and closes: not HTTP at all
