@@ -65,6 +65,7 @@ setup(
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
+            "pytest-xdist>=3.5",  # pytest.ini runs the suite in parallel worker processes
             "selenium>=4.10",  # the web client's tests, in Debian's chromium
             "hypothesis>=6.100",
             # docs/openapi.yaml: validating the document and the relay's answers, and fuzzing

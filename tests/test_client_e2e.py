@@ -127,9 +127,10 @@ def person(tmp_path, relay):
 def introduce(alice: Person, bob: Person) -> str:
     """Bob invites Alice, Alice adds Bob: the only out-of-band step. Returns the invite."""
     invite = bob.run("invite", "--for", alice.name).out.strip()
-    assert invite.startswith(f"msgrelay:{bob.address}?token=") and "\n" not in invite
+    info = bob.info
+    assert invite.startswith(f"msgrelay:{info['address']}?token=") and "\n" not in invite
     added = alice.run("contact", "add", bob.name, invite)
-    assert bob.info["fingerprint"] in added.out
+    assert info["fingerprint"] in added.out
     return invite
 
 

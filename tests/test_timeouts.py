@@ -125,6 +125,9 @@ def test_open_file_limit_is_raised_to_the_hard_limit():
 
 # -- over real sockets -----------------------------------------------------------
 
+# A hang guard, never a speed bound: these tests wait for events, and give up only here.
+DEADLINE = 60
+
 
 class Raw(protocol.Protocol):
     """Collects what the server sends; `closed` fires (with it) when the server closes."""
@@ -172,20 +175,21 @@ async def test_slow_loris_is_dropped_while_a_normal_client_is_served(start_relay
 
     trickler = task.LoopingCall(trickle)
     trickler.start(0.1)
-    served = []
+    served = []  # (status, when the answer arrived)
     try:
-        while loris.closed_at is None and time.monotonic() - started < 10:
-            t0 = time.monotonic()
+        while loris.closed_at is None and time.monotonic() - started < DEADLINE:
             answer = await request("GET", relay.url + "/api/v1/server")
-            served.append((answer.status, time.monotonic() - t0))
+            served.append((answer.status, time.monotonic()))
             await task.deferLater(reactor, 0.2, lambda: None)
     finally:
         trickler.stop()
-    received = await loris.closed
+    received = await loris.closed.addTimeout(DEADLINE, reactor)
     assert received.startswith(b"HTTP/1.1 408"), received
-    assert 1.8 <= loris.closed_at - started < 4.0
-    assert len(served) >= 5 and all(status == 200 for status, _ in served)
-    assert max(seconds for _, seconds in served) < 1.0
+    # The header timer (2 s) never fires early; exact timing is the Clock tests' job above.
+    assert loris.closed_at - started >= 1.8
+    # A normal client was answered, again and again, while the loris was still connected.
+    assert all(status == 200 for status, _ in served)
+    assert sum(1 for _, at in served if at < loris.closed_at) >= 2, served
     assert relay.service.metrics.timeouts.labels("headers")._value.get() == 1
 
 
@@ -197,10 +201,12 @@ async def test_slow_body_and_idle_connections_are_cut_off(start_relay, tmp_path)
     slow_body.transport.write(b"POST /api/v1/user HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
     idle = await raw_connect(relay.port)
     started = time.monotonic()
-    assert (await slow_body.closed.addTimeout(10, reactor)).startswith(b"HTTP/1.1 408")
-    await idle.closed.addTimeout(10, reactor)
+    assert (await slow_body.closed.addTimeout(DEADLINE, reactor)).startswith(b"HTTP/1.1 408")
+    await idle.closed.addTimeout(DEADLINE, reactor)
     assert idle.received == b""  # an idle connection is just closed
-    assert slow_body.closed_at - started < 1.9 < idle.closed_at - started < 4.0
+    # The body timer (1 s) fires before the idle one (2 s), and neither early.
+    assert slow_body.closed_at < idle.closed_at
+    assert idle.closed_at - started >= 1.9
 
 
 @ensure
@@ -219,14 +225,10 @@ async def test_many_idle_connections_do_not_slow_the_relay(start_relay, tmp_path
             break
         await task.deferLater(reactor, 0.05, lambda: None)
     assert relay.service.site.open_connections >= count
-    timings = []
+    # Served while they are all held (how fast is bench/connections.py's question, not a test's).
     for _ in range(20):
-        t0 = time.monotonic()
         answer = await request("GET", relay.url + "/api/v1/health")
-        timings.append(time.monotonic() - t0)
         assert answer.status == 200
-    timings.sort()
-    assert timings[len(timings) // 2] < 0.2, timings
     # And the idle ones are all gone after the idle timeout.
-    await defer.gatherResults([c.closed.addTimeout(10, reactor) for c in idle])
+    await defer.gatherResults([c.closed.addTimeout(DEADLINE, reactor) for c in idle])
     assert relay.service.site.open_connections <= 1
