@@ -95,6 +95,36 @@ def test_postgres_store(pg_config, users):
     assert admin_json("stats", "-c", str(config))["users"] == 0
 
 
+def test_postgres_fsck_checks_and_recounts_the_quota_counters(pg_config, users):
+    config, dsn = pg_config
+    alice = users[0]
+    now = int(time.time())
+    core = PostgresCore(dsn)
+    core.open()
+    try:
+        from msgrelay.store.interface import UserRecord
+        core.add_user(UserRecord(alice.user_id, alice.pem, None, now))
+        token = token_for("s", now)
+        core.add_token(alice.user_id, token)
+        for _ in range(3):
+            core.deliver(alice.user_id, secrets.token_hex(4), message(token, now), BIG, now)
+    finally:
+        core.close()
+    assert admin("fsck", "-c", str(config)).returncode == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a drift, as a relay of schema 2 beside one of 3 makes
+        conn.execute("UPDATE users SET pending_messages = 1, pending_bytes = 5")
+    dry = admin("fsck", "--dry-run", "-c", str(config))
+    assert dry.returncode == 1 and f"postgresql:users/{alice.user_id}: counters say 1 message(s), 5 bytes" in dry.stdout
+    assert "left as is (--dry-run)" in dry.stdout
+    repaired = admin("fsck", "-c", str(config), "--json")
+    assert repaired.returncode == 1
+    [finding] = [f for f in json.loads(repaired.stdout)["findings"] if f["path"].startswith("postgresql:users/")]
+    assert finding["damage"] and finding["action"] == "recounted from the rows"
+    assert admin("fsck", "-c", str(config)).returncode == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT pending_messages FROM users").fetchall() == [(3,)]
+
+
 def test_postgres_unreachable_is_one_line(tmp_path):
     config = tmp_path / "relay.toml"
     config.write_text('[store]\nbackend = "postgresql"\n'
