@@ -114,7 +114,8 @@ class Relay:
 
     def metrics_site(self) -> MetricsSite:
         """A site for a dedicated `metrics.listen` listener (reconfigure it on reload too)."""
-        page = MetricsPage(self.metrics, self.settings, public=False, stats=self.store_stats)
+        page = MetricsPage(self.metrics, self.settings, public=False, stats=self.store_stats,
+                           before_scrape=[self.federation.refresh_gauges])
         return MetricsSite(page, self.reactor, self.settings)
 
 
@@ -141,7 +142,8 @@ def build_relay(settings: Settings, reactor: Any, *, store: Optional[IStore] = N
     limits = RateLimits(settings, reactor, observers=[metrics.observe_rate_limited])
     api = RelayAPI(core, limits)
     store_stats = StoreStats(metrics, store, reactor, settings)
-    metrics_page = MetricsPage(metrics, settings, public=True, stats=store_stats)
+    metrics_page = MetricsPage(metrics, settings, public=True, stats=store_stats,
+                               before_scrape=[federation.refresh_gauges])
     routes: dict[bytes, Any] = {b"/metrics": metrics_page}
     if settings.web_client.enabled:  # the browser client at /app/ (msgrelay/web/app.py)
         routes.update(web_client_routes(settings.server.errors_url or None))

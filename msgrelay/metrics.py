@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hmac
 import time
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -67,8 +67,9 @@ class RoutePatterns:
 class FederationCollector:
     """Per-destination federation queue gauges, read from `federation` at each scrape.
 
-    Its `queue_status()` gives dicts with `destination`, `queued`, `oldest_age_seconds`
-    and `backoff_seconds`.
+    Its `queue_gauges()` gives dicts with `destination`, `queued`, `oldest_age_seconds`,
+    `backoff_seconds` and `failures` (with the PostgreSQL outbox, the database's view shared
+    by every process, taken before the scrape: `MetricsPage.before_scrape`).
     """
 
     FAMILIES = (
@@ -77,6 +78,8 @@ class FederationCollector:
          "Age of the oldest packet queued for a peer relay"),
         ("backoff_seconds", "msgrelay_federation_backoff_seconds",
          "Current retry back-off for a peer relay (0 when delivering normally)"),
+        ("failures", "msgrelay_federation_queue_failures",
+         "Consecutive failed attempts to a peer relay (0 when delivering normally)"),
     )
 
     def __init__(self, federation: Any):
@@ -84,12 +87,12 @@ class FederationCollector:
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         families = {key: GaugeMetricFamily(name, doc, labels=["destination"]) for key, name, doc in self.FAMILIES}
-        status = getattr(self.federation, "queue_status", None)
+        status = getattr(self.federation, "queue_gauges", None)
         if status is not None:
             try:
                 rows = list(status())
             except Exception:
-                log.failure("federation queue_status() failed; federation metrics skipped")
+                log.failure("federation queue_gauges() failed; federation metrics skipped")
                 rows = []
             for row in rows:
                 destination = str(row.get("destination", ""))
@@ -272,12 +275,16 @@ class MetricsPage(Resource):
     settings_sections: ClassVar[frozenset[str]] = frozenset({"metrics", "server"})
 
     def __init__(self, metrics: RelayMetrics, settings: Settings, public: bool,
-                 stats: Optional[StoreStats] = None):
+                 stats: Optional[StoreStats] = None,
+                 before_scrape: Sequence[Callable[[], Optional[Deferred]]] = ()):
         super().__init__()
         self.metrics = metrics
         self.settings = settings
         self.public = public
         self.stats = stats
+        #: Each may return a Deferred (which never fails) to wait for before answering: the
+        #: shared federation queues are read from the database (federation/gauges.py).
+        self.before_scrape = tuple(before_scrape)
 
     def reconfigure(self, reload: Reload) -> None:
         self.settings = reload.running
@@ -285,7 +292,7 @@ class MetricsPage(Resource):
     def errors_url(self) -> str:
         return self.settings.server.errors_url
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: Any) -> Any:
         from .web.responses import info_base, write_error
 
         expected = self.settings.metrics.token
@@ -304,6 +311,21 @@ class MetricsPage(Resource):
                 return write_error(request, error, info_base(request, self.errors_url()))
         if self.stats is not None:
             self.stats.maybe_refresh()
+        waits = [d for d in (before() for before in self.before_scrape) if d is not None]
+        if not waits:
+            return self._exposition(request)
+        gone: list[Any] = []
+        request.notifyFinish().addBoth(gone.append)  # fires early only if the client went away
+
+        def answer(_: Any) -> None:
+            if not gone:
+                request.write(self._exposition(request))
+                request.finish()
+
+        gatherResults(waits).addBoth(answer)
+        return server.NOT_DONE_YET
+
+    def _exposition(self, request: Any) -> bytes:
         body, content_type = self.metrics.exposition(request.getHeader("Accept"))
         request.setHeader("Content-Type", content_type)
         request.setHeader("Content-Length", str(len(body)))

@@ -34,7 +34,7 @@ from .settings import SettingError, Settings, looks_public, read_toml, resolve
 from .startrecord import write_record
 from .store.interface import StoreUnavailable
 from .timeouts import raise_open_file_limit
-from .twisted_compat import raise_listen_errors_synchronously
+from .twisted_compat import raise_listen_errors_synchronously, server_tls_context
 from .web.site import RelaySite
 from .workers import AdoptedListener, BoundListener, ParentWatch, WorkerRole, WorkerSupervisor, worker_command
 
@@ -132,10 +132,7 @@ class Options(usage.Options):
         if self.role is not None:
             return  # the parent checked and bound the endpoints; their sockets are inherited
         for description in settings.server.listen:
-            endpoint = _check_endpoint(description)
-            if settings.server.workers > 1 and isinstance(endpoint, SSL4ServerEndpoint):
-                fail(f"server.workers: {settings.server.workers} cannot serve the TLS listener {description!r}: "
-                     "workers inherit plain sockets; terminate TLS in a proxy in front, or run one worker")
+            _check_endpoint(description)
         for description in settings.metrics.listen:
             _check_endpoint(description, "metrics.listen")
 
@@ -246,11 +243,24 @@ def _adopt_listeners(role: WorkerRole, listeners: list[tuple[str, Any, str]], re
     """A worker serves the parent's sockets: every worker the relay's, worker 0 the metrics ones."""
     if len(role.fds) != len(listeners):
         fail(f"--worker: {len(role.fds)} sockets inherited for {len(listeners)} listeners")
-    for position, (fd, (_, site, shown)) in enumerate(zip(role.fds, listeners)):
+    for position, (fd, (description, site, shown)) in enumerate(zip(role.fds, listeners)):
         if position < relay_count or role.first:
-            AdoptedListener(reactor, fd, site, shown).setServiceParent(top)
+            AdoptedListener(reactor, fd, site, shown, _tls_context(description, reactor)).setServiceParent(top)
         else:
             os.close(fd)
+
+
+def _tls_context(description: str, reactor: Any) -> Any:
+    """The TLS context of an `ssl:` listener (certificate and key read now), else None.
+    Other descriptions are not parsed again: a `systemd:` one would look for systemd's
+    variables, which only the parent had."""
+    if description.partition(":")[0].strip().lower() != "ssl":
+        return None
+    try:
+        endpoint = serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError, OSError) as e:  # e.g. the key file was removed since
+        fail(f"cannot listen on {description}: {e}", status=1)
+    return server_tls_context(endpoint) if isinstance(endpoint, SSL4ServerEndpoint) else None
 
 
 def _make_supervisor(options: Options, settings: Settings, reactor: Any) -> "SupervisorService":

@@ -4,16 +4,18 @@ twisted.web's HTTP/1.1 channel offers no public way to learn the request line of
 request refused before its body, whether a request is being answered, whether part of
 the next one is buffered, or to schedule the abort of a connection that will not close;
 and `StreamServerEndpointService` reports a failed listen only asynchronously unless told
-otherwise. Each helper below names one such assumption, and tests/test_twisted_compat.py
+otherwise; an `ssl:` server endpoint does not expose the TLS context it built from its
+description, which a worker needs to serve TLS on a socket it inherited. Each helper below names one such assumption, and tests/test_twisted_compat.py
 has one test per assumption that fails loudly if a Twisted release changes it. setup.py
 bounds Twisted below the next major version nobody has tested.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.web.http import HTTPChannel
 
 #: Twisted versions these assumptions were checked against (the upper bound in setup.py).
@@ -52,3 +54,9 @@ def raise_listen_errors_synchronously(service: StreamServerEndpointService) -> N
     """Make `privilegedStartService` raise a failed listen at once (`_raiseSynchronously`),
     so a port already in use stops start-up with one line."""
     service._raiseSynchronously = True
+
+
+def server_tls_context(endpoint: SSL4ServerEndpoint) -> Any:
+    """The TLS context factory an `ssl:` server endpoint built from its description
+    (`_sslContextFactory`): certificate, key, chain and options, as `listen` would use them."""
+    return endpoint._sslContextFactory

@@ -5,7 +5,8 @@ accepting on them, and spawns N workers with `reactor.spawnProcess(childFDs=...)
 each inherits the listening file descriptors at the same numbers. A worker is the same
 `twistd msgrelay` command with `--worker INDEX:FD,FD,...`: a full relay (builder.build_relay)
 that adopts those sockets with `reactor.adoptStreamPort`; the kernel hands each new
-connection to one of the workers waiting in accept.
+connection to one of the workers waiting in accept. An `ssl:` listener is a TCP socket like
+the others; each worker does TLS on it with the certificate and key of its description.
 
 The parent does no HTTP work. It supervises: a worker that exits while the parent runs is
 started again after a backoff (1 s, doubling to 30 s, back to 1 s once a worker has run for
@@ -37,6 +38,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 log = Logger(namespace="msgrelay.workers")
@@ -81,20 +83,28 @@ def socket_family(fd: int) -> int:
 
 
 class AdoptedListener(Service):
-    """A worker's listener: serve `factory` on a listening socket the parent bound."""
+    """A worker's listener: serve `factory` on a listening socket the parent bound.
 
-    def __init__(self, reactor: Any, fd: int, factory: Any, description: str):
+    For an `ssl:` listener the inherited socket is plain TCP (TLS lives in each connection,
+    not in the socket), so the worker wraps `factory` in TLS itself with `tls`, the context
+    it built from the same description (certificate and key read by this worker), as
+    `reactor.listenSSL` does for a socket it binds."""
+
+    def __init__(self, reactor: Any, fd: int, factory: Any, description: str, tls: Any = None):
         self.reactor = reactor
         self.fd = fd
         self.factory = factory
         self.description = description
+        self.tls = tls
         self.port: Any = None
 
     def startService(self) -> None:
         super().startService()
-        self.port = self.reactor.adoptStreamPort(self.fd, socket_family(self.fd), self.factory)
+        factory = self.factory if self.tls is None else TLSMemoryBIOFactory(self.tls, False, self.factory)
+        self.port = self.reactor.adoptStreamPort(self.fd, socket_family(self.fd), factory)
         os.close(self.fd)  # adoptStreamPort keeps its own copy
-        log.info("listening on {endpoint} (inherited socket)", endpoint=self.description)
+        log.info("listening on {endpoint} (inherited socket{tls})", endpoint=self.description,
+                 tls=", TLS" if self.tls is not None else "")
 
     def stopService(self) -> Any:
         super().stopService()
@@ -132,7 +142,9 @@ class BoundListener(Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        endpoint = serverFromString(self.reactor, self.description)  # not TLS: service.Options refuses it
+        # An ssl: endpoint binds the same plain TCP socket (and checks its certificate and key
+        # now); the workers do the TLS (AdoptedListener).
+        endpoint = serverFromString(self.reactor, self.description)
         outcome: list[Any] = []
         endpoint.listen(_NoConnections()).addBoth(outcome.append)
         if not outcome or isinstance(outcome[0], Failure):

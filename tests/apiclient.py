@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -116,16 +117,21 @@ async def request(method: str, url: str, data: Optional[bytes] = None, headers: 
 
 
 class SyncClient(RequestBuilder):
-    """The same requests with urllib, for tests that drive subprocess relays without a reactor."""
+    """The same requests with urllib, for tests that drive subprocess relays without a reactor;
+    `tls` verifies an https relay (e.g. against a test CA)."""
+
+    tls: Optional[ssl.SSLContext] = None
 
     @classmethod
-    def connect(cls, url: str) -> "SyncClient":
-        info = sync_request("GET", url + "/api/v1/server")
-        return cls(url, info.body["name"], info.body["key"])
+    def connect(cls, url: str, tls: Optional[ssl.SSLContext] = None) -> "SyncClient":
+        info = sync_request("GET", url + "/api/v1/server", tls=tls)
+        client = cls(url, info.body["name"], info.body["key"])
+        client.tls = tls
+        return client
 
     def call(self, method: str, path: str, body: Any = None, query: Optional[dict] = None, timeout: float = 10) -> Answer:
         data = None if body is None else json.dumps(body).encode()
-        return sync_request(method, self.target(path, query), data, timeout)
+        return sync_request(method, self.target(path, query), data, timeout, self.tls)
 
     def signed(self, user: User, method: str, path: str, **params: Any) -> Answer:
         params = self.signed_params(user, method, path, **params)
@@ -145,13 +151,14 @@ class SyncClient(RequestBuilder):
         return answer, json.loads(open_envelope([user.key], answer.body))
 
 
-def sync_request(method: str, url: str, data: Optional[bytes] = None, timeout: float = 10) -> Answer:
+def sync_request(method: str, url: str, data: Optional[bytes] = None, timeout: float = 10,
+                 tls: Optional[ssl.SSLContext] = None) -> Answer:
     import urllib.error
     import urllib.request
 
     req = urllib.request.Request(url, data=data, method=method)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
+        with urllib.request.urlopen(req, timeout=timeout, context=tls) as response:
             content, status, headers = response.read(), response.status, response.headers
     except urllib.error.HTTPError as e:
         content, status, headers = e.read(), e.code, e.headers

@@ -64,21 +64,26 @@ def pg_config(tmp_path):
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
-def test_postgres_store(pg_config, users):
-    config, dsn = pg_config
-    alice = users[0]
-    now = int(time.time())
+def stock(dsn: str, alice, now: int, ttls: tuple[int, ...]) -> None:
+    """`alice` registered on the store, with a token labelled "pal" and a message per ttl."""
+    from msgrelay.store.interface import UserRecord
+
     core = PostgresCore(dsn)
     core.open()
     try:
-        from msgrelay.store.interface import UserRecord
         core.add_user(UserRecord(alice.user_id, alice.pem, None, now))
         token = token_for("s", now, label="pal")
         core.add_token(alice.user_id, token)
-        for ttl in (3600, 3600, -5):
+        for ttl in ttls:
             core.deliver(alice.user_id, secrets.token_hex(4), message(token, now, ttl), BIG, now)
     finally:
         core.close()
+
+
+def test_postgres_store(pg_config, users):
+    config, dsn = pg_config
+    alice = users[0]
+    stock(dsn, alice, int(time.time()), (3600, 3600, -5))
     stats = admin_json("stats", "-c", str(config))
     assert (stats["backend"], stats["users"], stats["messages"]) == ("postgresql", 1, 2)
     assert "password" not in stats["store"]
@@ -93,6 +98,25 @@ def test_postgres_store(pg_config, users):
     assert admin_json("expire", "-c", str(config))["expired"] == {"messages": 1, "dedup": 1, "tokens": 0, "replay": 0}
     assert admin("user", "delete", alice.user_id, "--yes", "-c", str(config)).returncode == 0
     assert admin_json("stats", "-c", str(config))["users"] == 0
+
+
+def test_postgres_fsck_checks_and_recounts_the_quota_counters(pg_config, users):
+    config, dsn = pg_config
+    alice = users[0]
+    stock(dsn, alice, int(time.time()), (3600, 3600, 3600))
+    assert admin("fsck", "-c", str(config)).returncode == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a drift, as a relay of schema 2 beside one of 3 makes
+        conn.execute("UPDATE users SET pending_messages = 1, pending_bytes = 5")
+    dry = admin("fsck", "--dry-run", "-c", str(config))
+    assert dry.returncode == 1 and f"postgresql:users/{alice.user_id}: counters say 1 message(s), 5 bytes" in dry.stdout
+    assert "left as is (--dry-run)" in dry.stdout
+    repaired = admin("fsck", "-c", str(config), "--json")
+    assert repaired.returncode == 1
+    [finding] = [f for f in json.loads(repaired.stdout)["findings"] if f["path"].startswith("postgresql:users/")]
+    assert finding["damage"] and finding["action"] == "recounted from the rows"
+    assert admin("fsck", "-c", str(config)).returncode == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT pending_messages FROM users").fetchall() == [(3,)]
 
 
 def test_postgres_unreachable_is_one_line(tmp_path):

@@ -78,7 +78,7 @@ async def test_forward_over_verified_tls_with_a_matching_pin(start_relay, users,
     await eventually(lambda: a.service.federation.queue_status()[0]["queued"] == 0)
     status = a.service.federation.queue_status()
     assert status == [{"destination": "b.test", "queued": 0, "oldest_age_seconds": 0.0, "backoff_seconds": 0.0,
-                       "next_attempt": None, "pinned_ok": True}]
+                       "failures": 0, "next_attempt": None, "pinned_ok": True}]
 
 
 @ensure

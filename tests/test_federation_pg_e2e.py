@@ -6,7 +6,10 @@ leaves them to the other. Deadlines are polled, never slept."""
 from __future__ import annotations
 
 import json
+import re
 import signal
+import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,8 +60,8 @@ class Setup:
         assert client.call("POST", "/api/v1/user", {"key": user.pem}).status == 200
         return b, client, user, client.mint(user)
 
-    def a(self, name: str) -> RelayProcess:
-        relay = RelayProcess(self.tmp / name, "a.test", extra_args=["--config", str(self.config)])
+    def a(self, name: str, config: Optional[Path] = None) -> RelayProcess:
+        relay = RelayProcess(self.tmp / name, "a.test", extra_args=["--config", str(config or self.config)])
         self.started.append(relay)
         return relay.start()
 
@@ -151,6 +154,54 @@ def test_packets_of_a_killed_process_are_delivered_by_the_other(tmp_path, users,
         wait_for(lambda: setup.queue_list("two")["destinations"][0]["queued"] == 0, timeout=30)
     finally:
         setup.stop_all()
+
+
+def queue_gauges(relay: RelayProcess, token: str) -> dict[str, float]:
+    """The relay's /metrics federation samples for b.test: {metric name: value}."""
+    request = urllib.request.Request(relay.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    return {m[0]: float(m[1]) for m in re.findall(r'^(msgrelay_federation_\w+)\{destination="b.test"\} (\S+)$',
+                                                   text, re.MULTILINE)}
+
+
+def failing(relay: RelayProcess, token: str) -> Optional[dict[str, float]]:
+    """The gauges once they show a failed attempt."""
+    gauges = queue_gauges(relay, token)
+    return gauges if gauges.get("msgrelay_federation_queue_failures") else None
+
+
+def test_both_processes_report_the_shared_queue_in_their_metrics(tmp_path, users, database):  # noqa: F811
+    setup = Setup(tmp_path, database)
+    token = "scrape-token"
+    with setup.config.open("a") as config:
+        config.write(f'[metrics]\ntoken = "{token}"\n')
+    # "two" never polls the shared outbox: what it knows of the queue is only what /metrics reads.
+    deaf = tmp_path / "a-deaf.toml"
+    deaf.write_text(setup.config.read_text().replace("poll_interval = 1", "poll_interval = 3600"))
+    try:
+        b, client_b, bob, token_b = setup.b_with_user(users[1])
+        b.stop()
+        one, two = setup.a("one"), setup.a("two", deaf)
+        send = sender(one, bob, token_b)
+        for n in range(3):
+            send(f"q{n}")
+        for relay in (one, two):
+            gauges = wait_for(partial(failing, relay, token), timeout=30)
+            assert gauges["msgrelay_federation_queue_messages"] == 3
+            assert gauges["msgrelay_federation_queue_oldest_age_seconds"] >= 0
+            assert "msgrelay_federation_backoff_seconds" in gauges
+        assert "POST /api/v1/message" not in two.log()  # two accepted nothing itself
+        setup.b()
+        wait_for(lambda: texts(client_b, bob) == ["q0", "q1", "q2"], timeout=60)
+        for relay in (one, two):
+            wait_for(lambda: queue_gauges(relay, token) == {  # noqa: B023
+                "msgrelay_federation_queue_messages": 0, "msgrelay_federation_queue_oldest_age_seconds": 0,
+                "msgrelay_federation_backoff_seconds": 0, "msgrelay_federation_queue_failures": 0}, timeout=30)
+    finally:
+        setup.stop_all()
+    for relay in setup.started:
+        assert "Traceback" not in relay.log()
 
 
 def test_retry_now_without_a_running_relay_sends_from_the_command(tmp_path, users, database):  # noqa: F811

@@ -146,7 +146,7 @@ def test_503_is_retried_with_backoff_then_delivered(harness, logs):
     h.clock.advance(2)
     assert [p["id"] for p in h.peers["b.test"].packets()] == ["p0"]
     assert h.status("b.test") == {"destination": "b.test", "queued": 0, "oldest_age_seconds": 0.0,
-                                  "backoff_seconds": 0.0, "next_attempt": None, "pinned_ok": True}
+                                  "backoff_seconds": 0.0, "failures": 0, "next_attempt": None, "pinned_ok": True}
     assert any("HTTP 503" in line for line in logs())
 
 
@@ -428,7 +428,7 @@ def test_open_federation_to_made_up_relays_leaves_nothing_behind(tmp_path):
         clock.advance(2)  # every packet expires; each queue's own timer drops them
         assert service.queue_status() == [] and len(service.queues) == 0
         assert sorted(os.listdir(tmp_path / "outbox")) == [".dedup", ".lock"]
-        assert [f.samples for f in FederationCollector(lambda: service).collect()] == [[], [], []]
+        assert [f.samples for f in FederationCollector(service).collect()] == [[], [], [], []]
         assert service.status_document()["destinations"] == {}
         assert len(clock.getDelayedCalls()) == 1  # only the idempotency sweep is left
         clock.advance(60)

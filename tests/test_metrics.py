@@ -52,12 +52,12 @@ def test_route_patterns_keep_label_cardinality_low():
     assert routes("GET", "/metrics") == "/metrics"
 
 
-def test_federation_collector_reads_queue_status_when_present():
+def test_federation_collector_reads_queue_gauges_when_present():
     class FakeFederation:
-        def queue_status(self):
+        def queue_gauges(self):
             return [
                 {"destination": "b.test", "queued": 3, "oldest_age_seconds": 12.5, "backoff_seconds": 4,
-                 "next_attempt": None},
+                 "failures": 2, "next_attempt": None},
                 {"destination": "c.test", "queued": 0, "oldest_age_seconds": None, "backoff_seconds": 0},
             ]
 
@@ -70,10 +70,11 @@ def test_federation_collector_reads_queue_status_when_present():
         ("msgrelay_federation_queue_oldest_age_seconds", "b.test"): 12.5,
         ("msgrelay_federation_backoff_seconds", "b.test"): 4,
         ("msgrelay_federation_backoff_seconds", "c.test"): 0,
+        ("msgrelay_federation_queue_failures", "b.test"): 2,
     }
 
     class Broken:
-        def queue_status(self):
+        def queue_gauges(self):
             raise RuntimeError("boom")
 
     assert all(not family.samples for family in FederationCollector(Broken()).collect())

@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from store_contract import StoreContract
+from store_contract import BIG, StoreContract
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
@@ -34,7 +34,7 @@ from msgrelay.store.interface import (
     UserRecord,
 )
 from msgrelay.store.postgres import PostgresCore, PostgresStore
-from msgrelay.store.postgres_schema import SCHEMA_VERSION
+from msgrelay.store.postgres_schema import MIGRATIONS, SCHEMA_VERSION
 
 DSN = os.environ.get("MSGRELAY_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 NOW = 1_800_000_000
@@ -152,6 +152,108 @@ def test_schema_name_must_be_a_plain_identifier():
         PostgresStore(DSN, schema='x"; DROP TABLE users; --')
 
 
+# -- per-user counters (schema version 3): the quota reads them, not the mailbox ------
+
+
+def counters(schema: str) -> dict[str, tuple[int, int]]:
+    """Each user's (pending_messages, pending_bytes) columns."""
+    return {r[0]: (int(r[1]), int(r[2])) for r in query(
+        schema, "SELECT user_id, pending_messages, pending_bytes FROM users ORDER BY user_id")}
+
+
+def rows(schema: str) -> dict[str, tuple[int, int]]:
+    """Each user's (count, bytes) of rows in messages, counted."""
+    return {r[0]: (int(r[1]), int(r[2])) for r in query(
+        schema, "SELECT u.user_id, count(m.id), coalesce(sum(m.size), 0) FROM users u"
+                " LEFT JOIN messages m ON m.user_id = u.user_id GROUP BY u.user_id ORDER BY u.user_id")}
+
+
+def schema_at_version_2(schema: str) -> None:
+    """The tables as a relay of schema version 2 left them."""
+    with admin_connect() as conn, conn.transaction():
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
+        conn.execute("CREATE TABLE schema_version (version integer PRIMARY KEY, applied bigint NOT NULL)")
+        for version, statements in MIGRATIONS[:2]:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute("INSERT INTO schema_version VALUES (%s, 0)", (version,))
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_3_backfills_the_counters_of_a_version_2_database(make_store, pg_schema):
+    schema_at_version_2(pg_schema)
+    for user_id, sizes in (("alice", [10, 20, 30]), ("bob", [7]), ("carol", [])):
+        query(pg_schema, "INSERT INTO users VALUES (%s, 'pem', NULL, 0) RETURNING 1", (user_id,))
+        for size in sizes:
+            query(pg_schema, "INSERT INTO messages (user_id, token_id, data, algorithm, password, received,"
+                             " expires, size) VALUES (%s, 't', 'x', 'a', 'p', 0, %s, %s) RETURNING 1",
+                  (user_id, NOW + 10, size))
+    assert "pending_messages" not in str(query(pg_schema, "SELECT * FROM users LIMIT 0"))
+    store = make_store()
+    assert await store.open() == SCHEMA_VERSION and store.core.applied_migrations == [3]
+    assert counters(pg_schema) == {"alice": (3, 60), "bob": (1, 7), "carol": (0, 0)}
+    # The migrated counters are what the quota reads: alice's mailbox is full at 3 messages.
+    with pytest.raises(QuotaExceeded, match="holds 3 messages, 60 bytes"):
+        await store.deliver("alice", "k", message(), Quota(3, 10**9), NOW)
+    assert (await store.deliver("bob", "k", message(), Quota(3, 10**9), NOW)).duplicate is False
+    assert counters(pg_schema) == rows(pg_schema)
+
+
+@pytest_twisted.ensureDeferred
+async def test_counters_follow_every_insert_and_delete(make_store, pg_schema):
+    store = await started(make_store())
+    await store.add_user(user("alice"))
+    await store.add_user(user("bob"))
+    sent = [await store.deliver("alice", f"k{i}", message(i, expires=NOW + 10 * (i + 1)), BIG, NOW) for i in range(5)]
+    await store.deliver("bob", "k", message(), BIG, NOW)
+    assert counters(pg_schema) == rows(pg_schema) and counters(pg_schema)["alice"][0] == 5
+    await store.deliver("alice", "k0", message(0), BIG, NOW)  # a duplicate counts nothing
+    assert await store.acknowledge("alice", [sent[0].message_id, sent[1].message_id, "00000000000000000009"]) == 2
+    assert await store.acknowledge("alice", [sent[0].message_id]) == 0
+    assert counters(pg_schema) == rows(pg_schema) and counters(pg_schema)["alice"][0] == 3
+    await store.expire(NOW + 30)  # k2 (NOW + 30) has expired at its instant; k3, k4 stay
+    assert counters(pg_schema) == rows(pg_schema) and counters(pg_schema)["alice"][0] == 2
+    assert await store.delete_user("bob")
+    assert counters(pg_schema) == rows(pg_schema) == {"alice": counters(pg_schema)["alice"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_messages_not_yet_swept_leave_room_in_the_quota(make_store, pg_schema):
+    store = await started(make_store())
+    await store.add_user(user())
+    quota = Quota(2, 10**9)
+    for i in range(2):
+        await store.deliver("alice", f"k{i}", message(i, expires=NOW + 10), quota, NOW)
+    with pytest.raises(QuotaExceeded):
+        await store.deliver("alice", "k2", message(2), quota, NOW + 9)
+    # At NOW + 10 both have expired: the counters still hold them until the sweep, the quota does not.
+    await store.deliver("alice", "k2", message(2), quota, NOW + 10)
+    await store.deliver("alice", "k3", message(3), quota, NOW + 10)
+    with pytest.raises(QuotaExceeded, match="holds 2 messages"):
+        await store.deliver("alice", "k4", message(4), quota, NOW + 10)
+    assert counters(pg_schema)["alice"][0] == 4
+    await store.expire(NOW + 10)
+    assert counters(pg_schema) == rows(pg_schema) and counters(pg_schema)["alice"][0] == 2
+
+
+def test_recount_repairs_drifted_counters(pg_schema):
+    core = PostgresCore(DSN, pg_schema)
+    core.open()
+    try:
+        for user_id in ("alice", "bob"):
+            core.add_user(user(user_id))
+            core.deliver(user_id, "k", message(), BIG, NOW)
+        assert core.counter_mismatches() == []
+        query(pg_schema, "UPDATE users SET pending_messages = 7, pending_bytes = 1 WHERE user_id = 'bob' RETURNING 1")
+        size = message().size
+        assert core.counter_mismatches() == [("bob", 7, 1, 1, size)]
+        assert core.recount(["bob"]) == 1
+        assert core.counter_mismatches() == [] and counters(pg_schema) == rows(pg_schema)
+    finally:
+        core.close()
+
+
 # -- concurrency across two stores (two pools, like two relay processes) ----------
 
 
@@ -170,6 +272,7 @@ async def test_concurrent_deliveries_respect_quota_exactly(make_store, pg_schema
     assert len(delivered) == stored
     assert all(f.check(QuotaExceeded) for f in refused)
     assert query(pg_schema, "SELECT count(*) FROM messages") == [(stored,)]
+    assert counters(pg_schema) == rows(pg_schema) and counters(pg_schema)["alice"][0] == stored
     messages, remaining = await b.fetch("alice", NOW, 100)
     assert (len(messages), remaining) == (stored, 0)
 

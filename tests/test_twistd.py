@@ -114,5 +114,12 @@ def test_https_listener(tmp_path, users):
         context = ssl.create_default_context(cadata=ca_pem.decode())
         with urllib.request.urlopen(f"https://localhost:{port}/api/v1/server", context=context, timeout=10) as r:
             assert r.status == 200
+        # A client offering ALPN, as browsers and curl do, agrees on HTTP/1.1.
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.selected_alpn_protocol() == "http/1.1"
+                tls.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                assert tls.recv(64).startswith(b"HTTP/1.1 200 ")
     finally:
         relay.stop()

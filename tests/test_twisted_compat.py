@@ -96,3 +96,20 @@ def test_twisted_is_a_tested_major_version():
 
     assert twisted.__version__.split(".")[0] == compat.TESTED_TWISTED, (
         "a new Twisted major version: run tests/test_twisted_compat.py, then raise setup.py's bound")
+
+
+def test_an_ssl_endpoint_keeps_the_tls_context_it_built(tmp_path):
+    from cryptography import x509
+    from OpenSSL.SSL import Context
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.interfaces import IOpenSSLContextFactory
+
+    from tlsfiles import make_ca_and_server_cert
+
+    _, key_path, cert_path = make_ca_and_server_cert(tmp_path, "localhost")
+    endpoint = serverFromString(reactor, f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}")
+    context = compat.server_tls_context(endpoint)
+    assert IOpenSSLContextFactory.providedBy(context) and isinstance(context.getContext(), Context)
+    serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
+    assert context.certificate.get_serial_number() == serial  # the certificate of the description

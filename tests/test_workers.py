@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from functools import partial
 from pathlib import Path
@@ -56,7 +58,7 @@ def worker_pids(log: str) -> dict[int, int]:
 
 def serving(relay: RelayProcess, pid: int) -> bool:
     """Whether worker `pid` has adopted the inherited socket (its log line came through)."""
-    return f"pid {pid}: " in relay.log() and "(inherited socket)" in relay.log().split(f"pid {pid}: ", 1)[1]
+    return f"pid {pid}: " in relay.log() and "(inherited socket" in relay.log().split(f"pid {pid}: ", 1)[1]
 
 
 def alive(pid: int) -> bool:
@@ -75,14 +77,18 @@ def config_file(tmp_path: Path, dsn: str, extra: str = "") -> Path:
     return path
 
 
-def start_workers(tmp_path: Path, dsn: str, extra: str = "") -> tuple[RelayProcess, dict[int, int]]:
-    relay = RelayProcess(tmp_path / "state", extra_args=["--config", str(config_file(tmp_path, dsn, extra)),
-                                                         "--workers", "2"]).start()
+def start_workers(tmp_path: Path, dsn: str, extra: str = "", **relay: Any) -> tuple[RelayProcess, dict[int, int]]:
+    process = RelayProcess(tmp_path / "state", extra_args=["--config", str(config_file(tmp_path, dsn, extra)),
+                                                           "--workers", "2"], **relay).start()
+    return process, wait_for_workers(process)
+
+
+def wait_for_workers(relay: RelayProcess) -> dict[int, int]:
     pids = wait_for(lambda: len(worker_pids(relay.log())) == 2 and worker_pids(relay.log()), "two workers")
     assert isinstance(pids, dict)
     for pid in pids.values():
         wait_for(partial(serving, relay, pid), f"worker {pid} to listen")
-    return relay, pids
+    return pids
 
 
 class Only:
@@ -189,17 +195,39 @@ def test_workers_with_the_maildir_store_are_refused_with_one_line(tmp_path):
     assert "maildir" in output and not (tmp_path / "s").exists()
 
 
-def test_workers_with_a_tls_listener_are_refused_with_one_line(tmp_path, database):  # noqa: F811
+def test_two_workers_serve_one_tls_port(tmp_path, users, database):  # noqa: F811
+    """Each worker does TLS itself on the socket the parent bound, with the same certificate."""
     from tlsfiles import make_ca_and_server_cert
 
-    _, key_path, cert_path = make_ca_and_server_cert(tmp_path, "localhost")
-    result = subprocess.run([twistd_path(), "--nodaemon", "--pidfile=", "msgrelay", "--state-dir", str(tmp_path / "s"),
-                             "--config", str(config_file(tmp_path, database)), "--workers", "2", "--listen",
-                             f"ssl:{free_port()}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}"],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    output = (result.stdout + result.stderr).strip()
-    assert result.returncode == 2 and output.count("\n") == 0, output
-    assert output.startswith("msgrelay: server.workers: 2 cannot serve the TLS listener"), output
+    ca_pem, key_path, cert_path = make_ca_and_server_cert(tmp_path, "localhost")
+    port = free_port()
+    relay, pids = start_workers(tmp_path, database, port=port, scheme="https",
+                                listen=f"ssl:{port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}")
+    tls = ssl.create_default_context(cadata=ca_pem.decode())
+    try:
+        assert relay.log().count(f"ssl:{port}:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path} "
+                                 "(inherited socket, TLS)") == 2
+        first, second = pids[0], pids[1]
+        alice = users[0]
+        with Only(pids, first):
+            with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+                sync_request("GET", relay.url + "/api/v1/health")  # verification is really on
+            client = SyncClient.connect(relay.url, tls)
+            assert client.call("POST", "/api/v1/user", {"key": alice.pem}).status == 200
+            token = client.mint(alice)
+            sent = client.call("POST", "/api/v1/message", client.packet_envelope(alice, token))
+            assert sent.status == 200
+        with Only(pids, second):
+            _, messages = SyncClient.connect(relay.url, tls).fetch(alice)
+            assert [m["id"] for m in messages] == [sent.body["message_id"]]
+        wait_for(lambda: re.search(rf"worker 0 pid {first}: .*POST /api/v1/message 200", relay.log()),
+                 "worker 0's access line for the POST")
+        wait_for(lambda: re.search(rf"worker 1 pid {second}: .*GET /api/v1/message 200", relay.log()),
+                 "worker 1's access line for the GET")
+    finally:
+        code = relay.stop()
+    assert code in (0, -15)
+    assert "Traceback" not in relay.log()
 
 
 def test_socket_activation_with_workers(tmp_path, database):  # noqa: F811

@@ -125,8 +125,10 @@ class PostgresAdmin:
     def delete_user(self, user_id: str) -> bool:
         return self.core.delete_user(user_id)
 
-    def fsck(self, now: float) -> FsckReport:
-        """PostgreSQL keeps its own integrity: report the schema and rows awaiting expiry."""
+    def fsck(self, now: float, dry_run: bool = False) -> FsckReport:
+        """PostgreSQL keeps its own integrity: report the schema and rows awaiting expiry, and
+        check each user's message counters (the quota reads them) against the user's rows,
+        recounting those that drifted unless `dry_run`."""
         row = self._query(
             "fsck",
             "SELECT (SELECT count(*) FROM messages WHERE expires <= %s),"
@@ -141,6 +143,15 @@ class PostgresAdmin:
                 report.findings.append(Finding(
                     f"postgresql:{table}", f"{count} row(s) past expiry", "left for the expiry sweep", damage=False
                 ))
+        drifted = self.core.counter_mismatches()
+        if drifted and not dry_run:
+            self.core.recount([user_id for user_id, *_ in drifted])
+        for user_id, messages, size, real_messages, real_size in drifted:
+            report.findings.append(Finding(
+                f"postgresql:users/{user_id}",
+                f"counters say {messages} message(s), {size} bytes; the rows hold {real_messages}, {real_size}",
+                "left as is (--dry-run)" if dry_run else "recounted from the rows",
+            ))
         return report
 
     def close(self) -> None:

@@ -155,7 +155,7 @@ def fsck(admin: AdminContext, dry_run: bool, min_tmp_age: int) -> None:
     else:
         store = PostgresAdmin(settings.store.postgres_dsn)
         try:
-            report = store.fsck(now)
+            report = store.fsck(now, dry_run)
         finally:
             store.close()
         initialized = report.checked.get("schema_version", 0) > 0

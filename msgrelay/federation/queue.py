@@ -324,6 +324,7 @@ class DestinationQueue:
             "queued": len(self.entries),
             "oldest_age_seconds": round(self.oldest_age(now), 3),
             "backoff_seconds": round(self.backoff_seconds, 3),
+            "failures": self.backoff.attempts,
             "next_attempt": self.next_attempt(),
             "pinned_ok": self.pinned_ok,
         }

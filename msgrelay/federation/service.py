@@ -22,6 +22,7 @@ from twisted.python.threadpool import ThreadPool
 from .backoff import Backoff
 from .deliverer import Deliverer
 from .forwarder import Forwarder
+from .gauges import SharedGauges
 from .netguard import GuardedEndpointFactory
 from .outbox import BackoffState, Entry, OutboxLock, OutboxUnavailable
 from .outbox_interface import Outbox
@@ -55,6 +56,8 @@ class FederationService(Service):
         self.poll_interval = poll_interval
         self._poller: Optional[LoopingCall] = None
         self.ready: Optional[Deferred] = None  # fires once the outbox is loaded
+        # The /metrics queue gauges of a shared outbox come from the database (gauges.py).
+        self.shared_gauges = SharedGauges(outbox.summary, self.queues.run, clock) if outbox.shared else None
         if endpoints is not None:
             endpoints.set_trusted(policy.trusted_hosts())
 
@@ -147,9 +150,21 @@ class FederationService(Service):
     def retry_now(self, destination: str) -> bool:
         return self.queues.retry_now(destination)
 
+    def refresh_gauges(self) -> Optional[Deferred]:
+        """Before a scrape: a Deferred to wait for if the shared queues must be read again."""
+        return self.shared_gauges.refresh() if self.shared_gauges is not None else None
+
+    def queue_gauges(self) -> list[dict[str, Any]]:
+        """What the /metrics queue gauges show: this process's queues, or with a shared
+        outbox the last snapshot of every process's queues (gauges.py)."""
+        if self.shared_gauges is not None:
+            return self.shared_gauges.rows
+        return self.queue_status()
+
     def queue_status(self) -> list[dict[str, Any]]:
-        """Per destination: destination, queued, oldest_age_seconds, backoff_seconds,
-        next_attempt (POSIX seconds, None when no attempt is scheduled), pinned_ok."""
+        """Per destination this process holds: destination, queued, oldest_age_seconds,
+        backoff_seconds, failures, next_attempt (POSIX seconds, None when no attempt is
+        scheduled), pinned_ok."""
         return self.queues.status()
 
     def status_document(self) -> dict[str, Any]:

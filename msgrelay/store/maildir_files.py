@@ -13,8 +13,9 @@ Layout under the root (dirs 0700, files 0600)::
     tmp/                            staging for new user folders, replay entries, probes
     trash/                          erased user folders awaiting removal
 
-Expiry hints kept in mtimes are never later than the truth in the file, so sweepers can
-skip a file on stat() alone and read it only once the hint says it may have expired.
+Expiry hints kept in mtimes are never later than the truth in the file. The relay keeps them
+in memory too (`maildir_expiry`, built from the files at the first sweep), so a sweep reads
+only the records whose hint says they may have expired.
 Quota, fetch and expiry use a per-user in-memory index (`maildir_index`), rebuilt from the
 folder after a crash or whenever another process changed it.
 The relay wraps this class in `maildir.MaildirStore`; `msgrelay-admin` uses it directly.
@@ -27,7 +28,7 @@ import hmac
 import os
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from twisted.logger import Logger
 
@@ -38,6 +39,7 @@ from .interface import (
     TokenRefused, UserRecord,
 )
 from ..durable import fsync_dir, link_durably, remove_durably, unlink_quietly, write_durably, write_new_file
+from .maildir_expiry import USER_RECORD_FOLDERS, ExpiryIndex
 from .maildir_index import GENERATION, UserIndex, generation_key, note_change
 from .maildir_layout import (
     DIR_MODE, SAFE_NAME, ArrivalClock, MessageName, describe_os_error, disk_operation, is_older, list_dir,
@@ -74,6 +76,7 @@ class MaildirFiles:
         self._clock = ArrivalClock()
         self._indexes: dict[str, UserIndex] = {}
         self._indexes_lock = threading.Lock()
+        self.expiry = ExpiryIndex(NEVER)
 
     @classmethod
     def open(cls, root: Union[str, Path]) -> "MaildirFiles":
@@ -207,6 +210,7 @@ class MaildirFiles:
             hint = NEVER if token.expires is None else token.expires
             body = records.encode(records.token_json(token))
             write_durably(udir / "tmp", udir / "tokens" / f"{token.id}.json", body, hint)
+            self.expiry.add(udir / "tokens", f"{token.id}.json", hint)
 
     @disk_operation("read a token")
     def get_token(self, user_id: str, token_id: str) -> Optional[TokenRecord]:
@@ -356,6 +360,7 @@ class MaildirFiles:
             raise
         try:
             os.rename(dedup_tmp, dedup_path)
+            self.expiry.add(dedup_path.parent, dedup_path.name, message.expires)
             index.dedup_sync.sync()  # type: ignore[attr-defined]
         except BaseException:
             # Answering 503 must mean "not stored": take the message back so a retry
@@ -461,13 +466,12 @@ class MaildirFiles:
     def expire(self, now: int) -> int:
         """Reclaim expired messages (by name only), dedup records, tokens, replay entries and
         stale temporary files. Returns the number of messages removed."""
+        if not self.expiry.built:
+            self.expiry.build(self._record_folders())
         removed = 0
         for user_id in self.user_ids():
             removed += self._expire_user(self.users / user_id, now)
-        for shard in sorted(list_dir(self.replay)):
-            with locked_directory(self.replay / shard) as exists:
-                if exists:
-                    _sweep_records(self.replay / shard, now, records.read_until)
+        self.expiry.sweep(now)
         self._sweep_tmp(self.tmp, now)
         self._sweep_trash()
         return removed
@@ -484,10 +488,16 @@ class MaildirFiles:
                 removed = self._unlink_messages(udir, index, expired)
             if removed:
                 fsync_dir(udir / "new")
-            _sweep_records(udir / "dedup", now, lambda p: records.read_json_field(p, "expires"))
-            _sweep_records(udir / "tokens", now, lambda p: records.read_json_field(p, "expires"))
             self._sweep_tmp(udir / "tmp", now)
             return removed
+
+    def _record_folders(self) -> Iterator[Path]:
+        """Every folder of records with an expiry: each user's dedup and tokens, each replay shard."""
+        for user_id in self.user_ids():
+            for sub in USER_RECORD_FOLDERS:
+                yield self.users / user_id / sub
+        for shard in sorted(list_dir(self.replay)):
+            yield self.replay / shard
 
     def _sweep_tmp(self, folder: Path, now: int) -> None:
         for path in self.orphans_in(folder, now):
@@ -524,10 +534,12 @@ class MaildirFiles:
         content = f"{until}\n".encode("ascii")
         try:
             if link_durably(self.tmp, path, content, until):
+                self.expiry.add(shard, name, until)
                 return True
         except FileNotFoundError:  # shard folder removed by hand: recreate it once
             os.makedirs(shard, mode=DIR_MODE, exist_ok=True)
             if link_durably(self.tmp, path, content, until):
+                self.expiry.add(shard, name, until)
                 return True
         try:
             if os.stat(path).st_mtime > now:  # the hint is never later than the truth
@@ -539,7 +551,10 @@ class MaildirFiles:
             if recorded is not None and recorded > now:
                 return False
             unlink_quietly(path)
-            return link_durably(self.tmp, path, content, until)
+            linked = link_durably(self.tmp, path, content, until)
+            if linked:
+                self.expiry.add(shard, name, until)
+            return linked
 
     @disk_operation("write a probe file")
     def check_writable(self) -> None:
@@ -571,21 +586,3 @@ class MaildirFiles:
             if first is not None:
                 oldest = first if oldest is None else min(oldest, first)
         return {"users": users, "messages": messages, "bytes": size, "oldest_received": oldest}
-
-
-def _sweep_records(folder: Path, now: int, expiry_of: Callable[[Path], Optional[int]]) -> None:
-    """Remove records whose expiry has passed: stat() first, read only when the hint allows."""
-    removed = False
-    for name in list_dir(folder):
-        path = folder / name
-        try:
-            if os.stat(path).st_mtime > now:
-                continue
-        except FileNotFoundError:
-            continue
-        expires = expiry_of(path)
-        if expires is not None and expires <= now:
-            unlink_quietly(path)
-            removed = True
-    if removed:
-        fsync_dir(folder)

@@ -7,6 +7,12 @@ running every core call in a thread pool so the reactor never waits on the datab
 Cross-process correctness rests on PostgreSQL itself: `deliver` locks the recipient's
 users row for the whole transaction, dedup and replay records are unique keys, and a
 write's Deferred fires only after COMMIT returned.
+
+The users row carries counters of the user's rows in messages (`pending_messages`,
+`pending_bytes`, schema version 3), changed in the same transaction as every insert and
+delete of those rows, so the quota check reads them under the row lock instead of counting
+the mailbox. Deletes (acknowledge, expiry) subtract what they removed rather than setting a
+value, so they compose with concurrent deliveries; `recount` repairs a drift (fsck).
 """
 
 from __future__ import annotations
@@ -51,8 +57,14 @@ _RETRIES = 3  # for deadlocks and serialization failures, which PostgreSQL asks 
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58", "XX")  # connection, resources, operator, system
 
 
-#: A user's pending unexpired messages and their quota bytes (deliver's quota check, usage).
+#: A user's pending unexpired messages and their quota bytes (`usage`).
 _USAGE = "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE user_id = %s AND expires > %s"
+#: Counters against rows, per user: (user_id, counted messages, bytes, real messages, bytes).
+_COUNTERS = (
+    "SELECT u.user_id, u.pending_messages, u.pending_bytes, coalesce(c.n, 0), coalesce(c.b, 0)"
+    " FROM users u LEFT JOIN (SELECT user_id, count(*) AS n, sum(size) AS b FROM messages"
+    " GROUP BY user_id) c ON c.user_id = u.user_id"
+)
 
 
 def _enc(text: Optional[str]) -> Optional[bytes]:
@@ -330,18 +342,23 @@ class PostgresCore:
         """
 
         def work(conn: psycopg.Connection) -> Delivery:
-            if conn.execute(
-                "SELECT 1 FROM users WHERE user_id = %s FOR NO KEY UPDATE", (user_id,)
-            ).fetchone() is None:
+            row = conn.execute(
+                "SELECT pending_messages, pending_bytes FROM users WHERE user_id = %s FOR NO KEY UPDATE",
+                (user_id,),
+            ).fetchone()
+            if row is None:
                 raise KeyError(user_id)
-            return self._deliver_locked(conn, user_id, dedup_key, message, quota, now)
+            return self._deliver_locked(conn, user_id, dedup_key, message, quota, now, (int(row[0]), int(row[1])))
 
         return self._run("deliver", work)
 
     def _deliver_locked(
-        self, conn: psycopg.Connection, user_id: str, dedup_key: str, message: NewMessage, quota: Quota, now: int
+        self, conn: psycopg.Connection, user_id: str, dedup_key: str, message: NewMessage, quota: Quota, now: int,
+        held: tuple[int, int],
     ) -> Delivery:
-        """`deliver` once the recipient's row is locked: dedup, quota, insert."""
+        """`deliver` once the recipient's row is locked, `held` its counters: dedup, quota,
+        insert, counters. The counters include expired rows the sweep has not deleted yet;
+        only when they say "full" are this user's expired rows counted and left out."""
         seen = conn.execute(
             "SELECT message_id, expires FROM dedup"
             " WHERE user_id = %s AND dedup_key = %s AND expires > %s",
@@ -349,9 +366,15 @@ class PostgresCore:
         ).fetchone()
         if seen is not None:
             return Delivery(seen[0], int(seen[1]), duplicate=True)
-        count, used = conn.execute(_USAGE, (user_id, now)).fetchone() or (0, 0)
+        count, used = held
         size = message.size
-        if int(count) + 1 > quota.max_messages or int(used) + size > quota.max_bytes:
+        if count + 1 > quota.max_messages or used + size > quota.max_bytes:
+            expired = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE user_id = %s AND expires <= %s",
+                (user_id, now),
+            ).fetchone() or (0, 0)
+            count, used = count - int(expired[0]), used - int(expired[1])
+        if count + 1 > quota.max_messages or used + size > quota.max_bytes:
             raise QuotaExceeded(
                 f"mailbox holds {count} messages, {used} bytes;"
                 f" quota {quota.max_messages} messages, {quota.max_bytes} bytes"
@@ -381,6 +404,11 @@ class PostgresCore:
             " SET message_id = EXCLUDED.message_id, expires = EXCLUDED.expires",
             (user_id, dedup_key, message_id, message.expires),
         )
+        conn.execute(
+            "UPDATE users SET pending_messages = pending_messages + 1, pending_bytes = pending_bytes + %s"
+            " WHERE user_id = %s",
+            (size, user_id),
+        )
         return Delivery(message_id, message.expires, duplicate=False)
 
     def deliver_checked(
@@ -390,7 +418,8 @@ class PostgresCore:
 
         def work(conn: psycopg.Connection) -> Accepted:
             row = conn.execute(
-                "SELECT u.user_id, u.key_pem, u.push_endpoint, u.created, t.digest, t.expires"
+                "SELECT u.user_id, u.key_pem, u.push_endpoint, u.created, t.digest, t.expires,"
+                " u.pending_messages, u.pending_bytes"
                 " FROM users u LEFT JOIN tokens t ON t.user_id = u.user_id AND t.token_id = %s"
                 " WHERE u.user_id = %s FOR NO KEY UPDATE OF u",
                 (token_digest[:16], user_id),
@@ -403,7 +432,8 @@ class PostgresCore:
             ):
                 raise TokenRefused(token_digest[:16])
             user = UserRecord(row[0], row[1], row[2], int(row[3]))
-            return Accepted(user, self._deliver_locked(conn, user_id, dedup_key, message, quota, now))
+            held = (int(row[6]), int(row[7]))
+            return Accepted(user, self._deliver_locked(conn, user_id, dedup_key, message, quota, now, held))
 
         return self._run("deliver_checked", work)
 
@@ -467,10 +497,15 @@ class PostgresCore:
             return 0
 
         def work(conn: psycopg.Connection) -> int:
-            return conn.execute(
-                "DELETE FROM messages WHERE user_id = %s AND id = ANY(%s::bigint[])",
-                (user_id, seqs),
-            ).rowcount
+            row = conn.execute(
+                "WITH gone AS (DELETE FROM messages WHERE user_id = %s AND id = ANY(%s::bigint[]) RETURNING size),"
+                " total AS (SELECT count(*) AS n, coalesce(sum(size), 0) AS b FROM gone)"
+                " UPDATE users SET pending_messages = pending_messages - total.n,"
+                " pending_bytes = pending_bytes - total.b"
+                " FROM total WHERE users.user_id = %s AND total.n > 0 RETURNING total.n",
+                (user_id, seqs, user_id),
+            ).fetchone()
+            return 0 if row is None else int(row[0])
 
         return self._run("acknowledge", work)
 
@@ -485,9 +520,7 @@ class PostgresCore:
 
         def work(conn: psycopg.Connection) -> dict[str, int]:
             return {
-                "messages": conn.execute(
-                    "DELETE FROM messages WHERE expires <= %s", (now,)
-                ).rowcount,
+                "messages": self._expire_messages(conn, now),
                 "dedup": conn.execute("DELETE FROM dedup WHERE expires <= %s", (now,)).rowcount,
                 "tokens": conn.execute(
                     "DELETE FROM tokens WHERE expires IS NOT NULL AND expires <= %s", (now,)
@@ -497,8 +530,54 @@ class PostgresCore:
 
         return self._run("expire", work)
 
+    @staticmethod
+    def _expire_messages(conn: psycopg.Connection, now: int) -> int:
+        """Delete expired messages and subtract them from their users' counters."""
+        row = conn.execute(
+            "WITH gone AS (DELETE FROM messages WHERE expires <= %s RETURNING user_id, size),"
+            " per AS (SELECT user_id, count(*) AS n, sum(size) AS b FROM gone GROUP BY user_id),"
+            " counted AS (UPDATE users u SET pending_messages = u.pending_messages - per.n,"
+            " pending_bytes = u.pending_bytes - per.b FROM per WHERE u.user_id = per.user_id)"
+            " SELECT count(*) FROM gone",
+            (now,),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
     def expire(self, now: int) -> int:
         return self.expire_counts(now)["messages"]
+
+    def counter_mismatches(self) -> list[tuple[str, int, int, int, int]]:
+        """Users whose counters disagree with their rows: (user_id, counted messages,
+        counted bytes, real messages, real bytes). One statement, so one consistent snapshot:
+        every writer changes rows and counters in the same transaction."""
+
+        def work(conn: psycopg.Connection) -> list[tuple[str, int, int, int, int]]:
+            rows = conn.execute(
+                _COUNTERS + " WHERE (u.pending_messages, u.pending_bytes)"
+                " IS DISTINCT FROM (coalesce(c.n, 0), coalesce(c.b, 0)) ORDER BY u.user_id"
+            ).fetchall()
+            return [(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
+
+        return self._run("counter check", work)
+
+    def recount(self, user_ids: list[str]) -> int:
+        """Set these users' counters from their rows; safe beside running relays: the rows
+        are locked first (deliveries wait), then counted by a statement that sees every
+        committed change, and deletes still in flight subtract from the value set here."""
+
+        def work(conn: psycopg.Connection) -> int:
+            conn.execute(
+                "SELECT 1 FROM users WHERE user_id = ANY(%s) ORDER BY user_id FOR NO KEY UPDATE", (user_ids,)
+            )
+            return conn.execute(
+                "UPDATE users u SET pending_messages = c.n, pending_bytes = c.b"
+                " FROM (SELECT v.user_id, count(m.id) AS n, coalesce(sum(m.size), 0) AS b FROM users v"
+                " LEFT JOIN messages m ON m.user_id = v.user_id WHERE v.user_id = ANY(%s)"
+                " GROUP BY v.user_id) c WHERE u.user_id = c.user_id",
+                (user_ids,),
+            ).rowcount
+
+        return self._run("recount", work)
 
     def remember_signature(self, digest: bytes, until: int, now: int) -> bool:
         """One statement: the unique key decides between concurrent first uses, and the

@@ -112,6 +112,21 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX IF NOT EXISTS outbox_dedup_expires ON outbox_dedup (expires)",
         ],
     ),
+    (
+        3,
+        [
+            # Per-user counters of the user's rows in messages (expired ones included until
+            # the sweep deletes them), kept in the transaction that inserts or deletes the
+            # rows, so the quota check reads one row instead of counting the mailbox.
+            "ALTER TABLE users ADD COLUMN IF NOT EXISTS pending_messages bigint NOT NULL DEFAULT 0",
+            "ALTER TABLE users ADD COLUMN IF NOT EXISTS pending_bytes bigint NOT NULL DEFAULT 0",
+            # Backfilled from the rows already there (also zeroes users with none).
+            """UPDATE users u SET pending_messages = coalesce(c.n, 0), pending_bytes = coalesce(c.b, 0)
+               FROM users v LEFT JOIN (SELECT user_id, count(*) AS n, sum(size) AS b
+                                       FROM messages GROUP BY user_id) c ON c.user_id = v.user_id
+               WHERE u.user_id = v.user_id""",
+        ],
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -24,11 +24,12 @@ import ipaddress
 import resource
 from typing import Any, Callable, ClassVar, Optional, cast
 
-from twisted.internet.interfaces import ISSLTransport, ITCPTransport
+from twisted.internet.interfaces import IProtocolNegotiationFactory, ISSLTransport, ITCPTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..ratelimit import parse_networks
 from ..wire.errors import ProtocolError
@@ -154,8 +155,13 @@ class DroppedConnection(Protocol):
         self.transport.loseConnection()
 
 
+@implementer(IProtocolNegotiationFactory)
 class ConnectionLimiter(WrappingFactory):
     """Wraps the HTTP site for its listeners (see the module docstring).
+
+    On a TLS listener, the limiter is the factory TLS asks which protocols it may agree to
+    over ALPN: without an answer, every client that offers ALPN (browsers, curl, Python's
+    http.client) had its handshake refused with an internal-error alert.
 
     The limits are callables read for each new connection, so a reload applies at once.
     `key(host)` is the per-address counting key, or None for an address not limited.
@@ -178,6 +184,10 @@ class ConnectionLimiter(WrappingFactory):
         self.refused = 0
         #: Told which cap ("per_address" or "total") refused each connection (metrics).
         self.refusal_observers: list[Callable[[str], None]] = []
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """ALPN: HTTP/1.1 only (the relay's channel speaks nothing else)."""
+        return [b"http/1.1"]
 
     def buildProtocol(self, addr: Any) -> Any:
         host = getattr(addr, "host", None)

@@ -1,0 +1,127 @@
+"""Expiry sweeps of the maildir's dedup records, tokens and replay entries cost what expires,
+not what is stored (msgrelay/store/maildir_expiry.py), and the in-memory index behind them is
+rebuilt exactly from the files by a fresh instance (a restart, or a crash). Time is the
+injected `now` of each call; record reads are counted at the system calls."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from msgrelay.store.maildir import MaildirFiles
+from store_contract import ALICE, BIG, BOB, NOW, message, token, user
+
+class Touches:
+    """Counts stat, listdir and open calls on record files (`files`) and listings of record
+    folders (`listings`) while active."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.files: list[str] = []
+        self.listings: list[str] = []
+        self.active = True
+        for module, name in ((os, "stat"), (os, "listdir"), (io, "open")):
+            monkeypatch.setattr(module, name, self._counting(getattr(module, name), name == "listdir"))
+
+    def _counting(self, real: Any, listing: bool) -> Any:
+        def call(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.active and isinstance(path, (str, Path)):
+                where = Path(path)
+                if listing and (where.name in ("dedup", "tokens") or where.parent.name == "replay"):
+                    self.listings.append(str(where))
+                elif where.parent.name in ("dedup", "tokens") or where.parent.parent.name == "replay":
+                    self.files.append(str(where))
+            return real(path, *args, **kwargs)
+        return call
+
+
+def records(files: MaildirFiles) -> dict[str, set[str]]:
+    """The record files on disk, by kind."""
+    found: dict[str, set[str]] = {"dedup": set(), "tokens": set(), "replay": set()}
+    for uid in files.user_ids():
+        for kind in ("dedup", "tokens"):
+            found[kind] |= {f"{uid}/{n}" for n in os.listdir(files.users / uid / kind)}
+    for shard in os.listdir(files.replay):
+        found["replay"] |= set(os.listdir(files.replay / shard))
+    return found
+
+
+def stocked(root: Path) -> MaildirFiles:
+    """Two users with tokens, 30 messages (dedup records) and 20 replay entries, expiring at
+    NOW + 100 * k for several k."""
+    files = MaildirFiles.open(root)
+    for uid in (ALICE, BOB):
+        files.add_user(user(uid))
+        files.add_token(uid, token(f"{uid}-short", expires=NOW + 200))
+        files.add_token(uid, token(f"{uid}-forever", expires=None))
+    for n in range(30):
+        files.deliver(ALICE if n % 2 else BOB, f"k{n}", message(data=f"m{n}", expires=NOW + 100 * (1 + n % 3)), BIG, NOW)
+    for n in range(20):
+        assert files.remember_signature(f"sig{n}".encode(), NOW + 100 * (1 + n % 2), NOW)
+    return files
+
+
+def test_a_sweep_reads_only_the_records_that_are_due(tmp_path, monkeypatch):
+    files = stocked(tmp_path / "s")
+    files.expire(NOW)  # the first sweep after opening builds the index: one stat of each record
+    before = records(files)
+    touches = Touches(monkeypatch)
+    files.expire(NOW + 99)
+    assert touches.files == touches.listings == []  # nothing due: no record or record folder touched
+    files.expire(NOW + 100)
+    touches.active = False
+    # Due now: 10 dedup records and 10 replay entries, each read once and removed; nothing listed.
+    assert len(touches.files) == 20 and touches.listings == []
+    assert not [p for p in touches.files if "/tokens/" in p]
+    after = records(files)
+    assert len(before["dedup"]) - len(after["dedup"]) == 10 and len(before["replay"]) - len(after["replay"]) == 10
+    assert after["tokens"] == before["tokens"]
+
+
+def test_a_fresh_instance_rebuilds_the_index_from_the_files(tmp_path):
+    first = stocked(tmp_path / "s")
+    first.expire(NOW + 100)
+    # A restart (or a crash: the index was only ever memory): a new instance on the same files.
+    second = MaildirFiles(tmp_path / "s")
+    assert len(second.expiry) == 0 and not second.expiry.built
+    second.expire(NOW + 200)
+    left = records(second)
+    assert len(left["dedup"]) == 10 and left["replay"] == set()
+    assert {n.split("/")[0] for n in left["tokens"]} == {ALICE, BOB} and len(left["tokens"]) == 2  # forever ones
+    second.expire(NOW + 300)
+    assert records(second)["dedup"] == set() and len(records(second)["tokens"]) == 2
+
+
+def test_a_record_written_again_with_a_later_expiry_stays_until_then(tmp_path):
+    files = MaildirFiles.open(tmp_path / "s")
+    files.add_user(user(ALICE))
+    first = files.deliver(ALICE, "same", message(expires=NOW + 100), BIG, NOW)
+    assert files.remember_signature(b"sig", NOW + 100, NOW)
+    # Expired but not yet swept: the same packet is a new message, the signature usable again.
+    again = files.deliver(ALICE, "same", message(data="new", expires=NOW + 500), BIG, NOW + 100)
+    assert again.message_id != first.message_id and not again.duplicate
+    assert files.remember_signature(b"sig", NOW + 500, NOW + 100)
+    files.expire(NOW + 200)
+    assert len(records(files)["dedup"]) == 1 and len(records(files)["replay"]) == 1
+    assert files.deliver(ALICE, "same", message(expires=NOW + 500), BIG, NOW + 200).duplicate
+    assert not files.remember_signature(b"sig", NOW + 500, NOW + 200)
+    files.expire(NOW + 500)
+    assert records(files) == {"dedup": set(), "tokens": set(), "replay": set()}
+
+
+def test_records_removed_by_others_or_with_their_user_are_dropped(tmp_path):
+    files = MaildirFiles.open(tmp_path / "s")
+    files.add_user(user(ALICE))
+    files.add_user(user(BOB))
+    files.expire(NOW)
+    revoked = token("revoked", expires=NOW + 100)
+    files.add_token(ALICE, revoked)
+    files.deliver(BOB, "k", message(expires=NOW + 100), BIG, NOW)
+    assert files.revoke_token(ALICE, revoked.id)
+    assert files.delete_user(BOB)
+    assert len(files.expiry) == 2
+    files.expire(NOW + 100)
+    assert len(files.expiry) == 0 and records(files) == {"dedup": set(), "tokens": set(), "replay": set()}
