@@ -36,6 +36,17 @@ def seed_server_key(state_dir: Path, server_name: str) -> None:
     os.chmod(target, 0o600)
 
 
+def interruptible() -> None:
+    """preexec_fn for a child that the test stops with SIGINT, as Ctrl-C at a terminal would.
+
+    A shell without job control starts background commands with SIGINT ignored, and children
+    inherit that; Python then keeps it ignored and Twisted installs no SIGINT handler. So a
+    test run from such a shell (`pytest ... &`, nohup) would see the child ignore the signal.
+    Reset it to the default, as in a terminal's foreground process group.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

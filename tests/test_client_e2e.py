@@ -21,7 +21,7 @@ from typing import Optional
 
 import pytest
 
-from relayproc import RelayProcess, free_port
+from relayproc import RelayProcess, free_port, interruptible
 
 pytestmark = pytest.mark.slow
 
@@ -489,6 +489,7 @@ def test_watch_prints_new_messages_and_stops_cleanly(person):
     watcher = subprocess.Popen(
         [CLIENT, "--profile", "bob", "fetch", "--watch", "--json", "--interval", "0.2", "--max-interval", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bob.env, stdin=subprocess.DEVNULL,
+        preexec_fn=interruptible,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, "")), daemon=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from apiclient import SyncClient, sync_request
-from relayproc import RelayProcess, free_port
+from relayproc import RelayProcess, free_port, interruptible
 from test_client_e2e import CLIENT, Person, start_relay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,7 +176,8 @@ def test_fetch_watch_says_once_that_it_polls(tmp_path, relay):
     before = polls()
     watch = subprocess.Popen([CLIENT, "--profile", "alice", "fetch", "--watch", "--interval", "0.2",
                               "--max-interval", "0.2"], env=alice.env, stderr=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                             preexec_fn=interruptible)
     try:
         first = watch.stderr.readline()
         assert first.startswith(f"watching for new messages: polling {relay.url} every 0.2 s") and "Ctrl-C" in first
