@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ceilings  # noqa: E402
 import loadgen  # noqa: E402
+import wrkgen  # noqa: E402
 from state import MaildirSeeder, PostgresSeeder, Seeded, relay_config  # noqa: E402
 
 from msgrelay.wire.envelope import seal  # noqa: E402
@@ -153,11 +154,13 @@ class Run:
         self.extra: dict[str, float] = {}
 
     def measure(self, relay: Relay, name: str, requests: list[bytes], unit: str = "req/s",
-                per_request: int = 1, keep_bodies: bool = False) -> loadgen.Outcome:
+                per_request: int = 1, keep_bodies: bool = False, rate: float = 0.0) -> loadgen.Outcome:
+        """Send every request once, as fast as the connections go or paced at `rate` req/s."""
         profiler = self._profile_start(relay) if name == self.args.profile_scenario else None
         cpu0, wall0 = relay.cpu_seconds(), time.perf_counter()
+        generator = wrkgen.run if self.args.load_generator == "wrk" else loadgen.run
         try:
-            outcome = loadgen.run(relay.port, requests, self.args.connections, self.args.processes, keep_bodies)
+            outcome = generator(relay.port, requests, self.args.connections, self.args.processes, keep_bodies, rate)
         finally:
             self._profile_stop(profiler)
         server_cpu = (relay.cpu_seconds() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
@@ -167,7 +170,7 @@ class Run:
             "p50_ms": outcome.percentile(0.5) * 1000, "p99_ms": outcome.percentile(0.99) * 1000,
             "p999_ms": outcome.percentile(0.999) * 1000, "ok": outcome.ok, "errors": errors,
             "statuses": outcome.statuses, "server_cpu": server_cpu,
-            "client_cpu": outcome.client_cpu / outcome.elapsed,
+            "client_cpu": outcome.client_cpu / outcome.elapsed, "offered_rate": rate,
         })
         print(f"  {name}: {outcome.rate * per_request:.0f} {unit} ({outcome.ok} ok, {errors} refused)", flush=True)
         return outcome
@@ -201,7 +204,13 @@ class Run:
             for label, who in (("100", small), ("10,000", big)):
                 for limit in (10, 100):
                     requests = [signed(relay, self.key, who.user_id, "GET", limit=limit) for _ in range(n_fetch)]
-                    self.measure(relay, f"fetch limit={limit}, {label}-message mailbox", requests)
+                    most = self.measure(relay, f"fetch limit={limit}, {label}-message mailbox", requests).rate
+                    if limit == 100:  # the latency target is at half the measured maximum load
+                        half = most / 2
+                        requests = [signed(relay, self.key, who.user_id, "GET", limit=limit)
+                                    for _ in range(max(n_fetch, int(half * (4 if quick else 10))))]
+                        self.measure(relay, f"fetch limit={limit}, {label}-message mailbox, 50% load", requests,
+                                     rate=half)
             for label, who in (("100", small), ("10,000", big)):
                 self.measure(relay, f"accept, {label}-message mailbox", packets(relay, [who], user_pub, n_accept),
                              "msgs/s")
@@ -280,7 +289,8 @@ BOUND_BY = {"accept": "rsa_oaep_decrypt", "fetch": "durable_write_8", "acknowled
 
 def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]], ceiling: dict[str, float],
                  args: argparse.Namespace) -> None:
-    print(f"\nmachine: {os.cpu_count()} cores; load generator: {args.processes} processes x "
+    kind = "wrk (bench/wrkgen.lua), threads" if args.load_generator == "wrk" else "bench/loadgen.py, processes"
+    print(f"\nmachine: {os.cpu_count()} cores; load generator: {kind}: {args.processes} x "
           f"{args.connections // args.processes} keep-alive connections; relay: {args.twistd}")
     print("ceilings (same run):")
     for key, value in ceiling.items():
@@ -292,7 +302,8 @@ def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]]
         ratio = row["rate"] / ceiling[bound]
         print(f"{row['backend']:<10} {row['scenario']:<38} {row['rate']:>9.0f} {row['unit']:<7} {row['p50_ms']:>7.1f} "
               f"{row['p99_ms']:>7.1f} {row['p999_ms']:>8.1f} {row['errors']:>4} {row['server_cpu']:>6.0%} "
-              f"{row['client_cpu']:>6.0%}  {ratio:.2f} of {bound}")
+              f"{row['client_cpu']:>6.0%}  {ratio:.2f} of {bound}"
+              + (f" (paced at {row['offered_rate']:.0f}/s)" if row["offered_rate"] else ""))
     for backend, extra in extras.items():
         print(f"{backend}: relay RSS after the run {extra.get('rss_mib_after_run', 0):.0f} MiB; with "
               f"{extra.get('stored_messages', 0):,} stored messages over {extra.get('stored_users', 0):,} users: "
@@ -314,7 +325,10 @@ def main() -> None:
     parser.add_argument("--twistd", default=str(Path(sys.executable).with_name("twistd")),
                         help="the twistd whose msgrelay to measure (e.g. another checkout's venv)")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument("--load-generator", choices=("wrk", "python"), default=None,
+                        help="wrk with bench/wrkgen.lua (default when wrk is installed) or bench/loadgen.py")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="wrk threads (default 1) or Python load generator processes (default 2)")
     parser.add_argument("--accepts", type=int, help="packets per accept scenario (default 2000, quick 300)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--profile", metavar="FILE",
@@ -322,6 +336,12 @@ def main() -> None:
     parser.add_argument("--profile-scenario", default="accept, 200 recipients",
                         help="the scenario --profile records (default: %(default)s)")
     args = parser.parse_args()
+    if args.load_generator is None:
+        args.load_generator = "wrk" if wrkgen.available() else "python"
+    elif args.load_generator == "wrk" and not wrkgen.available():
+        parser.error("wrk is not installed (apt-get install wrk), use --load-generator python")
+    if args.processes is None:
+        args.processes = 1 if args.load_generator == "wrk" else 2
     if not args.profile:
         args.profile_scenario = None
     backend = args.backend or ("both" if args.postgres_dsn else "maildir")
