@@ -2,7 +2,7 @@
 """The msgrelay benchmark: one command, real relays, figures with their ratio to this machine.
 
     python bench/run.py [--quick] [--backend maildir|postgresql|both] [--postgres-dsn DSN]
-                        [--twistd PATH] [--json FILE] [--profile FILE [--profile-scenario NAME]]
+                        [--twistd PATH] [--json FILE] [--profile FILE [--profile-scenario NAME]...]
 
 For each backend it seeds a state directory (users, tokens, mailboxes of 100 and 10,000
 messages), starts a real `twistd msgrelay` on a loopback port, pre-builds every packet and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -156,7 +157,7 @@ class Run:
     def measure(self, relay: Relay, name: str, requests: list[bytes], unit: str = "req/s",
                 per_request: int = 1, keep_bodies: bool = False, rate: float = 0.0) -> loadgen.Outcome:
         """Send every request once, as fast as the connections go or paced at `rate` req/s."""
-        profiler = self._profile_start(relay) if name == self.args.profile_scenario else None
+        profiler = self._profile_start(relay, name) if name in self.args.profile_scenario else None
         cpu0, wall0 = relay.cpu_seconds(), time.perf_counter()
         generator = wrkgen.run if self.args.load_generator == "wrk" else loadgen.run
         try:
@@ -178,7 +179,7 @@ class Run:
     def execute(self, workdir: Path, twistd: str) -> None:
         quick = self.args.quick
         n_accept, n_fetch, n_ack = (300, 200, 40) if quick else (2000, 1000, 200)
-        n_accept = self.args.accepts or n_accept
+        n_accept, n_fetch = self.args.accepts or n_accept, self.args.fetches or n_fetch
         pem = public_key_pem(self.key.public_key())
         seeder = (PostgresSeeder(self.args.postgres_dsn) if self.backend == "postgresql"
                   else MaildirSeeder(workdir / "state" / "maildir"))
@@ -270,8 +271,9 @@ class Run:
         finally:
             relay.stop()
 
-    def _profile_start(self, relay: Relay) -> Optional[subprocess.Popen]:
-        out = f"{self.args.profile}.{self.backend}.txt"
+    def _profile_start(self, relay: Relay, scenario: str) -> Optional[subprocess.Popen]:
+        slug = re.sub(r"[^a-z0-9]+", "-", scenario.lower()).strip("-")
+        out = f"{self.args.profile}.{self.backend}.{slug}.txt"
         return subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
                                  "record", "-p", str(relay.proc.pid), "-r", "200", "-f", "raw", "-o", out],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -330,11 +332,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=None,
                         help="wrk threads (default 1) or Python load generator processes (default 2)")
     parser.add_argument("--accepts", type=int, help="packets per accept scenario (default 2000, quick 300)")
+    parser.add_argument("--fetches", type=int, help="requests per fetch scenario (default 1000, quick 200)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--profile", metavar="FILE",
                         help="record the relay with py-spy during one scenario, into FILE.<backend>.txt")
-    parser.add_argument("--profile-scenario", default="accept, 200 recipients",
-                        help="the scenario --profile records (default: %(default)s)")
+    parser.add_argument("--profile-scenario", action="append", default=[],
+                        help="a scenario --profile records, into FILE.<backend>.<scenario slug>.txt "
+                             "(repeatable; default: \"accept, 200 recipients\")")
     args = parser.parse_args()
     if args.load_generator is None:
         args.load_generator = "wrk" if wrkgen.available() else "python"
@@ -343,7 +347,9 @@ def main() -> None:
     if args.processes is None:
         args.processes = 1 if args.load_generator == "wrk" else 2
     if not args.profile:
-        args.profile_scenario = None
+        args.profile_scenario = []
+    elif not args.profile_scenario:
+        args.profile_scenario = ["accept, 200 recipients"]
     backend = args.backend or ("both" if args.postgres_dsn else "maildir")
     backends = ["maildir", "postgresql"] if backend == "both" else [backend]
     if "postgresql" in backends and not args.postgres_dsn:
