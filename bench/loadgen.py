@@ -34,10 +34,13 @@ class Outcome:
     started: float = 0.0
     ended: float = 0.0
     client_cpu: float = 0.0  # CPU seconds of all worker processes
+    #: From a generator that reports percentiles and counts rather than every latency (wrk).
+    fixed_percentiles: dict[float, float] = field(default_factory=dict)
+    answered_ok: Optional[int] = None
 
     @property
     def ok(self) -> int:
-        return len(self.latencies)
+        return len(self.latencies) if self.answered_ok is None else self.answered_ok
 
     @property
     def elapsed(self) -> float:
@@ -48,6 +51,8 @@ class Outcome:
         return self.ok / self.elapsed
 
     def percentile(self, q: float) -> float:
+        if q in self.fixed_percentiles:
+            return self.fixed_percentiles[q]
         ordered = sorted(self.latencies)
         if not ordered:
             return float("nan")
@@ -73,7 +78,7 @@ def _read_answer(sock: socket.socket, buffer: bytearray) -> Optional[tuple[int, 
     return status, body
 
 
-def _worker(port: int, requests: list[bytes], connections: int, keep_bodies: bool,
+def _worker(port: int, requests: list[bytes], connections: int, keep_bodies: bool, rate: float,
             go: "multiprocessing.synchronize.Event", results: "multiprocessing.connection.Connection") -> None:
     socks = []
     for _ in range(min(connections, len(requests))):
@@ -84,13 +89,20 @@ def _worker(port: int, requests: list[bytes], connections: int, keep_bodies: boo
     pending = iter(requests)
     selector = selectors.DefaultSelector()
     state: dict[socket.socket, list] = {}
+    idle: list[socket.socket] = []  # paced: connections waiting for the next slot
+    sent = 0
 
     def send_next(s: socket.socket) -> bool:
+        nonlocal sent
+        if rate and time.perf_counter() < out.started + sent / rate:
+            idle.append(s)
+            return True
         request = next(pending, None)
         if request is None:
             return False
         state[s][1] = time.perf_counter()
         s.sendall(request)
+        sent += 1
         return True
 
     results.send("ready")
@@ -102,7 +114,15 @@ def _worker(port: int, requests: list[bytes], connections: int, keep_bodies: boo
         if send_next(s):
             selector.register(s, selectors.EVENT_READ)
     while selector.get_map():
-        for key, _ in selector.select(timeout=120):
+        timeout = 120.0
+        if idle:
+            timeout = max(0.0, out.started + sent / rate - time.perf_counter())
+            if timeout == 0.0:
+                s = idle.pop()
+                if not send_next(s):
+                    selector.unregister(s)
+                continue
+        for key, _ in selector.select(timeout=timeout):
             s = key.fileobj  # type: ignore[assignment]
             data = s.recv(262144)
             if not data:
@@ -130,9 +150,10 @@ def _worker(port: int, requests: list[bytes], connections: int, keep_bodies: boo
 
 
 def run(port: int, requests: list[bytes], connections: int = 16, processes: int = 2,
-        keep_bodies: bool = False) -> Outcome:
+        keep_bodies: bool = False, rate: float = 0.0) -> Outcome:
     """Send every request once over `connections` keep-alive connections from `processes`
-    worker processes; returns the merged outcome."""
+    worker processes, as fast as they go or at `rate` requests/s in all (each request
+    waits for its slot on a fixed schedule); returns the merged outcome."""
     ctx = multiprocessing.get_context("fork")
     go = ctx.Event()
     workers, pipes = [], []
@@ -142,7 +163,7 @@ def run(port: int, requests: list[bytes], connections: int = 16, processes: int 
         if not share:
             continue
         receiver, sender = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(port, share, per_process, keep_bodies, go, sender), daemon=True)
+        proc = ctx.Process(target=_worker, args=(port, share, per_process, keep_bodies, rate / processes, go, sender), daemon=True)
         proc.start()
         sender.close()
         workers.append(proc)

@@ -2,7 +2,7 @@
 """The msgrelay benchmark: one command, real relays, figures with their ratio to this machine.
 
     python bench/run.py [--quick] [--backend maildir|postgresql|both] [--postgres-dsn DSN]
-                        [--twistd PATH] [--json FILE] [--profile FILE [--profile-scenario NAME]]
+                        [--twistd PATH] [--json FILE] [--profile FILE [--profile-scenario NAME]...]
 
 For each backend it seeds a state directory (users, tokens, mailboxes of 100 and 10,000
 messages), starts a real `twistd msgrelay` on a loopback port, pre-builds every packet and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ceilings  # noqa: E402
 import loadgen  # noqa: E402
+import wrkgen  # noqa: E402
 from state import MaildirSeeder, PostgresSeeder, Seeded, relay_config  # noqa: E402
 
 from msgrelay.wire.envelope import seal  # noqa: E402
@@ -153,11 +155,13 @@ class Run:
         self.extra: dict[str, float] = {}
 
     def measure(self, relay: Relay, name: str, requests: list[bytes], unit: str = "req/s",
-                per_request: int = 1, keep_bodies: bool = False) -> loadgen.Outcome:
-        profiler = self._profile_start(relay) if name == self.args.profile_scenario else None
+                per_request: int = 1, keep_bodies: bool = False, rate: float = 0.0) -> loadgen.Outcome:
+        """Send every request once, as fast as the connections go or paced at `rate` req/s."""
+        profiler = self._profile_start(relay, name) if name in self.args.profile_scenario else None
         cpu0, wall0 = relay.cpu_seconds(), time.perf_counter()
+        generator = wrkgen.run if self.args.load_generator == "wrk" else loadgen.run
         try:
-            outcome = loadgen.run(relay.port, requests, self.args.connections, self.args.processes, keep_bodies)
+            outcome = generator(relay.port, requests, self.args.connections, self.args.processes, keep_bodies, rate)
         finally:
             self._profile_stop(profiler)
         server_cpu = (relay.cpu_seconds() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
@@ -167,7 +171,7 @@ class Run:
             "p50_ms": outcome.percentile(0.5) * 1000, "p99_ms": outcome.percentile(0.99) * 1000,
             "p999_ms": outcome.percentile(0.999) * 1000, "ok": outcome.ok, "errors": errors,
             "statuses": outcome.statuses, "server_cpu": server_cpu,
-            "client_cpu": outcome.client_cpu / outcome.elapsed,
+            "client_cpu": outcome.client_cpu / outcome.elapsed, "offered_rate": rate,
         })
         print(f"  {name}: {outcome.rate * per_request:.0f} {unit} ({outcome.ok} ok, {errors} refused)", flush=True)
         return outcome
@@ -175,7 +179,7 @@ class Run:
     def execute(self, workdir: Path, twistd: str) -> None:
         quick = self.args.quick
         n_accept, n_fetch, n_ack = (300, 200, 40) if quick else (2000, 1000, 200)
-        n_accept = self.args.accepts or n_accept
+        n_accept, n_fetch = self.args.accepts or n_accept, self.args.fetches or n_fetch
         pem = public_key_pem(self.key.public_key())
         seeder = (PostgresSeeder(self.args.postgres_dsn) if self.backend == "postgresql"
                   else MaildirSeeder(workdir / "state" / "maildir"))
@@ -201,7 +205,13 @@ class Run:
             for label, who in (("100", small), ("10,000", big)):
                 for limit in (10, 100):
                     requests = [signed(relay, self.key, who.user_id, "GET", limit=limit) for _ in range(n_fetch)]
-                    self.measure(relay, f"fetch limit={limit}, {label}-message mailbox", requests)
+                    most = self.measure(relay, f"fetch limit={limit}, {label}-message mailbox", requests).rate
+                    if limit == 100:  # the latency target is at half the measured maximum load
+                        half = most / 2
+                        requests = [signed(relay, self.key, who.user_id, "GET", limit=limit)
+                                    for _ in range(max(n_fetch, int(half * (4 if quick else 10))))]
+                        self.measure(relay, f"fetch limit={limit}, {label}-message mailbox, 50% load", requests,
+                                     rate=half)
             for label, who in (("100", small), ("10,000", big)):
                 self.measure(relay, f"accept, {label}-message mailbox", packets(relay, [who], user_pub, n_accept),
                              "msgs/s")
@@ -261,8 +271,9 @@ class Run:
         finally:
             relay.stop()
 
-    def _profile_start(self, relay: Relay) -> Optional[subprocess.Popen]:
-        out = f"{self.args.profile}.{self.backend}.txt"
+    def _profile_start(self, relay: Relay, scenario: str) -> Optional[subprocess.Popen]:
+        slug = re.sub(r"[^a-z0-9]+", "-", scenario.lower()).strip("-")
+        out = f"{self.args.profile}.{self.backend}.{slug}.txt"
         return subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
                                  "record", "-p", str(relay.proc.pid), "-r", "200", "-f", "raw", "-o", out],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -280,7 +291,8 @@ BOUND_BY = {"accept": "rsa_oaep_decrypt", "fetch": "durable_write_8", "acknowled
 
 def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]], ceiling: dict[str, float],
                  args: argparse.Namespace) -> None:
-    print(f"\nmachine: {os.cpu_count()} cores; load generator: {args.processes} processes x "
+    kind = "wrk (bench/wrkgen.lua), threads" if args.load_generator == "wrk" else "bench/loadgen.py, processes"
+    print(f"\nmachine: {os.cpu_count()} cores; load generator: {kind}: {args.processes} x "
           f"{args.connections // args.processes} keep-alive connections; relay: {args.twistd}")
     print("ceilings (same run):")
     for key, value in ceiling.items():
@@ -292,7 +304,8 @@ def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]]
         ratio = row["rate"] / ceiling[bound]
         print(f"{row['backend']:<10} {row['scenario']:<38} {row['rate']:>9.0f} {row['unit']:<7} {row['p50_ms']:>7.1f} "
               f"{row['p99_ms']:>7.1f} {row['p999_ms']:>8.1f} {row['errors']:>4} {row['server_cpu']:>6.0%} "
-              f"{row['client_cpu']:>6.0%}  {ratio:.2f} of {bound}")
+              f"{row['client_cpu']:>6.0%}  {ratio:.2f} of {bound}"
+              + (f" (paced at {row['offered_rate']:.0f}/s)" if row["offered_rate"] else ""))
     for backend, extra in extras.items():
         print(f"{backend}: relay RSS after the run {extra.get('rss_mib_after_run', 0):.0f} MiB; with "
               f"{extra.get('stored_messages', 0):,} stored messages over {extra.get('stored_users', 0):,} users: "
@@ -314,16 +327,29 @@ def main() -> None:
     parser.add_argument("--twistd", default=str(Path(sys.executable).with_name("twistd")),
                         help="the twistd whose msgrelay to measure (e.g. another checkout's venv)")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--processes", type=int, default=2, help="load generator processes")
+    parser.add_argument("--load-generator", choices=("wrk", "python"), default=None,
+                        help="wrk with bench/wrkgen.lua (default when wrk is installed) or bench/loadgen.py")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="wrk threads (default 1) or Python load generator processes (default 2)")
     parser.add_argument("--accepts", type=int, help="packets per accept scenario (default 2000, quick 300)")
+    parser.add_argument("--fetches", type=int, help="requests per fetch scenario (default 1000, quick 200)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--profile", metavar="FILE",
                         help="record the relay with py-spy during one scenario, into FILE.<backend>.txt")
-    parser.add_argument("--profile-scenario", default="accept, 200 recipients",
-                        help="the scenario --profile records (default: %(default)s)")
+    parser.add_argument("--profile-scenario", action="append", default=[],
+                        help="a scenario --profile records, into FILE.<backend>.<scenario slug>.txt "
+                             "(repeatable; default: \"accept, 200 recipients\")")
     args = parser.parse_args()
+    if args.load_generator is None:
+        args.load_generator = "wrk" if wrkgen.available() else "python"
+    elif args.load_generator == "wrk" and not wrkgen.available():
+        parser.error("wrk is not installed (apt-get install wrk), use --load-generator python")
+    if args.processes is None:
+        args.processes = 1 if args.load_generator == "wrk" else 2
     if not args.profile:
-        args.profile_scenario = None
+        args.profile_scenario = []
+    elif not args.profile_scenario:
+        args.profile_scenario = ["accept, 200 recipients"]
     backend = args.backend or ("both" if args.postgres_dsn else "maildir")
     backends = ["maildir", "postgresql"] if backend == "both" else [backend]
     if "postgresql" in backends and not args.postgres_dsn:

@@ -13,11 +13,16 @@ same twistd options, so `--logfile` and friends keep their meaning, plus two set
   applies at once (`LevelPredicate.reconfigure`).
 
 An explicit `twistd --logger ...` still wins (then neither setting applies).
+
+Every answered request is logged, so formatting is on the hot path: both formats keep the
+current second's timestamp text and format plain `{name}` messages with `str.format_map`,
+leaving anything else (tracebacks, `{call()}` fields, legacy events) to Twisted's formatter.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 from datetime import datetime, timezone
@@ -25,7 +30,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 from twisted.logger import (
     FileLogObserver, FilteringLogObserver, ILogFilterPredicate, ILogObserver, LegacyLogObserverWrapper, LogLevel,
-    PredicateResult, formatEvent, textFileLogObserver,
+    PredicateResult, formatEvent, formatEventAsClassicLogText, formatTime,
 )
 from zope.interface import implementer
 from twisted.python import logfile
@@ -46,16 +51,83 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
+def message_text(event: dict[str, Any]) -> str:
+    """`formatEvent(event)`, with plain formats (no `{call()}` fields) done by `str.format_map`."""
+    fmt = event.get("log_format")
+    if isinstance(fmt, str) and "()" not in fmt and "log_flattened" not in event:
+        try:
+            return fmt.format_map(event)
+        except Exception:
+            pass  # Twisted's formatter says what could not be formatted
+    return formatEvent(event)
+
+
+class SecondCache:
+    """`render(whole second)` computed once per second: log timestamps cost a strftime and a
+    time zone lookup each, and a busy relay writes hundreds of lines a second."""
+
+    def __init__(self, render: Callable[[int], str]):
+        self._render = render
+        self._last: tuple[int, str] = (-1, "")  # one tuple: threads that log may race here
+
+    def __call__(self, when: float) -> tuple[str, int]:
+        """The text of `when`'s second and the microseconds past it, rounded as
+        `datetime.fromtimestamp` rounds them."""
+        fraction, whole = math.modf(when)
+        micro = round(fraction * 1e6)
+        second = int(whole)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        elif micro < 0:
+            second, micro = second - 1, micro + 1_000_000
+        last = self._last
+        if last[0] != second:
+            last = self._last = (second, self._render(second))
+        return last[1], micro
+
+
+class TextFormatter:
+    """Twisted's classic text lines (`formatEventAsClassicLogText`), faster for common events."""
+
+    def __init__(self) -> None:
+        self._time = SecondCache(lambda second: formatTime(second))
+
+    def format_time(self, when: Optional[float]) -> str:
+        return formatTime(when) if when is None else self._time(when)[0]
+
+    def __call__(self, event: dict[str, Any]) -> Optional[str]:
+        level, namespace, when = event.get("log_level"), event.get("log_namespace"), event.get("log_time")
+        if ("log_failure" in event or "log_system" in event or level is None or namespace is None or when is None
+                or not isinstance(event.get("log_format"), str)):
+            return formatEventAsClassicLogText(event, formatTime=self.format_time)
+        text = message_text(event)
+        if not text:
+            return None
+        return f"{self._time(when)[0]} [{namespace}#{level.name}] {text.replace(chr(10), chr(10) + chr(9))}\n"
+
+
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+_JSON_TIME = SecondCache(_iso_second)
+
+
+def json_time(stamp: float) -> str:
+    """`stamp` as UTC ISO 8601 with milliseconds, e.g. 2026-01-02T03:04:05.678Z."""
+    text, micro = _JSON_TIME(stamp)
+    return f"{text}.{micro // 1000:03d}Z"
+
+
 def json_line(event: dict[str, Any]) -> str:
     """One event as one line of JSON (newline-terminated)."""
     level = event.get("log_level")
     stamp = event.get("log_time")
     record: dict[str, Any] = {
-        "time": datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        if stamp is not None else None,
+        "time": json_time(stamp) if stamp is not None else None,
         "level": getattr(level, "name", "info"),
         "namespace": event.get("log_namespace"),
-        "message": formatEvent(event),
+        "message": message_text(event),
     }
     for key, value in event.items():
         if key.startswith("log_") or key in record or key in _NOISE:
@@ -88,11 +160,20 @@ class LevelPredicate:
     def __init__(self, level: str):
         self.level = level
 
+    @property
+    def level(self) -> str:
+        return self._name
+
+    @level.setter
+    def level(self, name: str) -> None:
+        self._wanted = LogLevel.levelWithName(name)
+        self._name = name
+
     def reconfigure(self, reload: Reload) -> None:
         self.level = reload.running.log.level
 
     def __call__(self, event: dict[str, Any]) -> PredicateResult:
-        wanted = LogLevel.levelWithName(self.level)
+        wanted = self._wanted
         level = event.get("log_level", LogLevel.info)
         if event.get("log_namespace") in ALWAYS_INFO:
             wanted = min(wanted, LogLevel.info)
@@ -133,7 +214,7 @@ def build_observer(twistd: TwistdLogOptions, fmt: str, level: LevelPredicate,
         else:
             out = logfile.LogFile.fromFullPath(twistd.logfile or "twistd.log")
             _rotate_on_usr1(out)
-        destination = json_file_observer(out) if fmt == "json" else textFileLogObserver(out)
+        destination = json_file_observer(out) if fmt == "json" else FileLogObserver(out, TextFormatter())
     return FilteringLogObserver(destination, [level])
 
 

@@ -44,8 +44,20 @@ class RoutePatterns:
     def __init__(self, url_map: Any, extra: Mapping[bytes, Any]):
         self.url_map = url_map
         self.extra = extra  # the site's extra routes (b"/metrics"), served as named
+        #: Paths that are their own pattern (no `<user_id>`), by method: as few as the routes.
+        self._static: dict[tuple[str, str], str] = {}
 
     def __call__(self, method: str, path: str) -> str:
+        """Every request is labelled, so the common static paths skip the routing."""
+        known = self._static.get((method, path))
+        if known is not None:
+            return known
+        pattern = self._match(method, path)
+        if pattern == path:
+            self._static[(method, path)] = pattern
+        return pattern
+
+    def _match(self, method: str, path: str) -> str:
         if path.encode("utf-8", "replace") in self.extra:
             return path
         adapter = self.url_map.bind("relay")

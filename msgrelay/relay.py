@@ -30,8 +30,9 @@ from .wire.canonical import parse_json_object
 from .wire.dates import format_date
 from .wire.envelope import AES_GCM, ALGORITHMS, open_envelope, seal
 from .wire.errors import ProtocolError, malformed
+from .wire.fetchanswer import EncodedJSON
 from .wire.fetchanswer import bounded_json_list
-from .wire.keys import fingerprint, is_user_id, load_public_key, public_key_pem, user_id_for_key
+from .wire.keys import cached_public_key, fingerprint, is_user_id, load_public_key, public_key_pem, user_id_for_key
 from .wire.packet import Packet, parse_packet
 from .wire.signing import SignedRequest, check_time_window, verify_signature
 
@@ -69,11 +70,19 @@ def check_push_endpoint(value: str) -> Optional[str]:
     return value
 
 
-def seal_fetch_answer(key: rsa.RSAPublicKey, messages: list[MessageRecord], max_bytes: int) -> tuple[dict[str, str], int]:
-    """Encode the leading messages that fit in `max_bytes` and seal them to `key` (AES-256-GCM).
-    Fires the envelope and how many messages it holds. Runs in a worker thread."""
+def seal_fetch_answer(key: rsa.RSAPublicKey, messages: list[MessageRecord], max_bytes: int,
+                      remaining: int) -> EncodedJSON:
+    """The whole fetch answer, encoded: the leading messages that fit in `max_bytes`, sealed
+    to `key` (AES-256-GCM), with `count` and `remaining` (`remaining` counts those left in
+    the store). The answer grows with the messages (hundreds of kilobytes of base64 to
+    escape and encode), so it runs in a worker thread, answer JSON included."""
     plaintext, count = bounded_json_list((m.to_json() for m in messages), max_bytes)
-    return seal(key, plaintext, AES_GCM), count
+    sealed = seal(key, plaintext, AES_GCM)
+    # What json.dumps would write, without scanning the big base64 string for characters to
+    # escape: base64 and the algorithm name have none.
+    return EncodedJSON(
+        f'{{"algorithm":"{sealed["algorithm"]}","password":"{sealed["password"]}","data":"{sealed["data"]}",'
+        f'"count":{count},"remaining":{remaining + len(messages) - count}}}'.encode("ascii"))
 
 
 def _tell(observers: list[Callable[..., None]], *args: Any) -> None:
@@ -239,7 +248,7 @@ class RelayCore:
         user = await _guard(self.store.get_user(request.user_id))
         if user is None:
             raise ProtocolError(130, f"no user {request.user_id} on this relay")
-        verify_signature(load_public_key(user.key_pem), request.signature, request.base(method, path, self.name))
+        verify_signature(cached_public_key(user.key_pem), request.signature, request.base(method, path, self.name))
         if limit is not None:
             limit(user)
         digest = hashlib.sha256(request.signature.encode("ascii")).digest()
@@ -356,14 +365,13 @@ class RelayCore:
             _tell(self.message_observers, accepted.user, delivery.message_id)
         return {"message_id": delivery.message_id, "expires": format_date(delivery.expires)}
 
-    async def fetch(self, user: UserRecord, limit: Optional[int]) -> dict[str, Any]:
+    async def fetch(self, user: UserRecord, limit: Optional[int]) -> EncodedJSON:
         count = self.settings.limits.fetch_default if limit is None else limit
         max_bytes = self.settings.limits.max_fetch_bytes
         # The store stops on payload sizes (bounding memory); the exact cut on the encoded
         # plaintext, and the sealing, run off the reactor thread.
         messages, remaining = await _guard(self.store.fetch(user.user_id, self.now(), count, max_bytes))
-        sealed, taken = await self.run_crypto(seal_fetch_answer, load_public_key(user.key_pem), messages, max_bytes)
-        return {**sealed, "count": taken, "remaining": remaining + len(messages) - taken}
+        return await self.run_crypto(seal_fetch_answer, cached_public_key(user.key_pem), messages, max_bytes, remaining)
 
     async def acknowledge(self, user: UserRecord, ids: list[str]) -> dict[str, int]:
         deleted = await _guard(self.store.acknowledge(user.user_id, ids))

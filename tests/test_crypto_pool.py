@@ -21,9 +21,9 @@ async def test_open_and_seal_run_in_the_crypto_pool_and_accept_is_one_store_call
         threads["open"].append(threading.current_thread())
         return real_open(envelope)
 
-    def seal_messages(key, messages, max_bytes):
+    def seal_messages(key, messages, max_bytes, remaining):
         threads["seal"].append(threading.current_thread())
-        return real_seal(key, messages, max_bytes)
+        return real_seal(key, messages, max_bytes, remaining)
 
     monkeypatch.setattr(core, "open_packet", open_packet)
     monkeypatch.setattr(relay_module, "seal_fetch_answer", seal_messages)

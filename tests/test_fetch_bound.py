@@ -73,3 +73,22 @@ async def test_the_relay_seals_in_its_crypto_pool_and_stopping_stops_it(tmp_path
     finally:
         await relay.stop()
     assert not pool.started
+
+
+def test_the_encoded_answer_is_the_json_of_the_sealed_answer(users):
+    """seal_fetch_answer writes the answer's JSON itself (no escaping scan of the base64): it is
+    byte for byte what json.dumps writes, and opens to the messages that fit."""
+    from msgrelay.relay import seal_fetch_answer
+    from msgrelay.store.interface import MessageRecord
+    from msgrelay.wire.envelope import open_envelope
+
+    key = users[0].key
+    messages = [MessageRecord(f"m{i}", "t", base64.b64encode(os.urandom(3000)).decode(), "AES-256-GCM",
+                              base64.b64encode(b"p").decode(), None, 1_700_000_000, 1_700_086_400) for i in range(3)]
+    answer = seal_fetch_answer(key.public_key(), messages, 9000, 7)
+    parsed = json.loads(answer)
+    assert bytes(answer) == json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert list(parsed) == ["algorithm", "password", "data", "count", "remaining"]
+    assert (parsed["count"], parsed["remaining"]) == (2, 8)  # two fit in 9,000 bytes; 7 + the one left out
+    opened = json.loads(open_envelope([key], parsed))
+    assert [m["id"] for m in opened] == ["m0", "m1"]

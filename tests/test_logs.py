@@ -13,7 +13,7 @@ from twisted.logger import LogLevel, PredicateResult
 from twisted.python.failure import Failure
 
 from apiclient import SyncClient, sync_request
-from msgrelay.logs import LevelPredicate, json_line
+from msgrelay.logs import LevelPredicate, TextFormatter, json_line, json_time
 from relayproc import RelayProcess, free_port, twistd_path
 
 
@@ -53,6 +53,31 @@ def test_json_line_survives_odd_values_failures_and_legacy_events():
               "log_level": LogLevel.info}
     assert json.loads(json_line(legacy))["message"] == "hello"
     assert set(json.loads(json_line(legacy))) == {"time", "level", "namespace", "message"}
+
+
+def test_fast_text_and_json_lines_are_what_twisted_writes():
+    """The access log's formatter (a per-second timestamp cache, str.format_map) writes
+    Twisted's classic lines exactly, for plain events and for those it hands back."""
+    from datetime import datetime, timezone
+
+    from twisted.logger import formatEventAsClassicLogText
+
+    text = TextFormatter()
+    # the second's edges, where rounding to microseconds moves to the next second
+    stamps = [1700000000.25, 1700000000.9999996, 1700000000.9999994, 1700000001.0000004, 1750000000.5]
+    events = [access_event(log_time=t) for t in stamps] + [
+        access_event(log_format="multi\nline {status!r:>6} {client}"),
+        access_event(log_format="{status()}", status=lambda: 201),  # call syntax: Twisted's own formatter
+        access_event(log_format="{0}"),  # unformattable: Twisted's message about it
+        access_event(log_format="on {system}", log_system="legacy-system"),
+        access_event(log_failure=Failure(ValueError("boom"))),
+        {"log_format": None, "log_time": 1.0},
+    ]
+    for event in events:
+        assert text(event) == formatEventAsClassicLogText(event), event
+    for stamp in stamps + [0.0005, 1700000000.0]:
+        expected = datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="milliseconds")
+        assert json_time(stamp) == expected.replace("+00:00", "Z")
 
 
 def test_level_predicate_follows_the_setting_on_every_event():

@@ -104,6 +104,13 @@ class LimitedConnection(ProtocolWrapper):
     factory: "ConnectionLimiter"
     key: Optional[str] = None
     _linger: Optional[Linger] = None
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        """The local address, asked of the socket once: every request on the connection reads it."""
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def linger(self, max_bytes: int, seconds: float) -> None:
         if self._linger is None:

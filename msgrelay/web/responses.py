@@ -10,6 +10,7 @@ from urllib.parse import unquote_to_bytes
 from twisted.web.iweb import IRequest
 
 from ..wire.errors import ProtocolError
+from ..wire.fetchanswer import EncodedJSON
 
 JSON_TYPE = "application/json; charset=utf-8"
 _HOST = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,270}")
@@ -41,8 +42,9 @@ def encode_json(obj: Any) -> bytes:
 
 
 def write_json(request: IRequest, obj: Any, status: int = 200) -> bytes:
-    """Set status and headers for a JSON answer (with its length: no chunking needed)."""
-    body = encode_json(obj)
+    """Set status and headers for a JSON answer (with its length: no chunking needed).
+    `obj` may be `EncodedJSON`, encoded already."""
+    body = obj if isinstance(obj, EncodedJSON) else encode_json(obj)
     request.setResponseCode(status)
     request.setHeader("Content-Type", JSON_TYPE)
     request.setHeader("Content-Length", str(len(body)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime, timezone
 
@@ -30,4 +31,10 @@ def parse_date(text: str, field: str = "date") -> float:
 
 def format_date(seconds: float) -> str:
     """The `Z` form with whole seconds, as servers emit it."""
-    return datetime.fromtimestamp(int(seconds), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _format_second(int(seconds))
+
+
+@functools.lru_cache(maxsize=256)
+def _format_second(second: int) -> str:
+    """Cached: every accepted message's answer formats an expiry a fixed time from now."""
+    return datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -6,6 +6,11 @@ import json
 from typing import Any, Iterable
 
 
+class EncodedJSON(bytes):
+    """An answer already encoded as compact UTF-8 JSON (in a worker thread, for a big one);
+    the web layer sends it as it is."""
+
+
 def bounded_json_list(items: Iterable[Any], max_bytes: int) -> tuple[bytes, int]:
     """Compact JSON list of the leading `items` that fit in `max_bytes`, and how many that is.
 

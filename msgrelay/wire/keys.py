@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 
@@ -35,6 +36,13 @@ def load_public_key(pem: str, field: str = "key") -> rsa.RSAPublicKey:
     if key.public_numbers().e != PUBLIC_EXPONENT:
         raise ProtocolError(101, f"{field} has public exponent {key.public_numbers().e}; only 65537 is accepted")
     return key
+
+
+@functools.lru_cache(maxsize=1024)
+def cached_public_key(pem: str) -> rsa.RSAPublicKey:
+    """`load_public_key` of a stored user's key, parsed once rather than on every signed
+    request (keys are immutable objects; a refused key is never cached)."""
+    return load_public_key(pem)
 
 
 def public_key_der(key: rsa.RSAPublicKey) -> bytes:

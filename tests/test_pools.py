@@ -1,0 +1,75 @@
+"""`WorkPool`, the relay's thread pools (msgrelay/pools.py): results and failures come back
+through Deferreds, work waits for `start`, threads grow to `max` and no further, the load
+figures follow the work, and `stop` lets queued work finish."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from msgrelay.pools import WorkPool, load_of, run_in
+
+
+def _wait(predicate, what: str, seconds: float = 30.0) -> None:
+    event = threading.Event()
+    for _ in range(int(seconds * 100)):
+        if predicate():
+            return
+        event.wait(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_and_failures_reach_the_reactor_thread():
+    pool = WorkPool(0, 2, name="t-results")
+    pool.start()
+    try:
+        assert await run_in(reactor, pool, lambda a, b: (a + b, threading.current_thread().name), 2, 3) == \
+            (5, "PoolThread-t-results-0")
+
+        def fails() -> None:
+            raise ValueError("from the pool")
+
+        with pytest.raises(ValueError, match="from the pool"):
+            await run_in(reactor, pool, fails)
+    finally:
+        pool.stop()
+    assert not pool.started and pool.threads == []
+
+
+def test_work_waits_for_start_threads_grow_to_max_and_stop_finishes_queued_work():
+    pool = WorkPool(0, 2, name="t-grow")
+    release = threading.Event()
+    results: list[tuple[bool, object]] = []
+    for i in range(5):
+        pool.callInThreadWithCallback(lambda ok, value: results.append((ok, value)),
+                                      lambda n=i: (release.wait(30), n)[1])
+    assert pool.threads == [] and pool.q.qsize() == 5  # nothing runs before start
+    pool.start()
+    _wait(lambda: load_of(pool).busy == 2, "two busy threads")
+    load = load_of(pool)
+    assert (load.size, load.busy, load.queued) == (2, 2, 3)
+    assert len(pool.threads) == 2  # never more than max
+    release.set()
+    pool.stop()  # queued work runs to the end before the threads go
+    assert sorted(results) == [(True, n) for n in range(5)]
+    assert all(not thread.is_alive() for thread in threading.enumerate() if "t-grow" in thread.name)
+    pool.callInThreadWithCallback(lambda ok, value: results.append((ok, value)), lambda: "late")
+    assert len(results) == 5  # a stopped pool takes no more work
+
+
+def test_an_idle_thread_takes_the_next_work_rather_than_a_new_thread():
+    pool = WorkPool(0, 4, name="t-idle")
+    pool.start()
+    try:
+        for _ in range(20):
+            done = threading.Event()
+            pool.callInThreadWithCallback(lambda ok, value, d=done: d.set(), lambda: None)
+            assert done.wait(30)
+            _wait(lambda: load_of(pool).busy == 0, "the thread to be idle again")
+        assert len(pool.threads) == 1
+    finally:
+        pool.stop()
