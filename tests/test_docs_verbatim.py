@@ -28,7 +28,7 @@ from typing import Iterator
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("documented-ports")]
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_TIMEOUT = 900  # the first pip install of a fresh venv on a busy machine
