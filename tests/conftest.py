@@ -13,6 +13,28 @@ from apiclient import ApiClient, User
 from memrelay import MemoryRelay
 from relayproc import KEYS, free_port, seed_server_key
 
+#: The files that take longest, longest first (seconds of one file on one worker, measured on
+#: the 2-core CI machine). They are handed to the parallel workers first, so that no worker
+#: starts a long file when the others are nearly done (pytest.ini: --dist loadfile with
+#: --no-loadscope-reorder, which keeps this order). Files not listed follow in the usual order.
+LONGEST_FIRST = (
+    "test_client_e2e.py",          # ~120 s: the real msgrelay-client, one subprocess per command
+    "test_webapp.py",              # ~70 s: Chromium
+    "test_docs_verbatim.py",       # ~65 s: installs a fresh copy
+    "test_crash.py",               # ~45 s: 2 x 15 SIGKILLs
+    "test_fuzz_openapi.py",        # ~36 s: schemathesis
+    "test_first_hour.py",
+    "test_key_transitions_e2e.py",
+    "test_federation_pg_e2e.py",
+    "test_admin.py",
+    "test_federation_e2e.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
 _KEYS: list[rsa.RSAPrivateKey] = []
 
 
