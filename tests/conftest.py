@@ -18,9 +18,10 @@ from relayproc import KEYS, free_port, seed_server_key
 #: starts a long file when the others are nearly done (pytest.ini: --dist loadfile with
 #: --no-loadscope-reorder, which keeps this order). Files not listed follow in the usual order.
 LONGEST_FIRST = (
-    "test_client_e2e.py",          # ~120 s: the real msgrelay-client, one subprocess per command
     "test_webapp.py",              # ~70 s: Chromium
+    "test_client_e2e.py",          # ~65 s: the real msgrelay-client, one subprocess per command
     "test_docs_verbatim.py",       # ~65 s: installs a fresh copy
+    "test_client_e2e_trust.py",    # ~50 s: the same, what the client refuses
     "test_crash.py",               # ~45 s: 2 x 15 SIGKILLs
     "test_fuzz_openapi.py",        # ~36 s: schemathesis
     "test_first_hour.py",
