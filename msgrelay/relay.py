@@ -30,8 +30,7 @@ from .wire.canonical import parse_json_object
 from .wire.dates import format_date
 from .wire.envelope import AES_GCM, ALGORITHMS, open_envelope, seal
 from .wire.errors import ProtocolError, malformed
-from .wire.fetchanswer import EncodedJSON
-from .wire.fetchanswer import bounded_json_list
+from .wire.fetchanswer import EncodedJSON, bounded_json_list
 from .wire.keys import cached_public_key, fingerprint, is_user_id, load_public_key, public_key_pem, user_id_for_key
 from .wire.packet import Packet, parse_packet
 from .wire.signing import SignedRequest, check_time_window, verify_signature
