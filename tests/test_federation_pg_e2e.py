@@ -71,9 +71,16 @@ class Setup:
         assert result.returncode == 0, result.stdout + result.stderr
         return json.loads(result.stdout)
 
-    def stop_all(self) -> None:
+    def __enter__(self) -> "Setup":
+        return self
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        """Stop every relay started; after a test that passed, none may have logged a traceback."""
         for relay in self.started:
             relay.stop()
+        if kind is None:
+            for relay in self.started:
+                assert "Traceback" not in relay.log()
 
 
 def sender(relay: RelayProcess, user: Any, token: Any):
@@ -96,8 +103,7 @@ def posts_accepted(b: RelayProcess) -> int:
 
 
 def test_two_processes_share_the_queue_while_the_peer_comes_and_goes(tmp_path, users, database):  # noqa: F811
-    setup = Setup(tmp_path, database)
-    try:
+    with Setup(tmp_path, database) as setup:
         b, client_b, bob, token = setup.b_with_user(users[1])
         one, two = setup.a("one"), setup.a("two")
         via_one, via_two = sender(one, bob, token), sender(two, bob, token)
@@ -124,15 +130,10 @@ def test_two_processes_share_the_queue_while_the_peer_comes_and_goes(tmp_path, u
         assert delivered(one, two) == 10  # across both processes, each packet sent once
         assert posts_accepted(b) == 10  # ... and b took each once (both of its runs log to one file)
         assert setup.queue_list("one")["destinations"][0]["failures"] == 0
-    finally:
-        setup.stop_all()
-    for relay in setup.started:
-        assert "Traceback" not in relay.log()
 
 
 def test_packets_of_a_killed_process_are_delivered_by_the_other(tmp_path, users, database):  # noqa: F811
-    setup = Setup(tmp_path, database)
-    try:
+    with Setup(tmp_path, database) as setup:
         b, client_b, bob, token = setup.b_with_user(users[1])
         b.stop()
         one, two = setup.a("one"), setup.a("two")
@@ -152,8 +153,6 @@ def test_packets_of_a_killed_process_are_delivered_by_the_other(tmp_path, users,
         assert delivered(two) == 4 and delivered(one) == 0
         assert posts_accepted(b) == 4  # its second run; the first took none
         wait_for(lambda: setup.queue_list("two")["destinations"][0]["queued"] == 0, timeout=30)
-    finally:
-        setup.stop_all()
 
 
 def queue_gauges(relay: RelayProcess, token: str) -> dict[str, float]:
@@ -179,7 +178,7 @@ def test_both_processes_report_the_shared_queue_in_their_metrics(tmp_path, users
     # "two" never polls the shared outbox: what it knows of the queue is only what /metrics reads.
     deaf = tmp_path / "a-deaf.toml"
     deaf.write_text(setup.config.read_text().replace("poll_interval = 1", "poll_interval = 3600"))
-    try:
+    with setup:
         b, client_b, bob, token_b = setup.b_with_user(users[1])
         b.stop()
         one, two = setup.a("one"), setup.a("two", deaf)
@@ -198,15 +197,10 @@ def test_both_processes_report_the_shared_queue_in_their_metrics(tmp_path, users
             wait_for(lambda: queue_gauges(relay, token) == {  # noqa: B023
                 "msgrelay_federation_queue_messages": 0, "msgrelay_federation_queue_oldest_age_seconds": 0,
                 "msgrelay_federation_backoff_seconds": 0, "msgrelay_federation_queue_failures": 0}, timeout=30)
-    finally:
-        setup.stop_all()
-    for relay in setup.started:
-        assert "Traceback" not in relay.log()
 
 
 def test_retry_now_without_a_running_relay_sends_from_the_command(tmp_path, users, database):  # noqa: F811
-    setup = Setup(tmp_path, database)
-    try:
+    with Setup(tmp_path, database) as setup:
         b, client_b, bob, token = setup.b_with_user(users[1])
         b.stop()
         one = setup.a("one")
@@ -224,5 +218,3 @@ def test_retry_now_without_a_running_relay_sends_from_the_command(tmp_path, user
         assert result.stdout.startswith("no relay answers on this host's control socket: delivered 2")
         assert texts(client_b, bob) == ["r0", "r1"]
         assert setup.queue_list("one")["destinations"][0]["queued"] == 0
-    finally:
-        setup.stop_all()
