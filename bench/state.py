@@ -14,6 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Sequence
 from pathlib import Path
 
 from msgrelay.store.interface import NewMessage, TokenRecord, UserRecord
@@ -113,16 +114,18 @@ class PostgresSeeder(Seeder):
         self.core.close()
 
 
-def relay_config(path: Path, backend: str, dsn: str) -> None:
-    """No rate limits and room for the big mailboxes; everything else as shipped."""
-    lines = [
-        "[store]", f'backend = "{backend}"',
-    ]
-    if backend == "postgresql":
-        lines.append(f"postgres_dsn = {json.dumps(dsn)}")
-    lines += [
-        "[limits]", "quota_messages = 10000000", "quota_bytes = 100000000000",
-        "[rate_limits]", 'register_per_address = "off"', 'send_per_address = "off"',
-        'fetch_per_user = "off"', 'token_per_user = "off"', 'exempt = ["127.0.0.1"]',
-    ]
-    path.write_text("\n".join(lines) + "\n")
+def relay_config(path: Path, backend: str, dsn: str, overrides: Sequence[str] = ()) -> None:
+    """No rate limits and room for the big mailboxes; everything else as shipped, or as
+    `overrides` ("section.name=TOML value", the bench's --set) say."""
+    sections: dict[str, dict[str, str]] = {
+        "store": {"backend": json.dumps(backend), **({"postgres_dsn": json.dumps(dsn)} if backend == "postgresql" else {})},
+        "limits": {"quota_messages": "10000000", "quota_bytes": "100000000000"},
+        "rate_limits": {name: '"off"' for name in ("register_per_address", "send_per_address", "fetch_per_user",
+                                                   "token_per_user")} | {"exempt": '["127.0.0.1"]'},
+    }
+    for override in overrides:
+        dotted, value = override.split("=", 1)
+        section, name = dotted.strip().rsplit(".", 1)
+        sections.setdefault(section, {})[name] = value.strip()
+    path.write_text("".join(f"[{section}]\n" + "".join(f"{name} = {value}\n" for name, value in values.items())
+                            for section, values in sections.items()))
