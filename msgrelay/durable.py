@@ -3,6 +3,7 @@
 Write to a temporary name on the same filesystem, fsync it, rename (or link) it into place,
 then fsync the directory so the new name itself survives a crash. Shared by the stores, the
 federation outbox, the server key and the client's profile (pure file I/O, no server code).
+`read_whole` reads such a file back in as few system calls as the language allows.
 """
 
 from __future__ import annotations
@@ -13,6 +14,31 @@ from pathlib import Path
 from typing import Optional
 
 FILE_MODE = 0o600
+
+
+def read_whole(path: Path) -> bytes:
+    """The file's bytes: open, read to the end, close (four system calls for a small file).
+
+    `Path.read_bytes` makes eight (two fstats, an ioctl, two lseeks), and every system call
+    releases and takes back the GIL: with a busy pool, each hand-off wakes other threads,
+    which made reading a fetch's message files cost more in futex calls than in reading.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunk = os.read(fd, 65536)
+        if len(chunk) < 65536:
+            rest = os.read(fd, 65536)
+            if not rest:
+                return chunk
+            chunk += rest
+        parts = [chunk]
+        while True:
+            more = os.read(fd, 1 << 20)
+            if not more:
+                return b"".join(parts)
+            parts.append(more)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 
 from twisted.logger import Logger
 
+from ..durable import read_whole
 from .interface import MessageRecord, NewMessage, TokenRecord, UserRecord
 from .maildir_layout import MessageName
 
@@ -31,7 +32,7 @@ def hash_name(value: Union[str, bytes]) -> str:
 
 def read_user(path: Path) -> Optional[UserRecord]:
     try:
-        obj = json.loads(path.read_bytes())
+        obj = json.loads(read_whole(path))
     except (FileNotFoundError, NotADirectoryError):
         return None
     return UserRecord(obj["user_id"], obj["key_pem"], obj["push_endpoint"], obj["created"])
@@ -61,7 +62,7 @@ def message_json(message: NewMessage) -> dict[str, Any]:
 
 def read_token(path: Path) -> Optional[TokenRecord]:
     try:
-        obj = json.loads(path.read_bytes())
+        obj = json.loads(read_whole(path))
     except (FileNotFoundError, NotADirectoryError):
         return None
     return TokenRecord(obj["id"], obj["digest"], obj["label"], obj["created"], obj["expires"])
@@ -69,7 +70,7 @@ def read_token(path: Path) -> Optional[TokenRecord]:
 
 def read_message(path: Path, name: "MessageName | str") -> Optional[MessageRecord]:
     try:
-        obj = json.loads(path.read_bytes())
+        obj = json.loads(read_whole(path))
         return MessageRecord(
             str(name), obj["token_id"], obj["data"], obj["algorithm"], obj["password"],
             obj["signature"], obj["received"], obj["expires"],
@@ -84,7 +85,7 @@ def read_message(path: Path, name: "MessageName | str") -> Optional[MessageRecor
 def read_dedup(path: Path, now: int) -> Optional[tuple[str, int]]:
     """(message_id, expires) of an unexpired dedup record, else None."""
     try:
-        obj = json.loads(path.read_bytes())
+        obj = json.loads(read_whole(path))
     except FileNotFoundError:
         return None
     if now < obj["expires"]:
@@ -94,13 +95,13 @@ def read_dedup(path: Path, now: int) -> Optional[tuple[str, int]]:
 
 def read_json_field(path: Path, field: str) -> Optional[int]:
     try:
-        return json.loads(path.read_bytes())[field]
+        return json.loads(read_whole(path))[field]
     except FileNotFoundError:
         return None
 
 
 def read_until(path: Path) -> Optional[int]:
     try:
-        return int(path.read_bytes())
+        return int(read_whole(path))
     except FileNotFoundError:
         return None
