@@ -5,7 +5,10 @@ request refused before its body, whether a request is being answered, whether pa
 the next one is buffered, or to schedule the abort of a connection that will not close;
 and `StreamServerEndpointService` reports a failed listen only asynchronously unless told
 otherwise; an `ssl:` server endpoint does not expose the TLS context it built from its
-description, which a worker needs to serve TLS on a socket it inherited. Each helper below names one such assumption, and tests/test_twisted_compat.py
+description, which a worker needs to serve TLS on a socket it inherited; and a listening
+port accepts as many connections per wake-up as it found last time (`numberAccepts`, which
+it adjusts itself), so of several workers sharing one socket, the first awake takes a whole
+burst. Each helper below names one such assumption, and tests/test_twisted_compat.py
 has one test per assumption that fails loudly if a Twisted release changes it. setup.py
 bounds Twisted below the next major version nobody has tested.
 """
@@ -60,3 +63,21 @@ def server_tls_context(endpoint: SSL4ServerEndpoint) -> Any:
     """The TLS context factory an `ssl:` server endpoint built from its description
     (`_sslContextFactory`): certificate, key, chain and options, as `listen` would use them."""
     return endpoint._sslContextFactory
+
+
+def accept_one_per_wakeup(port: Any) -> None:
+    """Make a listening `tcp.Port` accept one connection each time it is readable.
+
+    `Port.doRead` accepts up to `numberAccepts` connections in a loop and then adapts that
+    number (more after a full loop, as many as it found otherwise). Workers sharing one
+    listening socket are all woken by a new connection; when each takes one and goes back
+    to the event loop, the one least busy takes the next, so a burst of connections (a load
+    balancer's or a client pool's) is spread over the workers instead of landing on one.
+    """
+    read = port.doRead
+
+    def do_read_one() -> Any:
+        port.numberAccepts = 1
+        return read()
+
+    port.doRead = do_read_one

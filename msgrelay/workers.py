@@ -5,7 +5,9 @@ accepting on them, and spawns N workers with `reactor.spawnProcess(childFDs=...)
 each inherits the listening file descriptors at the same numbers. A worker is the same
 `twistd msgrelay` command with `--worker INDEX:FD,FD,...`: a full relay (builder.build_relay)
 that adopts those sockets with `reactor.adoptStreamPort`; the kernel hands each new
-connection to one of the workers waiting in accept. An `ssl:` listener is a TCP socket like
+connection to one of the workers waiting in accept. Each worker takes one connection per
+wake-up (`twisted_compat.accept_one_per_wakeup`), so the least busy worker takes the next
+and a burst of connections is shared out rather than taken whole by the first awake. An `ssl:` listener is a TCP socket like
 the others; each worker does TLS on it with the certificate and key of its description.
 
 The parent does no HTTP work. It supervises: a worker that exits while the parent runs is
@@ -40,6 +42,8 @@ from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+
+from .twisted_compat import accept_one_per_wakeup
 
 log = Logger(namespace="msgrelay.workers")
 
@@ -102,6 +106,7 @@ class AdoptedListener(Service):
         super().startService()
         factory = self.factory if self.tls is None else TLSMemoryBIOFactory(self.tls, False, self.factory)
         self.port = self.reactor.adoptStreamPort(self.fd, socket_family(self.fd), factory)
+        accept_one_per_wakeup(self.port)  # the workers share connections by how busy they are
         os.close(self.fd)  # adoptStreamPort keeps its own copy
         log.info("listening on {endpoint} (inherited socket{tls})", endpoint=self.description,
                  tls=", TLS" if self.tls is not None else "")

@@ -113,3 +113,52 @@ def test_an_ssl_endpoint_keeps_the_tls_context_it_built(tmp_path):
     assert IOpenSSLContextFactory.providedBy(context) and isinstance(context.getContext(), Context)
     serial = x509.load_pem_x509_certificate(cert_path.read_bytes()).serial_number
     assert context.certificate.get_serial_number() == serial  # the certificate of the description
+
+
+def _port_with_pending_connections(count):
+    """A real listening port on loopback (not yet read from) with `count` connections
+    waiting in its accept queue, and the list its factory fills with accepted protocols."""
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+
+    accepted = []
+
+    class Counting(Factory):
+        def buildProtocol(self, addr):
+            protocol = Protocol()
+            accepted.append(protocol)
+            return protocol
+
+    port = reactor.listenTCP(0, Counting(), interface="127.0.0.1")
+    port.stopReading()  # only the test reads from it
+    clients = [socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(count)]
+    return port, accepted, clients
+
+
+def _close(port, accepted, clients):
+    for protocol in accepted:
+        protocol.transport.stopReading()
+        protocol.transport.stopWriting()
+        protocol.transport.socket.close()
+    for client in clients:
+        client.close()
+    port.socket.close()
+
+
+def test_a_port_accepts_a_burst_in_one_read_and_one_per_wakeup_after_the_change():
+    port, accepted, clients = _port_with_pending_connections(3)
+    try:
+        port.doRead()  # Twisted's own behaviour: the whole waiting burst in one wake-up
+        assert len(accepted) == 3
+    finally:
+        _close(port, accepted, clients)
+    port, accepted, clients = _port_with_pending_connections(3)
+    try:
+        compat.accept_one_per_wakeup(port)
+        for expected in (1, 2, 3):
+            port.doRead()
+            assert len(accepted) == expected
+    finally:
+        _close(port, accepted, clients)
