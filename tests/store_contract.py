@@ -498,6 +498,25 @@ class StoreContract:
         assert await store.remember_signature(digest, NOW + 1000, NOW + 302) is False
 
     @pytest_twisted.ensureDeferred
+    async def test_remember_and_fetch_reads_only_on_first_use(self, store):
+        await store.add_user(user(ALICE))
+        ids = [(await store.deliver(ALICE, f"k{i}", message(data=f"m{i}"), BIG, NOW)).message_id for i in range(3)]
+        digest = hashlib.sha256(b"signed fetch").digest()
+        page, remaining = await store.remember_and_fetch(digest, NOW + 300, NOW, ALICE, 2, None)
+        assert [m.message_id for m in page] == ids[:2] and remaining == 1
+        assert await store.remember_and_fetch(digest, NOW + 300, NOW + 1, ALICE, 2, None) is None
+        # The entry is the replay cache's own: remember_signature sees it, and the reverse.
+        assert await store.remember_signature(digest, NOW + 300, NOW + 2) is False
+        other = hashlib.sha256(b"another").digest()
+        assert await store.remember_signature(other, NOW + 300, NOW) is True
+        assert await store.remember_and_fetch(other, NOW + 300, NOW, ALICE, 10, None) is None
+        page, remaining = await store.remember_and_fetch(hashlib.sha256(b"third").digest(), NOW + 300, NOW, ALICE,
+                                                         10, 1)
+        assert [m.message_id for m in page] == ids[:1] and remaining == 2  # max_bytes reaches fetch
+        assert await store.remember_and_fetch(hashlib.sha256(b"fourth").digest(), NOW + 300, NOW, "nobody" * 5,
+                                              10, None) == ([], 0)
+
+    @pytest_twisted.ensureDeferred
     async def test_replay_entries_expire(self, store):
         digest = hashlib.sha256(b"sig").digest()
         assert await store.remember_signature(digest, NOW + 300, NOW) is True

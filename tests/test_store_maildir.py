@@ -463,6 +463,7 @@ async def test_blocking_work_runs_off_the_reactor_thread(tmp_path):
     await store.usage(ALICE, NOW)
     await store.acknowledge(ALICE, [delivery.message_id])
     await store.remember_signature(b"sig", NOW + 60, NOW)
+    await store.remember_and_fetch(b"sig2", NOW + 60, NOW, ALICE, 10, None)
     await store.check_writable()
     await store.stats(NOW)
     await store.expire(NOW)

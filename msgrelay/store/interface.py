@@ -197,6 +197,12 @@ class IStore(Interface):
         False when already recorded and not yet past its `until` (a replay).
         Atomic across every process sharing the store."""
 
+    def remember_and_fetch(digest: bytes, until: int, now: int, user_id: str, limit: int,
+                           max_bytes: Optional[int] = None):
+        """`remember_signature`, then, on first use only, `fetch` (same arguments): a signed
+        fetch's store work in one round trip. Fires None for a replay (nothing read), else
+        what `fetch` fires."""
+
     def check_writable():
         """Fires None after a real durable write and removal, or fails with StoreUnavailable."""
 

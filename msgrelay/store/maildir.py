@@ -114,6 +114,10 @@ class MaildirStore:
     def remember_signature(self, digest: bytes, until: int, now: int) -> Deferred:
         return self._run(self.files.remember_signature, digest, until, now)
 
+    def remember_and_fetch(self, digest: bytes, until: int, now: int, user_id: str, limit: int,
+                           max_bytes: Optional[int] = None) -> Deferred:
+        return self._run(self.files.remember_and_fetch, digest, until, now, user_id, limit, max_bytes)
+
     def check_writable(self) -> Deferred:
         return self._run(self.files.check_writable)
 

@@ -521,6 +521,13 @@ class MaildirFiles:
             found += self.orphans_in(self.users / user_id / "tmp", now)
         return found
 
+    def remember_and_fetch(self, digest: bytes, until: int, now: int, user_id: str, limit: int,
+                           max_bytes: Optional[int] = None) -> Optional[tuple[list[MessageRecord], int]]:
+        """A signed fetch's store work in one call (one thread hand-off): None for a replay."""
+        if not self.remember_signature(digest, until, now):
+            return None
+        return self.fetch(user_id, now, limit, max_bytes)
+
     @disk_operation("record a signature")
     def remember_signature(self, digest: bytes, until: int, now: int) -> bool:
         """First use links a new entry into place (EEXIST is the atomic "already used").

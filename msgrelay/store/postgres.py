@@ -595,6 +595,15 @@ class PostgresCore:
 
         return self._run("remember_signature", work)
 
+    def remember_and_fetch(self, digest: bytes, until: int, now: int, user_id: str, limit: int,
+                           max_bytes: Optional[int] = None) -> Optional[tuple[list[MessageRecord], int]]:
+        """A signed fetch's store work in one thread hand-off: the replay entry is committed
+        first (its own transaction, as `remember_signature`), then the page is read. None
+        for a replay."""
+        if not self.remember_signature(digest, until, now):
+            return None
+        return self.fetch(user_id, now, limit, max_bytes)
+
     def check_writable(self) -> None:
         """Insert and delete a row in one committed transaction: a real WAL flush."""
         marker = f"{socket.gethostname()}:{uuid.uuid4().hex}"
@@ -832,6 +841,11 @@ class PostgresStore:
 
     def remember_signature(self, digest: bytes, until: int, now: int) -> "Deferred[bool]":
         return self._call("remember_signature", self.core.remember_signature, digest, until, now)
+
+    def remember_and_fetch(self, digest: bytes, until: int, now: int, user_id: str, limit: int,
+                           max_bytes: Optional[int] = None) -> "Deferred[Optional[tuple[list[MessageRecord], int]]]":
+        return self._call("remember_and_fetch", self.core.remember_and_fetch, digest, until, now, user_id, limit,
+                          max_bytes)
 
     def check_writable(self) -> "Deferred[None]":
         return self._call("check_writable", self.core.check_writable)

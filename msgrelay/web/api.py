@@ -193,8 +193,9 @@ class RelayAPI:
         limit = signed.own.get("limit")
         if limit is not None and not 1 <= limit <= MAX_FETCH_LIMIT:
             raise malformed(f"limit must be between 1 and {MAX_FETCH_LIMIT}")
-        user = await self._authenticate(request, signed, "fetch")
-        return write_json(request, await self.core.fetch(user, limit))
+        answer = await self.core.signed_fetch(signed, request.method.decode("ascii"), request.path.decode("utf-8"),
+                                              limit, self._user_limit("fetch"))
+        return write_json(request, answer)
 
     @app.route("/api/v1/message", methods=["DELETE"])
     async def acknowledge(self, request: IRequest) -> bytes:
