@@ -1,8 +1,12 @@
-"""RSA work of the accept and fetch paths runs in the crypto pool, never on the reactor thread,
-over real sockets against the real service tree; and one packet costs one store call."""
+"""RSA decryption of the accept path, and sealing of big fetch answers, run in the crypto pool,
+never on the reactor thread, over real sockets against the real service tree; one packet costs
+one store call, one signed fetch two."""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import threading
 
 import pytest_twisted
@@ -32,14 +36,19 @@ async def test_open_and_seal_run_in_the_crypto_pool_and_accept_is_one_store_call
     await client.register(alice)
     token = await client.mint(alice)
     store_calls: list[str] = []
-    for name in ("get_user", "get_token", "deliver", "deliver_checked"):
+    for name in ("get_user", "get_token", "deliver", "deliver_checked", "fetch", "remember_signature",
+                 "remember_and_fetch"):
         method = getattr(core.store, name)
         monkeypatch.setattr(core.store, name, lambda *a, _m=method, _n=name: (store_calls.append(_n), _m(*a))[1])
-    sent = await client.send(alice, token, packet_id="p-1")
+    # Over relay.SEAL_INLINE_BYTES of payload: the answer is sealed in the crypto pool.
+    big = json.dumps({"blob": base64.b64encode(os.urandom(relay_module.SEAL_INLINE_BYTES)).decode()}).encode()
+    sent = await client.send(alice, token, packet_id="p-1", body=big)
     assert sent.status == 200, sent.body
     assert store_calls == ["deliver_checked"]
+    del store_calls[:]
     _, messages = await client.fetch(alice)
     assert [m["id"] for m in messages] == [sent.body["message_id"]]
+    assert store_calls == ["get_user", "remember_and_fetch"]  # a signed fetch is two store calls
     assert len(threads["open"]) == 1 and len(threads["seal"]) == 1
     for thread in threads["open"] + threads["seal"]:
         assert thread is not threading.main_thread()

@@ -16,14 +16,14 @@ from msgrelay.store.maildir import MaildirFiles
 from store_contract import ALICE, BIG, BOB, NOW, message, token, user
 
 class Touches:
-    """Counts stat, listdir and open calls on record files (`files`) and listings of record
+    """Counts stat, listdir and open (io's and os's) calls on record files (`files`) and listings of record
     folders (`listings`) while active."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
         self.files: list[str] = []
         self.listings: list[str] = []
         self.active = True
-        for module, name in ((os, "stat"), (os, "listdir"), (io, "open")):
+        for module, name in ((os, "stat"), (os, "listdir"), (io, "open"), (os, "open")):
             monkeypatch.setattr(module, name, self._counting(getattr(module, name), name == "listdir"))
 
     def _counting(self, real: Any, listing: bool) -> Any:
