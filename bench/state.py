@@ -107,6 +107,10 @@ class PostgresSeeder(Seeder):
             ) as copy:
                 for _ in range(count):
                     copy.write_row(row)
+            # As the store's own inserts do: the per-user counters in the same transaction.
+            conn.execute("UPDATE users SET pending_messages = pending_messages + %s,"
+                         " pending_bytes = pending_bytes + %s WHERE user_id = %s",
+                         (count, count * message.size, user_id))
 
         self.core._run("fill", work)
 

@@ -224,6 +224,26 @@ class StoreContract:
         assert [m.data for m in everything] == [f"m{i}" for i in range(5)] and remaining == 0
 
     @pytest_twisted.ensureDeferred
+    async def test_remaining_and_usage_leave_out_expired_messages_not_yet_swept(self, store):
+        await store.add_user(user(ALICE))
+        short = [message(data=f"s{i}xxx==", expires=NOW + 10) for i in range(3)]
+        long = [message(data=f"l{i}xxx==", expires=NOW + HOUR) for i in range(4)]
+        for i, m in enumerate(short + long):
+            await store.deliver(ALICE, f"k{i}", m, BIG, NOW)
+        assert await store.usage(ALICE, NOW) == (7, sum(m.size for m in short + long))
+        page, remaining = await store.fetch(ALICE, NOW, 2)
+        assert len(page) == 2 and remaining == 5
+        # Past the short ones' expiry, before any sweep: they are neither fetched nor counted.
+        later = NOW + 10
+        assert await store.usage(ALICE, later) == (4, sum(m.size for m in long))
+        page, remaining = await store.fetch(ALICE, later, 3)
+        assert [m.data for m in page] == ["l0xxx==", "l1xxx==", "l2xxx=="] and remaining == 1
+        assert await store.expire(later) == 3
+        assert await store.usage(ALICE, later) == (4, sum(m.size for m in long))
+        page, remaining = await store.fetch(ALICE, later, 1)
+        assert len(page) == 1 and remaining == 3
+
+    @pytest_twisted.ensureDeferred
     async def test_fetch_stops_before_the_message_that_would_pass_max_bytes(self, store):
         await store.add_user(user(ALICE))
         sizes = [100, 100, 300, 50]

@@ -57,8 +57,14 @@ _RETRIES = 3  # for deadlocks and serialization failures, which PostgreSQL asks 
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58", "XX")  # connection, resources, operator, system
 
 
-#: A user's pending unexpired messages and their quota bytes (`usage`).
-_USAGE = "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE user_id = %s AND expires > %s"
+#: A user's pending unexpired messages and bytes: the counters on the users row (kept in the
+#: same transaction as every insert and delete) less the expired rows not yet swept, which the
+#: expiry index finds without reading the mailbox. Costs the same for 10 or 100,000 messages.
+_USAGE = (
+    "SELECT u.pending_messages - coalesce(x.n, 0), u.pending_bytes - coalesce(x.b, 0) FROM users u"
+    " LEFT JOIN (SELECT count(*) AS n, sum(size) AS b FROM messages WHERE user_id = %(user)s AND expires <= %(now)s) x"
+    " ON true WHERE u.user_id = %(user)s"
+)
 #: Counters against rows, per user: (user_id, counted messages, bytes, real messages, bytes).
 _COUNTERS = (
     "SELECT u.user_id, u.pending_messages, u.pending_bytes, coalesce(c.n, 0), coalesce(c.b, 0)"
@@ -461,10 +467,7 @@ class PostgresCore:
                 " FROM messages WHERE user_id = %s AND id = ANY(%s::bigint[]) ORDER BY id",
                 (user_id, page),
             ).fetchall()
-            total = conn.execute(
-                "SELECT count(*) FROM messages WHERE user_id = %s AND expires > %s",
-                (user_id, now),
-            ).fetchone()
+            total = conn.execute(_USAGE, {"user": user_id, "now": now}).fetchone()
             messages = [
                 MessageRecord(
                     message_id=format_message_id(int(r[0])),
@@ -483,11 +486,12 @@ class PostgresCore:
         return self._run("fetch", work)
 
     def usage(self, user_id: str, now: int) -> tuple[int, int]:
-        """Counted from the size column, as the quota in `deliver` counts."""
+        """From the counters on the users row, as the quota in `deliver` counts, less the
+        expired rows not yet swept."""
 
         def work(conn: psycopg.Connection) -> tuple[int, int]:
-            row = conn.execute(_USAGE, (user_id, now)).fetchone()
-            return (int(row[0]), int(row[1])) if row else (0, 0)
+            row = conn.execute(_USAGE, {"user": user_id, "now": now}).fetchone()
+            return (max(0, int(row[0])), max(0, int(row[1]))) if row else (0, 0)
 
         return self._run("usage", work)
 
