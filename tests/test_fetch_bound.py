@@ -68,6 +68,15 @@ async def test_big_answers_are_sealed_off_the_reactor_thread_small_ones_on_it(re
     answer, messages = await client.fetch(alice)
     assert answer.status == 200 and len(messages) == 1
     assert len(threads) == 2 and threads[1] is not threading.main_thread()
+    # The signature counts too: a small message with a big signature is a big answer.
+    await client.signed(alice, "DELETE", "/api/v1/message", ids=[messages[0]["id"]])
+    from msgrelay.relay import SEAL_INLINE_BYTES
+
+    signature = base64.b64encode(os.urandom(SEAL_INLINE_BYTES)).decode()
+    assert (await client.send(alice, token, signature=signature)).status == 200
+    answer, messages = await client.fetch(alice)
+    assert answer.status == 200 and messages[0]["signature"] == signature
+    assert len(threads) == 3 and threads[2] is not threading.main_thread()
 
 
 @ensure
