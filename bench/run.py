@@ -105,10 +105,6 @@ class Relay:
                     sizes.append(int(line.split()[1]) / 1024)
         return max(sizes) if sizes else float("nan")
 
-    def cpu_seconds(self) -> float:
-        """CPU time of the relay's process and its workers together."""
-        return sum(self.cpu_split())
-
     def cpu_split(self) -> tuple[float, float]:
         """User and kernel CPU time of the relay's process and its workers together."""
         user = system = 0

@@ -25,18 +25,10 @@ def read_whole(path: Path) -> bytes:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunk = os.read(fd, 65536)
-        if len(chunk) < 65536:
-            rest = os.read(fd, 65536)
-            if not rest:
-                return chunk
-            chunk += rest
-        parts = [chunk]
-        while True:
-            more = os.read(fd, 1 << 20)
-            if not more:
-                return b"".join(parts)
-            parts.append(more)
+        parts = []
+        while chunk := os.read(fd, 65536):
+            parts.append(chunk)
+        return b"".join(parts)
     finally:
         os.close(fd)
 
