@@ -161,6 +161,10 @@ class Run:
         self.rows: list[dict[str, Any]] = []
         self.extra: dict[str, float] = {}
 
+    def wanted(self, name: str) -> bool:
+        """Whether `--only` (substrings of scenario names) selects this scenario; all without it."""
+        return not self.args.only or any(part in name for part in self.args.only)
+
     def measure(self, relay: Relay, name: str, requests: list[bytes], unit: str = "req/s",
                 per_request: int = 1, keep_bodies: bool = False, rate: float = 0.0) -> loadgen.Outcome:
         """Send every request once, as fast as the connections go or paced at `rate` req/s."""
@@ -208,11 +212,17 @@ class Run:
                 self.args.ceilings = ceilings.measure(server_key, self.key, workdir / "ceiling", 1.0 if quick else 3.0)
                 os.sync()  # the write ceiling's clean-up must not slow the first scenario
             user_pub = self.key.public_key()
-            self.measure(relay, "accept, 200 recipients", packets(relay, many, user_pub, n_accept), "msgs/s")
-            sent = self.measure(relay, "accept, 1 recipient", packets(relay, [single], user_pub, n_accept), "msgs/s",
-                                keep_bodies=True)
+            if self.wanted("accept, 200 recipients"):
+                self.measure(relay, "accept, 200 recipients", packets(relay, many, user_pub, n_accept), "msgs/s")
+            ack = "acknowledge, 10 ids per request"
+            sent = None
+            if self.wanted("accept, 1 recipient") or self.wanted(ack):
+                sent = self.measure(relay, "accept, 1 recipient", packets(relay, [single], user_pub, n_accept),
+                                    "msgs/s", keep_bodies=True)
             for label, who in (("100", small), ("10,000", big)):
                 for limit in (10, 100):
+                    if not self.wanted(f"fetch limit={limit}, {label}-message mailbox"):
+                        continue
                     requests = [signed(relay, self.key, who.user_id, "GET", limit=limit) for _ in range(n_fetch)]
                     most = self.measure(relay, f"fetch limit={limit}, {label}-message mailbox", requests).rate
                     if limit == 100:  # the latency target is at half the measured maximum load
@@ -222,19 +232,21 @@ class Run:
                         self.measure(relay, f"fetch limit={limit}, {label}-message mailbox, 50% load", requests,
                                      rate=half)
             for label, who in (("100", small), ("10,000", big)):
-                self.measure(relay, f"accept, {label}-message mailbox", packets(relay, [who], user_pub, n_accept),
-                             "msgs/s")
-            ids = [json.loads(body)["message_id"] for body in sent.bodies]
-            batches = [ids[i:i + 10] for i in range(0, min(len(ids), n_ack * 10), 10)]
-            self.measure(relay, "acknowledge, 10 ids per request",
-                         [signed(relay, self.key, single.user_id, "DELETE", ids=batch) for batch in batches],
-                         "msgs/s", per_request=10)
+                if self.wanted(f"accept, {label}-message mailbox"):
+                    self.measure(relay, f"accept, {label}-message mailbox", packets(relay, [who], user_pub, n_accept),
+                                 "msgs/s")
+            if sent is not None and self.wanted(ack):
+                ids = [json.loads(body)["message_id"] for body in sent.bodies]
+                batches = [ids[i:i + 10] for i in range(0, min(len(ids), n_ack * 10), 10)]
+                self.measure(relay, ack, [signed(relay, self.key, single.user_id, "DELETE", ids=batch)
+                                          for batch in batches], "msgs/s", per_request=10)
             self.extra["rss_mib_after_run"] = relay.rss_mib()
         finally:
             relay.stop()
-        if self.backend == "postgresql":
+        if self.backend == "postgresql" and self.wanted("worker"):
             self._workers(workdir, twistd, config, single, many, small, n_accept, n_fetch)
-        self._big_state(workdir, twistd, pem)
+        if self.wanted("start-up"):
+            self._big_state(workdir, twistd, pem)
 
     def _workers(self, workdir: Path, twistd: str, config: Path, single: Seeded, many: list[Seeded],
                  small: Seeded, n_accept: int, n_fetch: int) -> None:
@@ -360,6 +372,10 @@ def main() -> None:
                              "(repeatable; default: \"accept, 200 recipients\")")
     parser.add_argument("--profile-gil", action="store_true",
                         help="sample only the thread holding the GIL (where the serialised Python time goes)")
+    parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
+                        help="run only the scenarios whose name holds SUBSTRING (repeatable), e.g. "
+                             "--only 'fetch limit=10,'; 'worker' selects the workers comparison, 'start-up' the "
+                             "stored-state start-up")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.NAME=VALUE",
                         help="a relay setting for this run, as TOML (repeatable), e.g. --set pools.store=4")
     args = parser.parse_args()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Protocol
 
-from .wire.addresses import is_server_name
+from .wire.addresses import is_server_name, parse_server
 
 
 class SettingError(Exception):
@@ -118,8 +118,6 @@ def _peer_table(value: list) -> Optional[str]:
 
 
 def _name_servers(value: list) -> Optional[str]:
-    from .federation.resolver import parse_server
-
     for entry in value:
         try:
             parse_server(entry)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,6 +14,24 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from apiclient import ApiClient, User
 from memrelay import MemoryRelay
 from relayproc import KEYS, free_port, seed_server_key
+
+
+def _temporary_state_in_memory() -> None:
+    """Put pytest's tmp_path (and every relay's state under it) on tmpfs when there is one.
+
+    The suite tests behaviour; what fsync costs on a shared CI disk is bench/'s subject, and
+    here it only made the wall time swing from run to run. A crash test kills processes,
+    which tmpfs survives as a disk does. An explicit TMPDIR (or --basetemp) wins. Runs at
+    import, in pytest and in every worker, before the first temporary directory is made;
+    relays and clients started by the tests inherit it.
+    """
+    shm = Path("/dev/shm")
+    if "TMPDIR" not in os.environ and shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        os.environ["TMPDIR"] = str(shm)
+        tempfile.tempdir = None  # recomputed from TMPDIR on next use
+
+
+_temporary_state_in_memory()
 
 #: The files that take longest, longest first (seconds of one file on one worker, measured on
 #: the 2-core CI machine). They are handed to the parallel workers first, so that no worker

@@ -277,7 +277,9 @@ async def test_concurrent_deliveries_to_one_user_share_folder_fsyncs(tmp_path, m
     messages, remaining = store.files.fetch(ALICE, NOW, 100)
     assert [m.message_id for m in messages] == sorted(r.message_id for r in results) and remaining == 0
     assert entered.count("new") == 40 and entered.count("dedup") == 40  # each waited for a sync
-    assert fsyncs.count("new") <= 40 - 7  # the 8 writers of the first round shared two fsyncs
+    # The 8 writers of the first round shared two fsyncs (6 saved); later rounds may share
+    # more, but only when fsyncs are slow enough to overlap, which tmpfs's are not.
+    assert fsyncs.count("new") <= 40 - 6
 
 
 def test_erasure_during_a_delivery_is_no_such_user_and_stores_nothing(tmp_path, monkeypatch):

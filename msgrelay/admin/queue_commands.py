@@ -21,7 +21,6 @@ from urllib.parse import quote
 import click
 
 from ..control.client import ControlClient, ControlUnavailable
-from ..federation.factory import open_outbox, outbox_path
 from ..federation.outbox import FederationOutbox, OutboxBusy, OutboxUnavailable
 from ..federation.outbox_interface import Outbox, QueueSummary
 from ..settings import SettingError, read_toml, resolve
@@ -39,6 +38,10 @@ def queue() -> None:
 
 
 def _outbox(admin: AdminContext) -> FederationOutbox:
+    # The factory (and the whole federation stack behind it) only when a queue command runs:
+    # every msgrelay-admin command imports this module, and that stack is most of its start-up.
+    from ..federation.factory import outbox_path
+
     return FederationOutbox(outbox_path(admin.require_state_dir()))
 
 
@@ -182,6 +185,8 @@ def _shared(admin: AdminContext) -> bool:
 
 
 def _open_shared(admin: AdminContext) -> Outbox:
+    from ..federation.factory import open_outbox
+
     try:
         return open_outbox(admin.settings)
     except OutboxUnavailable as e:

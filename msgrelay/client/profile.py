@@ -219,9 +219,10 @@ class Profile:
             raise ProfileError(f"cannot read {self.key_path}: {e}")
 
     def load_private_key(self, passphrase: Callable[[], Optional[bytes]]) -> rsa.RSAPrivateKey:
-        """`passphrase` is asked only when the key is encrypted."""
+        """`passphrase` is asked only when the key is encrypted. The key was checked in full
+        when it was made or imported (`init --key`), so it is not checked again on every command."""
         pem = self.key_pem()
-        return private_key_from_pem(pem, passphrase() if pem_is_encrypted(pem) else None)
+        return private_key_from_pem(pem, passphrase() if pem_is_encrypted(pem) else None, checked=False)
 
     def load_identity(self, passphrase: Callable[[], Optional[bytes]]) -> Identity:
         config = self.load_config()

@@ -27,6 +27,7 @@ from treq.client import HTTPClient
 from ..net import http as net_http
 from ..net.http import tls_policy
 from ..net.trust import load_trust_root
+from ..wire.addresses import is_ip_literal
 
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
@@ -77,14 +78,6 @@ def address_problem(text: str) -> Optional[str]:
     if not address.is_global:
         return f"{address} is not a public address"
     return None
-
-
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 async def checked_addresses(host: str, port: int, resolve: Resolver, allow_private: bool) -> list[str]:

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 
-from .netguard import is_ip_literal
+from ..wire.addresses import is_ip_literal, parse_server
 
 log = Logger(namespace="msgrelay.dns")
 
@@ -41,27 +41,6 @@ MAX_CNAME_HOPS = 4
 
 class LookupFailed(ConnectionError):
     """A name could not be resolved (this answer may come from the negative cache)."""
-
-
-def parse_server(entry: str) -> tuple[str, int]:
-    """`"192.0.2.53"`, `"192.0.2.53:5353"`, `"2001:db8::53"` or `"[2001:db8::53]:5353"`
-    as (address, port); ValueError if it is not an IP address with an optional port."""
-    text = entry.strip()
-    host, port = text, 53
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ValueError(f"{entry!r}: expected [ADDRESS]:PORT")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, number = text.partition(":")
-        if not number.isdigit():
-            raise ValueError(f"{entry!r}: the port must be a number")
-        port = int(number)
-    if not is_ip_literal(host) or not 0 < port < 65536:
-        raise ValueError(f"{entry!r} is not a name server address (an IP address with an optional :port)")
-    return host, port
 
 
 def servers_from_resolv_conf(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:

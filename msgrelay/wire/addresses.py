@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -46,3 +47,35 @@ def parse_address(text: str, field: str = "user_id") -> Address:
     if not is_server_name(server):
         raise ProtocolError(106, f"{field} has an invalid server name {server!r}")
     return Address(user_id, server.lower())
+
+
+def is_ip_literal(host: str) -> bool:
+    """Whether `host` is an IPv4 or IPv6 address as written, not a name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_server(entry: str) -> tuple[str, int]:
+    """A name server as configured: `"192.0.2.53"`, `"192.0.2.53:5353"`, `"2001:db8::53"` or
+    `"[2001:db8::53]:5353"` as (address, port); ValueError if it is not an IP address with an
+    optional port. Here, not beside the resolver, so that checking a config file needs no
+    networking code."""
+    text = entry.strip()
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ValueError(f"{entry!r}: expected [ADDRESS]:PORT")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, number = text.partition(":")
+        if not number.isdigit():
+            raise ValueError(f"{entry!r}: the port must be a number")
+        port = int(number)
+    if not is_ip_literal(host) or not 0 < port < 65536:
+        raise ValueError(f"{entry!r} is not a name server address (an IP address with an optional :port)")
+    return host, port
