@@ -289,3 +289,13 @@ def test_fsck_restores_a_lost_format_file(state):
     assert [(f["path"], f["action"]) for f in json.loads(result.stdout)["findings"]] == [("maildir/FORMAT", "recreated")]
     assert (state.store / "FORMAT").read_text() == "msgrelay-maildir 1\n"
     assert admin("stats", "-d", str(state.root)).returncode == 0
+
+
+def test_admin_starts_without_the_federation_stack():
+    """Every command imports msgrelay.admin.cli: the federation and DNS modules (Twisted's
+    HTTP client and names, a third of the start-up) come only with the commands that use them."""
+    heavy = ("msgrelay.federation.factory", "msgrelay.federation.resolver", "twisted.web.client", "twisted.names.client")
+    code = f"import sys, msgrelay.admin.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -151,6 +151,31 @@ def test_unencrypted_key_needs_no_passphrase(tmp_path, key):
     assert profile.load_private_key(ask).private_numbers() == key.private_numbers()
 
 
+def test_an_imported_key_is_checked_in_full_the_profiles_own_is_not_and_still_signs_correctly(tmp_path, key):
+    """The profile's key is loaded without OpenSSL's RSA consistency check (it costs every
+    command about 0.1 s); a key given to `init --key` is checked. A damaged CRT exponent in
+    the profile's file still gives correct signatures: OpenSSL verifies each CRT result and
+    falls back to the private exponent rather than release a faulty one."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    good = key.private_numbers()
+    damaged = rsa.RSAPrivateNumbers(good.p, good.q, good.d, good.dmp1 ^ 2, good.dmq1, good.iqmp,
+                                    good.public_numbers).private_key(unsafe_skip_rsa_key_validation=True)
+    pem = damaged.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    with pytest.raises(ProfileError, match="does not parse"):
+        private_key_from_pem(pem, None)  # what `init --key` does with a file it is given
+    profile = Profile(tmp_path / "p")
+    profile.create_folder()
+    profile.key_path.write_bytes(pem)
+    os.chmod(profile.key_path, 0o600)
+    loaded = profile.load_private_key(lambda: None)
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    signature = loaded.sign(b"a request", pss, hashes.SHA256())
+    key.public_key().verify(signature, b"a request", pss, hashes.SHA256())  # raises if faulty
+
+
 def test_identity_must_match_config(tmp_path, key, other_key):
     profile = Profile(tmp_path / "p")
     profile.create_folder()
