@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -334,7 +335,9 @@ def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]]
         print(f"{row['backend']:<10} {row['scenario']:<38} {row['rate']:>9.0f} {row['unit']:<7} {row['p50_ms']:>7.1f} "
               f"{row['p99_ms']:>7.1f} {row['p999_ms']:>8.1f} {row['errors']:>4} {row['server_cpu']:>6.0%} "
               f"{row.get('server_sys', 0):>6.0%} {row['client_cpu']:>6.0%} {row.get('machine_cpu', 0):>7.0%}  {ratio:.2f} of {bound}"
-              + (f" (paced at {row['offered_rate']:.0f}/s)" if row["offered_rate"] else ""))
+              + (f" (paced at {row['offered_rate']:.0f}/s)" if row["offered_rate"] else "")
+              + (f"; {len(row['rates'])} runs: {row['rates'][0]:.0f}-{row['rates'][-1]:.0f}"
+                 if len(row.get("rates", ())) > 1 else ""))
     for backend, extra in extras.items():
         print(f"{backend}: relay RSS after the run {extra.get('rss_mib_after_run', 0):.0f} MiB; with "
               f"{extra.get('stored_messages', 0):,} stored messages over {extra.get('stored_users', 0):,} users: "
@@ -376,9 +379,14 @@ def main() -> None:
                         help="run only the scenarios whose name holds SUBSTRING (repeatable), e.g. "
                              "--only 'fetch limit=10,'; 'worker' selects the workers comparison, 'start-up' the "
                              "stored-state start-up")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run everything N times (fresh state and relay each time, ceilings too) and report "
+                             "each scenario's median run, with the range of its rates")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.NAME=VALUE",
                         help="a relay setting for this run, as TOML (repeatable), e.g. --set pools.store=4")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.load_generator is None:
         args.load_generator = "wrk" if wrkgen.available() else "python"
     elif args.load_generator == "wrk" and not wrkgen.available():
@@ -393,24 +401,44 @@ def main() -> None:
     backends = ["maildir", "postgresql"] if backend == "both" else [backend]
     if "postgresql" in backends and not args.postgres_dsn:
         parser.error("--postgres-dsn is needed for the PostgreSQL backend")
-    args.ceilings = None
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    rows: list[dict[str, Any]] = []
-    extras: dict[str, dict[str, float]] = {}
-    for name in backends:
-        print(f"{name}:", flush=True)
-        workdir = Path(tempfile.mkdtemp(prefix=f"msgrelay-bench-{name}-"))
-        try:
-            run = Run(args, name, key)
-            run.execute(workdir, args.twistd)
-            rows += run.rows
-            extras[name] = run.extra
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print_report(rows, extras, args.ceilings, args)
+    runs: dict[str, list[Run]] = {name: [] for name in backends}
+    ceiling_runs: list[dict[str, float]] = []
+    # Repetitions outermost, so that a machine whose speed drifts (shared hosts do) weighs on
+    # every backend alike; the ceilings are measured again in each repetition.
+    for repetition in range(args.repeat):
+        args.ceilings = None
+        for name in backends:
+            print(f"{name}:" + (f" (run {repetition + 1} of {args.repeat})" if args.repeat > 1 else ""), flush=True)
+            workdir = Path(tempfile.mkdtemp(prefix=f"msgrelay-bench-{name}-"))
+            try:
+                run = Run(args, name, key)
+                run.execute(workdir, args.twistd)
+                runs[name].append(run)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+        ceiling_runs.append(args.ceilings)
+    ceiling = {field: statistics.median(c[field] for c in ceiling_runs) for field in ceiling_runs[0]}
+    rows = [row for name in backends for row in median_rows([run.rows for run in runs[name]])]
+    extras = {name: {field: statistics.median(run.extra[field] for run in runs[name]) for field in runs[name][0].extra}
+              for name in backends}
+    print_report(rows, extras, ceiling, args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "twistd": args.twistd, "ceilings": args.ceilings,
-                                               "rows": rows, "extras": extras}, indent=1))
+        Path(args.json).write_text(json.dumps({"cores": os.cpu_count(), "twistd": args.twistd, "ceilings": ceiling,
+                                               "ceiling_runs": ceiling_runs, "rows": rows, "extras": extras}, indent=1))
+
+
+def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per scenario, the row of the run with the median rate (the lower middle one for an even
+    count, so every figure in it is one run's), with every run's rate beside it as `rates`."""
+    merged = []
+    for rows in zip(*runs):
+        assert len({row["scenario"] for row in rows}) == 1, "the repetitions ran different scenarios"
+        ordered = sorted(rows, key=lambda row: row["rate"])
+        middle = dict(ordered[(len(ordered) - 1) // 2])
+        middle["rates"] = [row["rate"] for row in ordered]
+        merged.append(middle)
+    return merged
 
 
 if __name__ == "__main__":
