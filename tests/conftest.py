@@ -21,12 +21,16 @@ def _temporary_state_in_memory() -> None:
 
     The suite tests behaviour; what fsync costs on a shared CI disk is bench/'s subject, and
     here it only made the wall time swing from run to run. A crash test kills processes,
-    which tmpfs survives as a disk does. An explicit TMPDIR (or --basetemp) wins. Runs at
-    import, in pytest and in every worker, before the first temporary directory is made;
-    relays and clients started by the tests inherit it.
+    which tmpfs survives as a disk does. An explicit TMPDIR (or --basetemp) wins, and a small
+    /dev/shm (containers often have 64 MiB) is left alone. Runs at import, in pytest and in
+    every worker, before the first temporary directory is made; relays and clients started
+    by the tests inherit it.
     """
     shm = Path("/dev/shm")
-    if "TMPDIR" not in os.environ and shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+    if "TMPDIR" in os.environ or not shm.is_dir() or not os.access(shm, os.W_OK | os.X_OK):
+        return
+    room = os.statvfs(shm)
+    if room.f_bavail * room.f_frsize >= 1 << 30:
         os.environ["TMPDIR"] = str(shm)
         tempfile.tempdir = None  # recomputed from TMPDIR on next use
 
