@@ -1,5 +1,8 @@
-"""The real `msgrelay-client` command (a subprocess) against a real `twistd msgrelay` on loopback.
+"""The real `msgrelay-client` command against a real `twistd msgrelay` on loopback.
 
+Each command runs in a process of its own, forked from one that has imported the client
+already (tests/clientfork.py: the same entry point as the console script, its own argv,
+environment and streams, real sockets); the watch test runs the installed script itself.
 Every CLI run is checked for the absence of a traceback: each failure here is an expected one.
 """
 
@@ -21,6 +24,7 @@ from typing import Optional
 
 import pytest
 
+import clientfork
 from relayproc import RelayProcess, free_port, interruptible
 
 pytestmark = pytest.mark.slow
@@ -73,10 +77,7 @@ class Person:
     def run(self, *args: str, expect: Optional[int] = 0, stdin: Optional[str] = None,
             env: Optional[dict] = None, timeout: float = 90) -> Run:
         command = [CLIENT, "--profile", self.name, *args]
-        done = subprocess.run(
-            command, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-            capture_output=True, text=True, env={**self.env, **(env or {})}, timeout=timeout,
-        )
+        done = clientfork.run(command[1:], env={**self.env, **(env or {})}, stdin=stdin, timeout=timeout)
         result = Run(done.returncode, done.stdout, done.stderr)
         assert "Traceback" not in done.stderr + done.stdout, f"{command}\n{done.stderr}"
         if expect is not None:
