@@ -42,22 +42,23 @@ _temporary_state_in_memory()
 #: starts a long file when the others are nearly done (pytest.ini: --dist loadfile with
 #: --no-loadscope-reorder, which keeps this order). Files not listed follow in the usual order.
 LONGEST_FIRST = (
-    "test_webapp.py",              # ~76 s: Chromium
-    "test_client_e2e.py",          # ~76 s: the real msgrelay-client, one subprocess per command
-    "test_docs_verbatim.py",       # ~52 s: installs a fresh copy
-    "test_crash.py",               # ~48 s: 2 x 15 SIGKILLs
-    "test_fuzz_openapi.py",        # ~43 s: schemathesis
-    "test_client_e2e_trust.py",    # ~39 s: the same, what the client refuses
-    "test_federation_pg_e2e.py",   # ~27 s
-    "test_first_hour.py",          # ~20 s
-    "test_key_transitions_e2e.py",
-    "test_workers.py",
+    "test_webapp.py",              # ~73 s: Chromium
+    "test_docs_verbatim.py",       # ~68 s: installs a fresh copy
+    "test_crash.py",               # ~53 s: 2 x 15 SIGKILLs
+    "test_fuzz_openapi.py",        # ~42 s: schemathesis
+    "test_federation_pg_e2e.py",   # ~32 s
+    "test_workers.py",             # ~18 s
+    "test_client_e2e.py",          # ~18 s: msgrelay-client commands (tests/clientfork.py)
     "test_keyrotation.py",
+    "test_first_hour.py",
     "test_store_postgres.py",
-    "test_admin.py",
     "test_federation_e2e.py",
+    "test_admin.py",
+    "test_client_e2e_trust.py",
     "test_wire_properties.py",
+    "test_key_transitions_e2e.py",
     "test_admin_live.py",
+    "test_twistd.py",
     "test_timeouts.py",
     "test_control.py",             # ~7 s; files not listed here take under 7 s each
 )
