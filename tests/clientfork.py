@@ -83,8 +83,11 @@ def _socket_path() -> str:
 
 def serve(path: str, ready: str) -> None:
     """Import the client, then fork one child per request; report each child's exit status."""
-    import select
+    import shutil
 
+    # The commands import from the installed packages only, never a helper of the tests.
+    here = str(Path(__file__).parent)
+    sys.path[:] = [entry for entry in sys.path if entry not in ("", ".", here)]
     import msgrelay.client.cli  # noqa: F401  (the point: imported once, before any fork)
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -95,6 +98,16 @@ def serve(path: str, ready: str) -> None:
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     Path(ready).touch()
+    try:
+        _serve(listener, [wake_read, wake_write])
+    finally:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+def _serve(listener: socket.socket, pipe: list[int]) -> None:
+    import select
+
+    wake_read = pipe[0]
     waiting: dict[int, socket.socket] = {}
     parent = os.getppid()
     while os.getppid() == parent:  # ends with the test process that started it
@@ -103,7 +116,7 @@ def serve(path: str, ready: str) -> None:
             os.read(wake_read, 512)
         if listener in readable:
             conn, _ = listener.accept()
-            pid = _start(conn, listener, [wake_read, wake_write])
+            pid = _start(conn, listener, pipe)
             if pid is None:
                 conn.close()
             else:
@@ -123,6 +136,11 @@ def _start(conn: socket.socket, listener: socket.socket, pipe: list[int]) -> Opt
     message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
     if len(fds) != 3:
         return None
+    while not message.endswith(b"\n"):  # a stream: the rest of a long request may follow
+        more = conn.recv(1 << 20)
+        if not more:
+            return None
+        message += more
     request = json.loads(message)
     pid = os.fork()
     if pid == 0:
