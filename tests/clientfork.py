@@ -5,7 +5,8 @@ working directory and standard streams, talks to the relay over real sockets, an
 its own exit status. What is shared is the interpreter's start-up and the imports (twisted,
 treq, cryptography, click: about 0.35 s of CPU per command, most of what the end-to-end
 client tests spent). The installed console script itself is still run as a program by the
-watch test in test_client_e2e.py and by the documentation and web client tests.
+watch tests (test_client_e2e.py, test_first_hour.py), the shell-completion test and the
+README's five-minute demo (test_docs_verbatim.py).
 
 The server never imports the reactor (`react` does, in each child), so no epoll instance or
 thread crosses a fork.
@@ -37,7 +38,7 @@ def run(args: list[str], *, env: dict[str, str], stdin: Optional[str], timeout: 
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(timeout)
             conn.connect(path)
-            request = {"args": args, "env": env, "cwd": os.getcwd(), "stdin": stdin is not None}
+            request = {"args": args, "env": env, "cwd": os.getcwd()}
             fds = [given.fileno(), out.fileno(), err.fileno()]
             socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], fds)
             reader = conn.makefile("r")
@@ -161,8 +162,7 @@ def _child(request: dict, fds: list[int], sockets: list[socket.socket], pipe: li
             sock.close()
         for fd in pipe:
             os.close(fd)
-        stdin = fds[0] if request["stdin"] else os.open(os.devnull, os.O_RDONLY)
-        for fd, target in ((stdin, 0), (fds[1], 1), (fds[2], 2)):
+        for fd, target in zip(fds, (0, 1, 2)):  # no stdin given: an empty file, at its end at once
             os.dup2(fd, target)
         os.chdir(request["cwd"])
         os.environ.clear()
