@@ -70,7 +70,7 @@ def create_durably(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     """A new file, durably; FileExistsError rather than overwriting anything.
 
     Written in place, so for a moment the name may show partial content: use it only where
-    readers tolerate that (files nobody reads concurrently), else `link_durably`.
+    readers tolerate that (files nobody reads concurrently), else `write_durably`.
     """
     write_new_file(path, data, mode)
     fsync_dir(path.parent)
@@ -96,25 +96,6 @@ def write_durably(tmp_dir: Path, final: Path, data: bytes, mtime: Optional[int] 
 def replace_durably(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     """Atomically create or replace `path`, staged beside it under a hidden name."""
     write_durably(path.parent, path, data, tmp_name=f".{path.name}.{secrets.token_hex(4)}.tmp", mode=mode)
-
-
-def link_durably(tmp_dir: Path, final: Path, data: bytes, mtime: Optional[int] = None) -> bool:
-    """Create `final` with `data` only if no file has that name. True if this call created it.
-
-    The complete file is linked into place (link(2) fails with EEXIST atomically, across
-    processes), so nobody ever sees the name with partial content or an unset mtime.
-    """
-    tmp = tmp_dir / f"{secrets.token_hex(8)}.tmp"
-    try:
-        write_new_file(tmp, data, FILE_MODE, mtime)
-        try:
-            os.link(tmp, final)
-        except FileExistsError:
-            return False
-    finally:
-        unlink_quietly(tmp)
-    fsync_dir(final.parent)
-    return True
 
 
 def remove_durably(path: Path) -> bool:

@@ -148,6 +148,8 @@ SETTINGS: list[Setting] = [
     Setting("store", "backend", str, "maildir", _one_of("maildir", "postgresql")),
     Setting("store", "postgres_dsn", str, ""),
     Setting("store", "expire_interval", int, 60, _positive),
+    # Memory for recent message bodies, so fetches read no file for them (maildir; 0: off).
+    Setting("store", "message_cache_mib", int, 32, _between(0, 65536)),
     Setting("registration", "mode", str, "open", _one_of("open", "token", "closed"), reloadable=True),
     Setting("registration", "tokens", list, [], reloadable=True, secret=True),
     Setting("limits", "max_body_bytes", int, 1048576, _positive, reloadable=True),
@@ -339,6 +341,7 @@ class StoreSettings:
     backend: str
     postgres_dsn: str
     expire_interval: int
+    message_cache_mib: int
 
 
 @dataclass(frozen=True)

@@ -242,11 +242,13 @@ def test_fsck_of_a_healthy_store_and_missing_folders(state):
     assert clean.returncode == 0, clean.stdout
     assert "no damage found" in clean.stdout
     os.rmdir(state.store / "users" / state.users[1].user_id / "tmp")
-    os.rmdir(state.store / "replay" / "7f")
+    (state.store / "replay" / "1700000000-0123abcd.journal").write_bytes(b"0" * 32 + b" 1700000300\n0f")
+    (state.store / "replay" / "stray").write_bytes(b"?")
     repaired = admin("fsck", "-d", str(state.root), "--json")
     assert repaired.returncode == 1
-    assert {f["action"] for f in json.loads(repaired.stdout)["findings"]} == {"recreated"}
-    assert (state.store / "replay" / "7f").is_dir()
+    findings = json.loads(repaired.stdout)["findings"]
+    assert sorted(f["action"].split()[0] for f in findings) == ["moved", "recreated"], findings
+    assert sorted(p.name for p in (state.store / "replay").iterdir()) == ["1700000000-0123abcd.journal"]
     assert admin("fsck", "-d", str(state.root)).returncode == 0
 
 

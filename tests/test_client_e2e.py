@@ -142,6 +142,15 @@ def stored_messages(relay: RelayProcess, user_id: str) -> list[Path]:
     return found
 
 
+def tamper_stored(path: Path, content: str) -> None:
+    """Rewrite a stored message file behind the running relay, then append to the mailbox's
+    `generation` file as every process that changes a mailbox does (store/maildir_index.py):
+    the relay then reads the mailbox from its files again, not from its message cache."""
+    path.write_text(content)
+    with open(path.parent.parent / "generation", "ab") as generation:
+        generation.write(b".")
+
+
 # -- the walk through the issue -----------------------------------------------------------
 
 
@@ -250,7 +259,7 @@ def test_tampered_message_in_storage_is_reported_not_shown(person, relay):
     sealed = bytearray(base64.b64decode(stored["data"]))
     sealed[len(sealed) // 2] ^= 0x04  # one bit of ciphertext
     stored["data"] = base64.b64encode(bytes(sealed)).decode()
-    text_file.write_text(json.dumps(stored))
+    tamper_stored(text_file, json.dumps(stored))
 
     shown = bob.run("fetch", expect=6)
     assert "secret plan" not in shown.out + shown.err

@@ -16,7 +16,7 @@ import pytest
 
 from relayproc import RelayProcess, free_port
 from test_client_e2e import (  # noqa: F401  (`relay`, `person`: the fixtures)
-    Person, introduce, person, relay, start_relay, stored_messages,
+    Person, introduce, person, relay, start_relay, stored_messages, tamper_stored,
 )
 
 pytestmark = pytest.mark.slow
@@ -219,7 +219,7 @@ react(main)
     for path, field in ((two, "data"), (three, "password"), (four, "token_id")):
         stored = json.loads(path.read_text())
         stored[field] = stored[field][:8] + "\ud800" + stored[field][8:]
-        path.write_text(json.dumps(stored))  # ensure_ascii: the lone surrogate as \ud800
+        tamper_stored(path, json.dumps(stored))  # ensure_ascii: the lone surrogate as \ud800
 
     shown = bob.run("fetch", expect=6)
     rejected_lines = [line for line in shown.err.splitlines() if "REJECTED" in line]

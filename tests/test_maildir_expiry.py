@@ -39,19 +39,19 @@ class Touches:
 
 
 def records(files: MaildirFiles) -> dict[str, set[str]]:
-    """The record files on disk, by kind."""
+    """The records on disk, by kind (replay: the keys in the journal's segments)."""
     found: dict[str, set[str]] = {"dedup": set(), "tokens": set(), "replay": set()}
     for uid in files.user_ids():
         for kind in ("dedup", "tokens"):
             found[kind] |= {f"{uid}/{n}" for n in os.listdir(files.users / uid / kind)}
-    for shard in os.listdir(files.replay):
-        found["replay"] |= set(os.listdir(files.replay / shard))
+    for segment in files.replay.glob("*.journal"):
+        found["replay"] |= {line.split()[0] for line in segment.read_text().splitlines()}
     return found
 
 
 def stocked(root: Path) -> MaildirFiles:
-    """Two users with tokens, 30 messages (dedup records) and 20 replay entries, expiring at
-    NOW + 100 * k for several k."""
+    """Two users with tokens, 30 messages (dedup records) and 20 replay entries (one journal
+    segment), expiring at NOW + 100 * k for several k."""
     files = MaildirFiles.open(root)
     for uid in (ALICE, BOB):
         files.add_user(user(uid))
@@ -73,12 +73,15 @@ def test_a_sweep_reads_only_the_records_that_are_due(tmp_path, monkeypatch):
     assert touches.files == touches.listings == []  # nothing due: no record or record folder touched
     files.expire(NOW + 100)
     touches.active = False
-    # Due now: 10 dedup records and 10 replay entries, each read once and removed; nothing listed.
-    assert len(touches.files) == 20 and touches.listings == []
+    # Due now: 10 dedup records, each read once and removed; nothing listed. The replay journal
+    # reads nothing: its segment goes whole once its last entry expires.
+    assert len(touches.files) == 10 and touches.listings == []
     assert not [p for p in touches.files if "/tokens/" in p]
     after = records(files)
-    assert len(before["dedup"]) - len(after["dedup"]) == 10 and len(before["replay"]) - len(after["replay"]) == 10
-    assert after["tokens"] == before["tokens"]
+    assert len(before["dedup"]) - len(after["dedup"]) == 10 and after["replay"] == before["replay"]
+    assert after["tokens"] == before["tokens"] and len(after["replay"]) == 20
+    files.expire(NOW + 200)
+    assert records(files)["replay"] == set() and len(files.replay_journal()) == 0
 
 
 def test_a_fresh_instance_rebuilds_the_index_from_the_files(tmp_path):
@@ -87,6 +90,7 @@ def test_a_fresh_instance_rebuilds_the_index_from_the_files(tmp_path):
     # A restart (or a crash: the index was only ever memory): a new instance on the same files.
     second = MaildirFiles(tmp_path / "s")
     assert len(second.expiry) == 0 and not second.expiry.built
+    assert len(second.replay_journal()) == 20  # read back at the first use, as the relay does at start
     second.expire(NOW + 200)
     left = records(second)
     assert len(left["dedup"]) == 10 and left["replay"] == set()

@@ -15,7 +15,6 @@ import resource
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -252,18 +251,23 @@ def test_corrupt_live_body_is_skipped_not_fatal(files):
 
 
 def test_expiry_hints_in_mtimes_are_only_hints(files):
-    """Copies that reset mtimes must not shorten dedup or replay: the file content decides."""
+    """Copies that reset mtimes must not shorten dedup or replay: the file content decides.
+    The replay entry is one of the first layout (a file per digest), as an upgrade finds it."""
     first = files.deliver(ALICE, "k", message(expires=NOW + HOUR), BIG, NOW)
-    assert files.remember_signature(b"sig", NOW + 300, NOW) is True
     dedup = next((files.users / ALICE / "dedup").iterdir())
-    replay = files.replay / hashlib.sha256(b"sig").hexdigest()[:2] / hashlib.sha256(b"sig").hexdigest()
-    assert dedup.stat().st_mtime == NOW + HOUR and replay.stat().st_mtime == NOW + 300
+    name = hashlib.sha256(b"sig").hexdigest()
+    (files.replay / name[:2]).mkdir()
+    replay = files.replay / name[:2] / name
+    replay.write_bytes(b"%d\n" % (NOW + 300))
+    assert dedup.stat().st_mtime == NOW + HOUR
     for path in (dedup, replay):
         os.utime(path, (0, 0))
     files.expire(NOW + 10)
     assert files.deliver(ALICE, "k", message(), BIG, NOW + 10).message_id == first.message_id
     assert files.remember_signature(b"sig", NOW + 300, NOW + 10) is False
     assert dedup.exists() and replay.exists()
+    files.expire(NOW + 300)
+    assert not replay.exists() and files.remember_signature(b"sig", NOW + 900, NOW + 300) is True
 
 
 # -- ids and names cannot escape -------------------------------------------------------------
@@ -424,8 +428,8 @@ class RecordingFiles(MaildirFiles):
 
     calls: list[tuple[str, threading.Thread]] = []
 
-    def __init__(self, root):
-        super().__init__(root)
+    def __init__(self, root, *args):
+        super().__init__(root, *args)
         for name in IStore.names():
             method = getattr(self, name, None)
             if callable(method):
@@ -484,42 +488,153 @@ async def test_outage_reaches_the_caller_as_store_unavailable(tmp_path):
     assert await store.check_writable() is None
 
 
-REPLAY_WORKER = """
-import hashlib, sys
-from msgrelay.store.maildir_files import MaildirFiles
-files = MaildirFiles.open(sys.argv[1])
-until, now = int(sys.argv[2]), int(sys.argv[3])
-print("ready", flush=True)
-sys.stdin.readline()
-won = [i for i in range(80) if files.remember_signature(hashlib.sha256(b"%d" % i).digest(), until, now)]
-print(" ".join(map(str, won)), flush=True)
-"""
+def digests(count: int, tag: bytes = b"") -> list[bytes]:
+    return [hashlib.sha256(tag + b"%d" % i).digest() for i in range(count)]
 
 
-def race_processes(root: Path, until: int, now: int, count: int = 6) -> list[int]:
-    """Start `count` processes, release them together, return every digest index each won."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", REPLAY_WORKER, str(root), str(until), str(now)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        for _ in range(count)
-    ]
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready"
-    for p in procs:
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    wins: list[int] = []
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0
-        wins += [int(i) for i in out.split()]
-    return wins
+def test_replay_journal_is_read_back_after_a_restart_and_skips_a_torn_line(files):
+    assert all(files.remember_signature(d, NOW + 300, NOW) for d in digests(50))
+    (segment,) = files.replay.glob("*.journal")
+    files.replay_journal().close()
+    # A crash in the middle of a write leaves part of a line: it was never answered.
+    with open(segment, "ab") as f:
+        f.write(b"0123456789abcdef")
+    again = MaildirFiles(files.root)  # a restart: only the files are left
+    assert len(again.replay_journal()) == 50
+    assert not any(again.remember_signature(d, NOW + 300, NOW + 1) for d in digests(50))
+    assert again.remember_signature(b"new", NOW + 300, NOW + 1)
+    # Each process appends to a segment of its own, never after a torn tail.
+    assert len(list(files.replay.glob("*.journal"))) == 2
+    third = MaildirFiles(files.root)
+    assert not third.remember_signature(b"new", NOW + 300, NOW + 2)
 
 
-def test_replay_cache_is_atomic_across_processes(files):
-    assert sorted(race_processes(files.root, NOW + 300, NOW)) == list(range(80))
-    # Every entry is now stale: replacing stale entries is raced too, and one still wins.
-    assert sorted(race_processes(files.root, NOW + 900, NOW + 301)) == list(range(80))
-    assert not any(files.remember_signature(hashlib.sha256(b"%d" % i).digest(), NOW + 900, NOW + 302) for i in range(80))
+def test_concurrent_signatures_share_one_fdatasync(files, monkeypatch):
+    """Group commit: while one flush runs, the entries that arrive wait for the next one,
+    and nobody returns before an fdatasync that wrote its entry."""
+    journal = files.replay_journal()
+    assert files.remember_signature(b"first", NOW + 300, NOW)  # the segment exists now
+    real = os.fdatasync
+    synced: list[int] = []
+
+    def held_fdatasync(fd: int) -> None:
+        if not synced:  # the first flush waits until the 15 others have queued behind it
+            deadline = time.monotonic() + 30
+            while len(journal._pending) < 15 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        real(fd)
+        synced.append(fd)
+
+    monkeypatch.setattr(os, "fdatasync", held_fdatasync)
+    rounds = journal.rounds
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda d=d: results.append(files.remember_signature(d, NOW + 300, NOW)))
+               for d in digests(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [True] * 16
+    assert journal.rounds - rounds == 2 and len(synced) == 2
+    segment = next(files.replay.glob("*.journal")).read_text().splitlines()
+    assert len(segment) == 17
+
+
+def test_a_failed_journal_write_is_refused_and_not_remembered(files, monkeypatch):
+    assert files.remember_signature(b"before", NOW + 300, NOW)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", full)
+    with pytest.raises(StoreUnavailable, match="record a signature"):
+        files.remember_signature(b"sig", NOW + 300, NOW)
+    monkeypatch.undo()
+    # The client's retry of the same request is not a replay; the next write opens a new segment.
+    assert files.remember_signature(b"sig", NOW + 300, NOW + 1)
+    assert not files.remember_signature(b"before", NOW + 300, NOW + 1)
+    assert len(list(files.replay.glob("*.journal"))) == 2
+    assert not MaildirFiles(files.root).remember_signature(b"sig", NOW + 300, NOW + 2)
+
+
+def test_replay_segments_rotate_and_go_once_all_their_entries_expired(files):
+    for minute in range(5):
+        assert files.remember_signature(b"m%d" % minute, NOW + minute * 60 + 300, NOW + minute * 60)
+    assert len(list(files.replay.glob("*.journal"))) == 5
+    files.expire(NOW + 2 * 60 + 300)  # the first three have expired
+    assert len(list(files.replay.glob("*.journal"))) == 2 and len(files.replay_journal()) == 2
+    assert files.remember_signature(b"m0", NOW + 900, NOW + 2 * 60 + 300)
+    assert not files.remember_signature(b"m4", NOW + 900, NOW + 2 * 60 + 300)
+
+
+# -- message cache ---------------------------------------------------------------------------
+
+def reads_of_messages(monkeypatch) -> list[str]:
+    """Paths of message files read from now on."""
+    from msgrelay.store import maildir_records
+
+    seen: list[str] = []
+    real = maildir_records.read_whole
+
+    def counting(path):
+        if path.parent.name == "new":
+            seen.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(maildir_records, "read_whole", counting)
+    return seen
+
+
+def test_cached_bodies_spare_reading_and_are_the_files(tmp_path, monkeypatch):
+    cached = MaildirFiles.open(tmp_path / "s", message_cache_bytes=1 << 20)
+    cached.add_user(user(ALICE))
+    ids = [cached.deliver(ALICE, f"k{i}", message(data=f"m{i}"), BIG, NOW).message_id for i in range(5)]
+    reads = reads_of_messages(monkeypatch)
+    page, remaining = cached.fetch(ALICE, NOW, 10)
+    assert reads == [] and [m.message_id for m in page] == ids and remaining == 0
+    uncached = MaildirFiles(tmp_path / "s")  # what the files say, field by field
+    assert uncached.fetch(ALICE, NOW, 10) == (page, 0) and len(reads) == 5
+    # Acknowledged: gone from the answer and from memory.
+    assert cached.acknowledge(ALICE, ids[:2]) == 2
+    assert [m.message_id for m in cached.fetch(ALICE, NOW, 10)[0]] == ids[2:]
+    assert len(cached.cache) == 3
+    # Another process (fsck, msgrelay-admin) removes one: the index decides, not the cache.
+    assert uncached.acknowledge(ALICE, [ids[2]]) == 1
+    assert [m.message_id for m in cached.fetch(ALICE, NOW, 10)[0]] == ids[3:]
+    assert cached.delete_user(ALICE) and len(cached.cache) == 0
+
+
+def test_the_cache_keeps_to_its_budget_and_reads_what_it_dropped(tmp_path, monkeypatch):
+    from msgrelay.store.maildir_cache import cost
+
+    files = MaildirFiles.open(tmp_path / "s", message_cache_bytes=3 * (2048 + 600))
+    files.add_user(user(ALICE))
+    ids = [files.deliver(ALICE, f"k{i}", message(data="x" * 2048), BIG, NOW).message_id for i in range(6)]
+    assert len(files.cache) == 3 and files.cache.bytes <= files.cache.max_bytes
+    reads = reads_of_messages(monkeypatch)
+    page, _ = files.fetch(ALICE, NOW, 3)
+    assert [m.message_id for m in page] == ids[:3] and reads == ids[:3]  # the oldest were dropped
+    assert files.cache.bytes == sum(cost(m) for m in page)  # what was read took their place
+    assert files.fetch(ALICE, NOW, 3)[0] == page and reads == ids[:3]
+
+
+def test_user_and_token_records_are_read_once_and_follow_other_processes(files, monkeypatch):
+    files.add_user(user(ALICE))
+    t1 = token("t1", expires=NOW + HOUR).id
+    files.add_token(ALICE, token("t1", expires=NOW + HOUR))
+    assert files.get_user(ALICE).push_endpoint is None and files.get_token(ALICE, t1) is not None
+    from msgrelay.store import maildir_records
+
+    reads: list[str] = []
+    real = maildir_records.read_whole
+    monkeypatch.setattr(maildir_records, "read_whole", lambda path: reads.append(path.name) or real(path))
+    for _ in range(3):
+        assert files.get_user(ALICE).user_id == ALICE and files.get_token(ALICE, t1).id == t1
+    assert reads == []  # a stat each, no read
+    other = MaildirFiles(files.root)  # msgrelay-admin, or any other process
+    assert other.set_push_endpoint(ALICE, "https://push.example/new")
+    assert files.get_user(ALICE).push_endpoint == "https://push.example/new" and reads.count("user.json") == 2
+    assert other.revoke_token(ALICE, t1)
+    assert files.get_token(ALICE, t1) is None
+    assert other.delete_user(ALICE)
+    assert files.get_user(ALICE) is None

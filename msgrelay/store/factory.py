@@ -35,4 +35,5 @@ def open_store(settings: Settings, reactor: Any, pool: Optional[ThreadPool] = No
         return store
     from .maildir import MaildirStore
 
-    return MaildirStore(maildir_root(settings), reactor, threadpool=pool)
+    return MaildirStore(maildir_root(settings), reactor, threadpool=pool,
+                        message_cache_bytes=settings.store.message_cache_mib * 1024 * 1024)

@@ -26,6 +26,8 @@ log = Logger(namespace="msgrelay.store.maildir")
 
 
 _SHARED: Optional[ThreadPool] = None
+#: `store.message_cache_mib`'s default, in bytes.
+DEFAULT_MESSAGE_CACHE_BYTES = 32 * 1024 * 1024
 
 
 def _shared_pool(reactor: Any) -> ThreadPool:
@@ -45,9 +47,11 @@ class MaildirStore:
     #: The synchronous class doing the work; a subclass may substitute its own.
     files_class: type[MaildirFiles] = MaildirFiles
 
-    def __init__(self, root: Union[str, Path], reactor: Any = None, threadpool: Optional[ThreadPool] = None):
-        """Open (creating) the directory now, synchronously: raises StoreUnavailable if unusable.
-        Calls run in `threadpool` (the relay's store pool, msgrelay/pools.py)."""
+    def __init__(self, root: Union[str, Path], reactor: Any = None, threadpool: Optional[ThreadPool] = None,
+                 message_cache_bytes: int = DEFAULT_MESSAGE_CACHE_BYTES):
+        """Open (creating) the directory and its replay journal now, synchronously: raises
+        StoreUnavailable if unusable. Calls run in `threadpool` (the relay's store pool,
+        msgrelay/pools.py). `message_cache_bytes` of recent message bodies stay in memory."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -56,7 +60,11 @@ class MaildirStore:
         # Never the reactor's default pool (DNS lookups queue there): the relay passes its
         # store pool; tools and tests share one small pool of this module's.
         self._pool = threadpool if threadpool is not None else _shared_pool(reactor)
-        self.files = self.files_class.open(root)
+        self.files = self.files_class.open(root, message_cache_bytes)
+        try:
+            self.files.replay_journal()
+        except OSError as e:
+            raise StoreUnavailable(f"cannot read the replay journal in {self.files.replay}: {e.strerror or e}") from e
 
     def _run(self, function: Callable[..., Any], *args: Any) -> Deferred:
         d = deferToThreadPool(self._reactor, self._pool, function, *args)

@@ -9,7 +9,8 @@ Layout under the root (dirs 0700, files 0600)::
     users/<user_id>/new/<message_id>  pending messages; the name encodes expiry and size
     users/<user_id>/dedup/<sha256(dedup_key)>  {"message_id", "expires"}; mtime = expires
     users/<user_id>/tmp/            half-written files of this user (never read back)
-    replay/<2 hex>/<sha256(digest)>  used signature digests; content and mtime = until
+    replay/<started>-<hex>.journal  used signature digests, appended (see maildir_replay)
+    replay/<2 hex>/<sha256(digest)>  the same, as written before the journal; read and swept
     tmp/                            staging for new user folders, replay entries, probes
     trash/                          erased user folders awaiting removal
 
@@ -38,9 +39,11 @@ from .interface import (
     Accepted, Delivery, MessageRecord, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord,
     TokenRefused, UserRecord,
 )
-from ..durable import fsync_dir, link_durably, remove_durably, unlink_quietly, write_durably, write_new_file
+from ..durable import fsync_dir, remove_durably, unlink_quietly, write_durably, write_new_file
 from .maildir_expiry import USER_RECORD_FOLDERS, ExpiryIndex
+from .maildir_cache import MessageCache
 from .maildir_index import GENERATION, UserIndex, generation_key, note_change
+from .maildir_replay import ReplayJournal
 from .maildir_layout import (
     DIR_MODE, SAFE_NAME, ArrivalClock, MessageName, describe_os_error, disk_operation, is_older, list_dir,
     locked_directory, remove_tree,
@@ -66,9 +69,11 @@ class MaildirFiles:
     are reserved under that user's index mutex; several relay processes on one directory
     could each admit the deliveries they have in flight, so they use PostgreSQL instead."""
 
-    def __init__(self, root: Union[str, Path]):
-        """Use `MaildirFiles.open`, which creates and checks the layout."""
+    def __init__(self, root: Union[str, Path], message_cache_bytes: int = 0):
+        """Use `MaildirFiles.open`, which creates and checks the layout. With
+        `message_cache_bytes`, that much memory keeps recent message bodies (`maildir_cache`)."""
         self.root = Path(root)
+        self.cache = MessageCache(message_cache_bytes) if message_cache_bytes > 0 else None
         self.users = self.root / "users"
         self.replay = self.root / "replay"
         self.tmp = self.root / "tmp"
@@ -77,9 +82,13 @@ class MaildirFiles:
         self._indexes: dict[str, UserIndex] = {}
         self._indexes_lock = threading.Lock()
         self.expiry = ExpiryIndex(NEVER)
+        self._user_records = records.RecordCache(records.read_user)
+        self._token_records = records.RecordCache(records.read_token)
+        self._replay: Optional[ReplayJournal] = None
+        self._replay_lock = threading.Lock()
 
     @classmethod
-    def open(cls, root: Union[str, Path]) -> "MaildirFiles":
+    def open(cls, root: Union[str, Path], message_cache_bytes: int = 0) -> "MaildirFiles":
         """Open (creating if needed) the state directory at start-up, or raise StoreUnavailable."""
         root = Path(root)
         try:
@@ -91,11 +100,9 @@ class MaildirFiles:
                 found = None
             if found is not None and found != FORMAT:
                 raise StoreUnavailable(f"{root} is not a {FORMAT.strip()} directory (FORMAT says {found.strip()!r})")
-            files = cls(root)
+            files = cls(root, message_cache_bytes)
             for path in (files.users, files.replay, files.tmp, files.trash):
                 os.makedirs(path, mode=DIR_MODE, exist_ok=True)
-            for shard in range(256):
-                os.makedirs(files.replay / f"{shard:02x}", mode=DIR_MODE, exist_ok=True)
             if found is None:
                 write_durably(files.tmp, marker, FORMAT.encode("utf-8"))
             files._sweep_trash()
@@ -154,7 +161,7 @@ class MaildirFiles:
         udir = self._user_dir(user_id)
         if udir is None:
             return None
-        return records.read_user(udir / "user.json")
+        return self._user_records.read(udir / "user.json")
 
     @disk_operation("change a push endpoint")
     def set_push_endpoint(self, user_id: str, endpoint: Optional[str]) -> bool:
@@ -183,6 +190,8 @@ class MaildirFiles:
             fsync_dir(self.users)
             fsync_dir(self.trash)
         self._forget(user_id)
+        if self.cache is not None:
+            self.cache.forget_user(user_id)
         try:
             remove_tree(doomed)
         except OSError as e:
@@ -215,7 +224,7 @@ class MaildirFiles:
     @disk_operation("read a token")
     def get_token(self, user_id: str, token_id: str) -> Optional[TokenRecord]:
         path = self._token_path(user_id, token_id)
-        return None if path is None else records.read_token(path)
+        return None if path is None else self._token_records.read(path)
 
     @disk_operation("list tokens")
     def list_tokens(self, user_id: str) -> list[TokenRecord]:
@@ -266,6 +275,8 @@ class MaildirFiles:
                 return False
             index.rebuild(udir, None)  # a folder from before indexes: rebuilt on every use
         elif key != index.key:
+            if index.key is not None and self.cache is not None:
+                self.cache.forget_user(user_id)  # another process changed the mailbox: trust only the files
             index.rebuild(udir, key)
         return True
 
@@ -329,6 +340,10 @@ class MaildirFiles:
                 del index.dedup_waits[dedup_name]
                 index.changed.notify_all()
             raise
+        if self.cache is not None:  # before the commit makes it visible: a fetch then finds it here
+            self.cache.put(user_id, MessageRecord(str(name), message.token_id, message.data, message.algorithm,
+                                                  message.password, message.signature, message.received,
+                                                  message.expires))
         with index.mutex:
             index.commit(str(name))
             del index.dedup_waits[dedup_name]
@@ -397,8 +412,13 @@ class MaildirFiles:
             index.mutex.release()
         found: list[MessageRecord] = []
         assert udir is not None
+        cache = self.cache
         for name in names:
-            record = records.read_message(udir / "new" / name, name)
+            record = cache.get(user_id, name) if cache is not None else None
+            if record is None:
+                record = records.read_message(udir / "new" / name, name)
+                if record is not None and cache is not None:
+                    cache.put(user_id, record)
             if record is not None:
                 found.append(record)
         return found, remaining
@@ -437,6 +457,8 @@ class MaildirFiles:
             names = [name for name in names if name not in index.in_flight]
             for name in names:
                 index.remove(name)  # hidden from fetch from now on
+        if self.cache is not None:
+            self.cache.discard(udir.name, names)
         removed = 0
         try:
             for name in names:
@@ -472,6 +494,8 @@ class MaildirFiles:
         for user_id in self.user_ids():
             removed += self._expire_user(self.users / user_id, now)
         self.expiry.sweep(now)
+        if self._replay is not None:
+            self._replay.sweep(now)
         self._sweep_tmp(self.tmp, now)
         self._sweep_trash()
         return removed
@@ -497,7 +521,8 @@ class MaildirFiles:
             for sub in USER_RECORD_FOLDERS:
                 yield self.users / user_id / sub
         for shard in sorted(list_dir(self.replay)):
-            yield self.replay / shard
+            if len(shard) == 2:  # the first layout's shards; journal segments are swept by the journal
+                yield self.replay / shard
 
     def _sweep_tmp(self, folder: Path, now: int) -> None:
         for path in self.orphans_in(folder, now):
@@ -528,40 +553,18 @@ class MaildirFiles:
             return None
         return self.fetch(user_id, now, limit, max_bytes)
 
+    def replay_journal(self) -> ReplayJournal:
+        """The replay cache, read from its files at the first use in this process (the relay
+        opens it at start-up; `msgrelay-admin` never does, so it never removes a segment)."""
+        with self._replay_lock:
+            if self._replay is None:
+                self._replay = ReplayJournal(self.replay)
+            return self._replay
+
     @disk_operation("record a signature")
     def remember_signature(self, digest: bytes, until: int, now: int) -> bool:
-        """First use links a new entry into place (EEXIST is the atomic "already used").
-
-        A stale entry (past its until) is replaced only under the shard's flock, and
-        `expire` sweeps shards under the same lock, so a live entry is never removed.
-        """
-        name = records.hash_name(digest)
-        shard = self.replay / name[:2]
-        path = shard / name
-        content = f"{until}\n".encode("ascii")
-        try:
-            if link_durably(self.tmp, path, content, until):
-                self.expiry.add(shard, name, until)
-                return True
-        except FileNotFoundError:  # shard folder removed by hand: recreate it once
-            os.makedirs(shard, mode=DIR_MODE, exist_ok=True)
-            if link_durably(self.tmp, path, content, until):
-                self.expiry.add(shard, name, until)
-                return True
-        try:
-            if os.stat(path).st_mtime > now:  # the hint is never later than the truth
-                return False
-        except FileNotFoundError:
-            pass
-        with locked_directory(shard):
-            recorded = records.read_until(path)
-            if recorded is not None and recorded > now:
-                return False
-            unlink_quietly(path)
-            linked = link_durably(self.tmp, path, content, until)
-            if linked:
-                self.expiry.add(shard, name, until)
-            return linked
+        """True for a first use (durable before this returns), False while an earlier one is live."""
+        return self.replay_journal().remember(digest, until, now)
 
     @disk_operation("write a probe file")
     def check_writable(self) -> None:

@@ -1,7 +1,7 @@
 """`msgrelay-admin fsck` for the maildir store: find damage and move it aside, never delete it.
 
 Checked: the store's top folders and FORMAT; every user folder (user.json matching its name
-and key, tokens, pending messages, dedup records, nothing else); the replay shards; and the
+and key, tokens, pending messages, dedup records, nothing else); the replay journal; and the
 tmp folders, where entries older than `min_tmp_age` are leftovers of interrupted writes.
 A damaged or misplaced entry is renamed into ``<state>/quarantine/<UTC time>/`` under its
 path relative to the state directory, so it can be inspected or moved back; a missing folder
@@ -29,6 +29,7 @@ from ..wire.keys import load_public_key, user_id_for_key
 from .interface import NewMessage
 from .maildir_files import FORMAT, USER_SUBDIRS, MaildirFiles
 from .maildir_index import GENERATION, note_change
+from .maildir_replay import SEGMENT
 from ..durable import fsync_dir, write_durably
 from .maildir_layout import DIR_MODE, SAFE_NAME, MessageName, list_dir, locked_directory, remove_tree
 from .quarantine import Finding, FsckReport, Quarantine
@@ -262,27 +263,25 @@ class MaildirFsck:
                 self._checked(path, partial(dedup_problem, path), "dedup")
 
     def _check_replay(self) -> None:
-        for shard in sorted(list_dir(self.files.replay)):
-            folder = self.files.replay / shard
-            if not SHARD.fullmatch(shard) or not folder.is_dir() or folder.is_symlink():
-                self._move(folder, "is not a replay shard")
-                continue
-            for entry in sorted(list_dir(folder)):
-                path = folder / entry
-                if not HEX64.fullmatch(entry) or not entry.startswith(shard):
-                    self._move(path, "does not belong in this replay shard")
+        """Journal segments (a line cut short by a crash is expected: the journal skips it) and
+        the first layout's shards; nothing is missing when a shard or a segment is absent."""
+        for entry in sorted(list_dir(self.files.replay)):
+            path = self.files.replay / entry
+            if SEGMENT.fullmatch(entry):
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    self._move(path, "is not a regular file")
                 else:
-                    self._checked(path, partial(replay_problem, path), "replay")
-        if not self.files.replay.is_dir():
-            return  # dry run: already reported missing
-        present = set(list_dir(self.files.replay))
-        missing = [self.files.replay / f"{i:02x}" for i in range(256) if f"{i:02x}" not in present]
-        if missing:
-            def make() -> None:
-                for folder in missing:
-                    os.mkdir(folder, DIR_MODE)
-                fsync_dir(self.files.replay)
-            self._recreate(self.files.replay / missing[0].name, f"{len(missing)} replay shard folder(s), e.g. this one,", make)
+                    self.report.checked["replay"] += 1
+                continue
+            if not SHARD.fullmatch(entry) or not path.is_dir() or path.is_symlink():
+                self._move(path, "is not a replay journal segment or shard")
+                continue
+            for name in sorted(list_dir(path)):
+                record = path / name
+                if not HEX64.fullmatch(name) or not name.startswith(entry):
+                    self._move(record, "does not belong in this replay shard")
+                else:
+                    self._checked(record, partial(replay_problem, record), "replay")
 
     def _check_tmp(self, folder: Path) -> None:
         limit = self.now - self.min_tmp_age
