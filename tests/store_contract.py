@@ -557,6 +557,18 @@ class StoreContract:
         )
         assert sorted(stale) == [False] * 11 + [True]
 
+    @pytest_twisted.ensureDeferred
+    async def test_concurrent_signed_fetches_with_one_signature_answer_once(self, store):
+        await store.add_user(user(ALICE))
+        await store.deliver(ALICE, "k", message(), BIG, NOW)
+        digest = hashlib.sha256(b"one fetch, sent twelve times").digest()
+        pages = await defer.gatherResults(
+            [store.remember_and_fetch(digest, NOW + 300, NOW, ALICE, 10, None) for _ in range(12)],
+            consumeErrors=True,
+        )
+        answered = [page for page in pages if page is not None]
+        assert len(answered) == 1 and len(answered[0][0]) == 1 and answered[0][1] == 0
+
     # -- health and stats --------------------------------------------------------------------
 
     @pytest_twisted.ensureDeferred

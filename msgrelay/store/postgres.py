@@ -65,6 +65,53 @@ _USAGE = (
     " LEFT JOIN (SELECT count(*) AS n, sum(size) AS b FROM messages WHERE user_id = %(user)s AND expires <= %(now)s) x"
     " ON true WHERE u.user_id = %(user)s"
 )
+#: A fetch page in one statement (one snapshot): a first row with the replay outcome
+#: (`{replay}`: the `_REPLAY` CTE, or nothing for a plain fetch) and the user's pending count,
+#: then the page's rows: the oldest live messages, as many as `limit` allows and whose running
+#: size fits `max` (the first always). A replay leaves only the first row.
+_PAGE = (
+    "WITH {replay} page AS ("
+    " SELECT id, row_number() OVER (ORDER BY id) AS n, sum(size) OVER (ORDER BY id) AS running"
+    " FROM (SELECT id, size FROM messages WHERE user_id = %(user)s AND expires > %(now)s"
+    " ORDER BY id LIMIT %(limit)s) AS oldest)"
+    " SELECT 0 AS part, (SELECT count(*) FROM fresh),"
+    " (SELECT u.pending_messages - (SELECT count(*) FROM messages WHERE user_id = %(user)s AND expires <= %(now)s)"
+    " FROM users u WHERE u.user_id = %(user)s),"
+    " NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+    " UNION ALL"
+    " SELECT 1, NULL, NULL, m.id, m.token_id, m.data, m.algorithm, m.password, m.signature, m.received, m.expires"
+    " FROM page p JOIN messages m ON m.id = p.id AND m.user_id = %(user)s"
+    " WHERE (p.n = 1 OR p.running <= %(max)s) AND EXISTS (SELECT 1 FROM fresh)"
+    " ORDER BY part, 4"
+)
+#: The replay entry of a signed fetch, as `remember_signature` writes it: `fresh` has a row
+#: for a first use (or a lapsed entry revived), none for a replay.
+_REPLAY = (
+    "fresh AS (INSERT INTO replay (digest, until) VALUES (%(digest)s, %(until)s)"
+    " ON CONFLICT (digest) DO UPDATE SET until = EXCLUDED.until WHERE replay.until <= %(now)s RETURNING 1),"
+)
+_NO_REPLAY = "fresh AS (SELECT 1),"
+
+
+def _page_params(user_id: str, now: int, limit: int, max_bytes: Optional[int]) -> dict[str, Any]:
+    return {"user": user_id, "now": now, "limit": max(0, int(limit)),
+            "max": max_bytes if max_bytes is not None else 2**62}
+
+
+def _page(rows: list[Any]) -> tuple[bool, list[MessageRecord], int]:
+    """(first use, messages, remaining) from the rows of `_PAGE`."""
+    head, body = rows[0], rows[1:]
+    messages = [
+        MessageRecord(
+            message_id=format_message_id(int(r[3])), token_id=r[4], data=_dec(r[5]) or "", algorithm=r[6],
+            password=_dec(r[7]) or "", signature=_dec(r[8]), received=int(r[9]), expires=int(r[10]),
+        )
+        for r in body
+    ]
+    total = int(head[2]) if head[2] is not None else 0
+    return bool(head[1]), messages, max(0, total - len(messages))
+
+
 #: Counters against rows, per user: (user_id, counted messages, bytes, real messages, bytes).
 _COUNTERS = (
     "SELECT u.user_id, u.pending_messages, u.pending_bytes, coalesce(c.n, 0), coalesce(c.b, 0)"
@@ -231,6 +278,25 @@ class PostgresCore:
                 raise
         raise AssertionError("unreachable")
 
+    def _run_statement(self, operation: str, work: Callable[[psycopg.Connection], T]) -> T:
+        """`_run` for work of one statement: it is its own transaction (autocommit), so it
+        costs one round trip to the server instead of three (BEGIN and COMMIT)."""
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable(f"PostgreSQL {self.target}: {operation}: store is not open")
+        for attempt in range(_RETRIES):
+            try:
+                with pool.connection(timeout=self._pool_timeout) as conn:
+                    return work(conn)
+            except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
+                if attempt + 1 == _RETRIES:
+                    raise self._unavailable(operation, e) from None
+            except psycopg.Error as e:
+                if _is_unavailable(e):
+                    raise self._unavailable(operation, e) from None
+                raise
+        raise AssertionError("unreachable")
+
     def transact(self, operation: str, work: Callable[[psycopg.Connection], T]) -> T:
         """`work` in one committed transaction on this pool, for other tables on the same
         database (the federation outbox); errors as for the store's own calls."""
@@ -257,7 +323,7 @@ class PostgresCore:
             ).fetchone()
             return None if row is None else UserRecord(row[0], row[1], row[2], int(row[3]))
 
-        return self._run("get_user", work)
+        return self._run_statement("get_user", work)
 
     def set_push_endpoint(self, user_id: str, endpoint: Optional[str]) -> bool:
         def work(conn: psycopg.Connection) -> bool:
@@ -446,44 +512,14 @@ class PostgresCore:
     def fetch(
         self, user_id: str, now: int, limit: int, max_bytes: Optional[int] = None
     ) -> tuple[list[MessageRecord], int]:
-        """One REPEATABLE READ snapshot, so `remaining` agrees with the page; the sizes
-        cut the page at `max_bytes` before any body is read (the first row always comes)."""
+        """One statement (`_PAGE`), so one snapshot: `remaining` agrees with the page, and
+        the sizes cut the page at `max_bytes` before any body is read (the first row always)."""
 
         def work(conn: psycopg.Connection) -> tuple[list[MessageRecord], int]:
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            sizes = conn.execute(
-                "SELECT id, size FROM messages WHERE user_id = %s AND expires > %s ORDER BY id LIMIT %s",
-                (user_id, now, max(0, int(limit))),
-            ).fetchall()
-            page: list[Any] = []
-            used = 0
-            for seq, size in sizes:  # bodies are read only for the rows that fit
-                if page and max_bytes is not None and used + int(size) > max_bytes:
-                    break
-                page.append(int(seq))
-                used += int(size)
-            rows = conn.execute(
-                "SELECT id, token_id, data, algorithm, password, signature, received, expires"
-                " FROM messages WHERE user_id = %s AND id = ANY(%s::bigint[]) ORDER BY id",
-                (user_id, page),
-            ).fetchall()
-            total = conn.execute(_USAGE, {"user": user_id, "now": now}).fetchone()
-            messages = [
-                MessageRecord(
-                    message_id=format_message_id(int(r[0])),
-                    token_id=r[1],
-                    data=_dec(r[2]) or "",
-                    algorithm=r[3],
-                    password=_dec(r[4]) or "",
-                    signature=_dec(r[5]),
-                    received=int(r[6]),
-                    expires=int(r[7]),
-                )
-                for r in rows
-            ]
-            return messages, max(0, int(total[0] if total else 0) - len(messages))
+            rows = conn.execute(_PAGE.format(replay=_NO_REPLAY), _page_params(user_id, now, limit, max_bytes)).fetchall()
+            return _page(rows)[1:]
 
-        return self._run("fetch", work)
+        return self._run_statement("fetch", work)
 
     def usage(self, user_id: str, now: int) -> tuple[int, int]:
         """From the counters on the users row, as the quota in `deliver` counts, less the
@@ -601,12 +637,17 @@ class PostgresCore:
 
     def remember_and_fetch(self, digest: bytes, until: int, now: int, user_id: str, limit: int,
                            max_bytes: Optional[int] = None) -> Optional[tuple[list[MessageRecord], int]]:
-        """A signed fetch's store work in one thread hand-off: the replay entry is committed
-        first (its own transaction, as `remember_signature`), then the page is read. None
-        for a replay."""
-        if not self.remember_signature(digest, until, now):
-            return None
-        return self.fetch(user_id, now, limit, max_bytes)
+        """A signed fetch's store work in one statement, so one round trip: the replay entry
+        (as `remember_signature`) and the page (as `fetch`) commit together before the answer
+        leaves, and a replay reads no message. None for a replay."""
+
+        def work(conn: psycopg.Connection) -> Optional[tuple[list[MessageRecord], int]]:
+            params = _page_params(user_id, now, limit, max_bytes)
+            params.update(digest=bytes(digest), until=until)
+            fresh, messages, remaining = _page(conn.execute(_PAGE.format(replay=_REPLAY), params).fetchall())
+            return (messages, remaining) if fresh else None
+
+        return self._run_statement("remember_and_fetch", work)
 
     def check_writable(self) -> None:
         """Insert and delete a row in one committed transaction: a real WAL flush."""
