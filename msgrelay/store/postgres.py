@@ -255,7 +255,7 @@ class PostgresCore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _run(self, operation: str, work: Callable[[psycopg.Connection], T]) -> T:
+    def _run(self, operation: str, work: Callable[[psycopg.Connection], T], transaction: bool = True) -> T:
         """Run `work` in one transaction and commit; map outages to StoreUnavailable.
 
         Deadlocks and serialization failures are retried: PostgreSQL rolled the whole
@@ -267,6 +267,8 @@ class PostgresCore:
         for attempt in range(_RETRIES):
             try:
                 with pool.connection(timeout=self._pool_timeout) as conn:
+                    if not transaction:
+                        return work(conn)
                     with conn.transaction():
                         return work(conn)
             except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
@@ -281,21 +283,7 @@ class PostgresCore:
     def _run_statement(self, operation: str, work: Callable[[psycopg.Connection], T]) -> T:
         """`_run` for work of one statement: it is its own transaction (autocommit), so it
         costs one round trip to the server instead of three (BEGIN and COMMIT)."""
-        pool = self._pool
-        if pool is None:
-            raise StoreUnavailable(f"PostgreSQL {self.target}: {operation}: store is not open")
-        for attempt in range(_RETRIES):
-            try:
-                with pool.connection(timeout=self._pool_timeout) as conn:
-                    return work(conn)
-            except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure) as e:
-                if attempt + 1 == _RETRIES:
-                    raise self._unavailable(operation, e) from None
-            except psycopg.Error as e:
-                if _is_unavailable(e):
-                    raise self._unavailable(operation, e) from None
-                raise
-        raise AssertionError("unreachable")
+        return self._run(operation, work, transaction=False)
 
     def transact(self, operation: str, work: Callable[[psycopg.Connection], T]) -> T:
         """`work` in one committed transaction on this pool, for other tables on the same
@@ -429,18 +417,20 @@ class PostgresCore:
         held: tuple[int, int],
     ) -> Delivery:
         """`deliver` once the recipient's row is locked, `held` its counters: dedup, quota,
-        insert, counters. The counters include expired rows the sweep has not deleted yet;
-        only when they say "full" are this user's expired rows counted and left out."""
-        seen = conn.execute(
-            "SELECT message_id, expires FROM dedup"
-            " WHERE user_id = %s AND dedup_key = %s AND expires > %s",
-            (user_id, dedup_key, now),
-        ).fetchone()
-        if seen is not None:
-            return Delivery(seen[0], int(seen[1]), duplicate=True)
+        insert, counters. When the counters leave room (the common case), the dedup check,
+        the message, its dedup record and the counters are one statement, run after the lock
+        so that it sees every delivery committed before. The counters include expired rows
+        the sweep has not deleted yet; only when they say "full" are this user's expired rows
+        counted and left out, after the dedup check (a duplicate is answered even when full)."""
         count, used = held
         size = message.size
         if count + 1 > quota.max_messages or used + size > quota.max_bytes:
+            seen = conn.execute(
+                "SELECT message_id, expires FROM dedup WHERE user_id = %s AND dedup_key = %s AND expires > %s",
+                (user_id, dedup_key, now),
+            ).fetchone()
+            if seen is not None:
+                return Delivery(seen[0], int(seen[1]), duplicate=True)
             expired = conn.execute(
                 "SELECT count(*), coalesce(sum(size), 0) FROM messages WHERE user_id = %s AND expires <= %s",
                 (user_id, now),
@@ -451,36 +441,32 @@ class PostgresCore:
                 f"mailbox holds {count} messages, {used} bytes;"
                 f" quota {quota.max_messages} messages, {quota.max_bytes} bytes"
             )
+        # A conflicting dedup row can only be an expired record: a live one is `seen`.
         row = conn.execute(
-            "INSERT INTO messages (user_id, token_id, data, algorithm, password,"
+            "WITH seen AS (SELECT message_id, expires FROM dedup"
+            " WHERE user_id = %(user)s AND dedup_key = %(key)s AND expires > %(now)s),"
+            " m AS (INSERT INTO messages (user_id, token_id, data, algorithm, password,"
             " signature, received, expires, size)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-            (
-                user_id,
-                message.token_id,
-                _enc(message.data),
-                message.algorithm,
-                _enc(message.password),
-                _enc(message.signature),
-                message.received,
-                message.expires,
-                size,
-            ),
+            " SELECT %(user)s, %(token)s, %(data)s, %(algorithm)s, %(password)s, %(signature)s, %(received)s,"
+            " %(expires)s, %(size)s WHERE NOT EXISTS (SELECT 1 FROM seen) RETURNING id),"
+            " d AS (INSERT INTO dedup (user_id, dedup_key, message_id, expires)"
+            " SELECT %(user)s, %(key)s, lpad(m.id::text, %(digits)s, '0'), %(expires)s FROM m"
+            " ON CONFLICT (user_id, dedup_key) DO UPDATE"
+            " SET message_id = EXCLUDED.message_id, expires = EXCLUDED.expires),"
+            " c AS (UPDATE users SET pending_messages = pending_messages + 1,"
+            " pending_bytes = pending_bytes + %(size)s WHERE user_id = %(user)s AND EXISTS (SELECT 1 FROM m))"
+            " SELECT (SELECT id FROM m), (SELECT message_id FROM seen), (SELECT expires FROM seen)",
+            {
+                "user": user_id, "token": message.token_id, "data": _enc(message.data),
+                "algorithm": message.algorithm, "password": _enc(message.password),
+                "signature": _enc(message.signature), "received": message.received, "expires": message.expires,
+                "size": size, "key": dedup_key, "now": now, "digits": _ID_DIGITS,
+            },
         ).fetchone()
         assert row is not None
+        if row[0] is None:
+            return Delivery(row[1], int(row[2]), duplicate=True)
         message_id = format_message_id(int(row[0]))
-        # A conflicting row can only be an expired record: live ones returned above.
-        conn.execute(
-            "INSERT INTO dedup (user_id, dedup_key, message_id, expires)"
-            " VALUES (%s, %s, %s, %s) ON CONFLICT (user_id, dedup_key) DO UPDATE"
-            " SET message_id = EXCLUDED.message_id, expires = EXCLUDED.expires",
-            (user_id, dedup_key, message_id, message.expires),
-        )
-        conn.execute(
-            "UPDATE users SET pending_messages = pending_messages + 1, pending_bytes = pending_bytes + %s"
-            " WHERE user_id = %s",
-            (size, user_id),
-        )
         return Delivery(message_id, message.expires, duplicate=False)
 
     def deliver_checked(
