@@ -11,7 +11,7 @@ Layout under the root (dirs 0700, files 0600)::
     users/<user_id>/tmp/            half-written files of this user (never read back)
     replay/<started>-<hex>.journal  used signature digests, appended (see maildir_replay)
     replay/<2 hex>/<sha256(digest)>  the same, as written before the journal; read and swept
-    tmp/                            staging for new user folders, replay entries, probes
+    tmp/                            staging for new user folders and probes
     trash/                          erased user folders awaiting removal
 
 Expiry hints kept in mtimes are never later than the truth in the file. The relay keeps them

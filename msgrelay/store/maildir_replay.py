@@ -176,10 +176,8 @@ class ReplayJournal(GroupCommit):
                 os.close(self._fd)
                 self._fd = None
             return
-        segment = self._segments[-1]
         for key, until in batch:
-            segment.keys.append(key)
-            segment.max_until = max(segment.max_until, until)
+            self._add(self._segments[-1], key, until)
 
     def _open_segment(self, now: int) -> tuple[_Segment, int]:
         """A new, empty segment whose name is durable before any entry is written to it."""

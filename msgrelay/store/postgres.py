@@ -66,7 +66,7 @@ _USAGE = (
     " ON true WHERE u.user_id = %(user)s"
 )
 #: A fetch page in one statement (one snapshot): a first row with the replay outcome
-#: (`{replay}`: the `_REPLAY` CTE, or nothing for a plain fetch) and the user's pending count,
+#: (`{replay}`: the `_REPLAY` CTE, or `_NO_REPLAY` for a plain fetch) and the user's pending count,
 #: then the page's rows: the oldest live messages, as many as `limit` allows and whose running
 #: size fits `max` (the first always). A replay leaves only the first row.
 _PAGE = (
