@@ -218,7 +218,8 @@ SETTINGS: list[Setting] = [
     # Thread pools (issue 8): the most threads for each kind of blocking work.
     Setting("pools", "store", int, 32, _between(1, 256)),
     Setting("pools", "outbox", int, 4, _between(1, 64)),
-    Setting("pools", "crypto", int, 2, _between(1, 64)),
+    # 0: one fewer than the CPUs the process may run on, at least one (pools.pool_size).
+    Setting("pools", "crypto", int, 0, _between(0, 64)),
 ]
 
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -3,6 +3,7 @@ off by default; the bearer token is required where configured."""
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.error
 import urllib.request
@@ -153,6 +154,9 @@ def test_counters_move_on_a_real_running_relay(tmp_path, users):
         assert value(after, "msgrelay_http_open_connections") >= 0
         assert value(before, "msgrelay_messages_stored_total") == 0
         assert value(after, "process_open_fds") > 0
+        # The pools as sized: pools.store's default, and pools.crypto = 0 leaving a CPU spare.
+        assert value(after, "msgrelay_thread_pool_size", pool="store") == 32
+        assert value(after, "msgrelay_thread_pool_size", pool="crypto") == max(1, len(os.sched_getaffinity(0)) - 1)
 
         # The store gauges are refreshed in the background when a scrape finds them stale.
         deadline = time.monotonic() + 10

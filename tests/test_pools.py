@@ -10,7 +10,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from msgrelay.pools import WorkPool, load_of, run_in
+from msgrelay.pools import Pools, WorkPool, load_of, pool_size, run_in
+from msgrelay.settings import SettingError, resolve
 
 
 def _wait(predicate, what: str, seconds: float = 30.0) -> None:
@@ -73,3 +74,14 @@ def test_an_idle_thread_takes_the_next_work_rather_than_a_new_thread():
         assert len(pool.threads) == 1
     finally:
         pool.stop()
+
+
+def test_crypto_zero_leaves_the_reactor_a_cpu_and_other_sizes_are_as_configured():
+    assert [pool_size("crypto", 0, cpus) for cpus in (1, 2, 3, 8)] == [1, 1, 2, 7]
+    assert pool_size("crypto", 3, 8) == 3 and pool_size("store", 32, 2) == 32
+    names = {"server.name": "relay.test"}
+    pools = Pools.from_settings(resolve({}, names), cpus=4)
+    assert (pools.crypto.max, pools.store.max, pools.outbox.max) == (3, 32, 4)
+    assert Pools.from_settings(resolve({"pools.crypto": 5}, names), cpus=2).crypto.max == 5
+    with pytest.raises(SettingError, match="pools.crypto"):
+        resolve({"pools.crypto": -1}, names)
