@@ -304,7 +304,7 @@ class Run:
         slug = re.sub(r"[^a-z0-9]+", "-", scenario.lower()).strip("-")
         out = f"{self.args.profile}.{self.backend}.{slug}.txt"
         return subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
-                                 "record", "-p", str(relay.proc.pid), "-r", "200", "-f", "raw", "-o", out,
+                                 "record", "--nonblocking", "-p", str(relay.proc.pid), "-r", "200", "-f", "raw", "-o", out,
                                  *(["--gil"] if self.args.profile_gil else [])],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
