@@ -340,7 +340,7 @@ def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]]
                  if len(row.get("rates", ())) > 1 else ""))
     for backend, extra in extras.items():
         print(f"{backend}: relay RSS after the run {extra.get('rss_mib_after_run', 0):.0f} MiB; with "
-              f"{extra.get('stored_messages', 0):,} stored messages over {extra.get('stored_users', 0):,} users: "
+              f"{int(extra.get('stored_messages', 0)):,} stored messages over {int(extra.get('stored_users', 0)):,} users: "
               f"start-up {extra.get('startup_seconds', 0):.1f} s, RSS {extra.get('rss_mib_stored', 0):.0f} MiB")
         if "workers_2_to_1_accept" in extra:
             print(f"{backend}: 2 workers / 1 worker on one port: accept to 200 recipients "
