@@ -339,9 +339,11 @@ def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]]
               + (f"; {len(row['rates'])} runs: {row['rates'][0]:.0f}-{row['rates'][-1]:.0f}"
                  if len(row.get("rates", ())) > 1 else ""))
     for backend, extra in extras.items():
-        print(f"{backend}: relay RSS after the run {extra.get('rss_mib_after_run', 0):.0f} MiB; with "
-              f"{int(extra.get('stored_messages', 0)):,} stored messages over {int(extra.get('stored_users', 0)):,} users: "
-              f"start-up {extra.get('startup_seconds', 0):.1f} s, RSS {extra.get('rss_mib_stored', 0):.0f} MiB")
+        line = f"{backend}: relay RSS after the run {extra.get('rss_mib_after_run', 0):.0f} MiB"
+        if "startup_seconds" in extra:  # not measured when --only leaves the start-up out
+            line += (f"; with {int(extra['stored_messages']):,} stored messages over {int(extra['stored_users']):,} "
+                     f"users: start-up {extra['startup_seconds']:.1f} s, RSS {extra['rss_mib_stored']:.0f} MiB")
+        print(line)
         if "workers_2_to_1_accept" in extra:
             print(f"{backend}: 2 workers / 1 worker on one port: accept to 200 recipients "
                   f"{extra['workers_2_to_1_accept_200']:.2f}x, accept to 1 {extra['workers_2_to_1_accept']:.2f}x, "

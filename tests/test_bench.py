@@ -1,0 +1,81 @@
+"""`bench/run.py` end to end, small: the bench's own code keeps working as the relay changes.
+
+The figures themselves are not checked (speed is bench/'s subject, never a test's): what is
+checked is that every request was answered 200, that the ceilings were measured, and that
+the report names each row's bounding ceiling. Each run is bounded in requests (`--accepts`,
+`--fetches`) and in time (the subprocess timeout), and talks only to loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relayproc import twistd_path
+from test_postgres_relay import database  # noqa: F401  (the fixture: a fresh database per test)
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+CEILINGS = {"rsa_oaep_decrypt", "pss_verify", "durable_write_1", "durable_write_8"}
+
+
+def bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    out = tmp_path / "figures.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--twistd", twistd_path(), "--json", str(out),
+         "--accepts", "30", "--fetches", "30", *args],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def check_rows(figures: dict[str, Any], expected: dict[str, int]) -> None:
+    """Every expected scenario ran once with its count of requests, each answered 200, and
+    latencies are ordered."""
+    assert set(figures["ceilings"]) == CEILINGS and all(v > 0 for v in figures["ceilings"].values())
+    rows = {row["scenario"]: row for row in figures["rows"]}
+    assert set(rows) == set(expected), sorted(rows)
+    for name, requests in expected.items():
+        row = rows[name]
+        assert (row["ok"], row["errors"], row["statuses"]) == (requests, 0, {"200": requests}), row
+        assert row["rate"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"] <= row["p999_ms"], row
+
+
+@pytest.mark.parametrize("generator", ["python", "wrk"])
+def test_maildir_accept_fetch_and_acknowledge(tmp_path, generator):
+    """Both load generators: wrk with bench/wrkgen.lua (CI installs wrk), and bench/loadgen.py."""
+    if generator == "wrk":
+        assert shutil.which("wrk"), "wrk is not installed (apt-get install wrk; .ci/run does)"
+    figures, printed = bench(tmp_path, "--backend", "maildir", "--load-generator", generator,
+                             "--only", "acknowledge", "--only", "fetch limit=10, 100-message")
+    # Acknowledging needs accepted messages: accept to 1 recipient runs with it, and three
+    # requests of 10 ids acknowledge the 30 messages it delivered.
+    check_rows(figures, {"accept, 1 recipient": 30, "fetch limit=10, 100-message mailbox": 30,
+                         "acknowledge, 10 ids per request": 3})
+    for bound in ("of rsa_oaep_decrypt", "of durable_write_8"):
+        assert bound in printed, printed
+    assert figures["extras"]["maildir"]["rss_mib_after_run"] > 10
+    assert "start-up" not in printed  # not measured with --only, so not reported as 0.0 s
+
+
+def test_postgresql_one_and_two_workers(tmp_path, database):  # noqa: F811
+    """The workers comparison: `twistd msgrelay --workers 1` and `--workers 2` on one port."""
+    figures, printed = bench(tmp_path, "--backend", "postgresql", "--postgres-dsn", database,
+                             "--load-generator", "python", "--only", "worker")
+    expected = {}
+    for label in ("1 worker", "2 workers"):
+        expected.update({f"accept, 200 recipients, {label}": 30, f"accept, 1 recipient, {label}": 30,
+                         f"fetch limit=10, 100 msgs, {label}": 30})
+    check_rows(figures, expected)
+    extras = figures["extras"]["postgresql"]
+    for kind in ("accept_200", "accept", "fetch"):
+        assert extras[f"workers_2_to_1_{kind}"] > 0
+    assert "2 workers / 1 worker on one port" in printed
