@@ -15,6 +15,7 @@ throughput as a ratio of the ceiling that bounds it. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -172,8 +173,12 @@ class Run:
         profiler = self._profile_start(relay, name) if name in self.args.profile_scenario else None
         (user0, sys0), machine0, wall0 = relay.cpu_split(), machine_busy(), time.perf_counter()
         generator = wrkgen.run if self.args.load_generator == "wrk" else loadgen.run
+        # Paced scenarios report latency, which a slow disk sets: probe it meanwhile.
+        probe = ceilings.DiskProbe(relay.workdir) if rate else contextlib.nullcontext()
         try:
-            outcome = generator(relay.port, requests, self.args.connections, self.args.processes, keep_bodies, rate)
+            with probe:
+                outcome = generator(relay.port, requests, self.args.connections, self.args.processes, keep_bodies,
+                                    rate)
         finally:
             self._profile_stop(profiler)
         (user1, sys1), wall = relay.cpu_split(), max(time.perf_counter() - wall0, 1e-9)
@@ -186,6 +191,7 @@ class Run:
             "p999_ms": outcome.percentile(0.999) * 1000, "ok": outcome.ok, "errors": errors,
             "statuses": outcome.statuses, "server_cpu": server_cpu,
             "server_sys": server_sys, "machine_cpu": machine, "client_cpu": outcome.client_cpu / outcome.elapsed, "offered_rate": rate,
+            **(probe.figures() if isinstance(probe, ceilings.DiskProbe) else {}),
         })
         print(f"  {name}: {outcome.rate * per_request:.0f} {unit} ({outcome.ok} ok, {errors} refused)", flush=True)
         return outcome
@@ -335,7 +341,8 @@ def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]]
         print(f"{row['backend']:<10} {row['scenario']:<38} {row['rate']:>9.0f} {row['unit']:<7} {row['p50_ms']:>7.1f} "
               f"{row['p99_ms']:>7.1f} {row['p999_ms']:>8.1f} {row['errors']:>4} {row['server_cpu']:>6.0%} "
               f"{row.get('server_sys', 0):>6.0%} {row['client_cpu']:>6.0%} {row.get('machine_cpu', 0):>7.0%}  {ratio:.2f} of {bound}"
-              + (f" (paced at {row['offered_rate']:.0f}/s)" if row["offered_rate"] else "")
+              + (f" (paced at {row['offered_rate']:.0f}/s; disk fdatasync meanwhile p99 {row['disk_p99_ms']:.1f} ms, "
+                 f"max {row['disk_max_ms']:.0f} ms)" if row["offered_rate"] else "")
               + (f"; {len(row['rates'])} runs: {row['rates'][0]:.0f}-{row['rates'][-1]:.0f}"
                  if len(row.get("rates", ())) > 1 else ""))
     for backend, extra in extras.items():
