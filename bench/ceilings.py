@@ -19,6 +19,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from loadgen import percentile
+
 OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
 
@@ -127,8 +129,7 @@ class DiskProbe:
             self._path.unlink()
 
     def figures(self) -> dict[str, float]:
-        """p50, p99 and maximum in milliseconds (zeros when no sync completed)."""
-        ordered = sorted(self._latencies) or [0.0]
-        return {"disk_p50_ms": ordered[len(ordered) // 2] * 1000,
-                "disk_p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
-                "disk_max_ms": ordered[-1] * 1000}
+        """p50, p99 and maximum in milliseconds (NaN when no sync completed)."""
+        return {"disk_p50_ms": percentile(self._latencies, 0.5) * 1000,
+                "disk_p99_ms": percentile(self._latencies, 0.99) * 1000,
+                "disk_max_ms": percentile(self._latencies, 1.0) * 1000}

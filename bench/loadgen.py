@@ -24,6 +24,14 @@ def http_request(method: str, path: str, host: str, body: Optional[bytes] = None
     return (head + "\r\n").encode("ascii") + (body or b"")
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile of `values` (nearest rank, the larger one), NaN when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 @dataclass
 class Outcome:
     """What one run measured."""
@@ -53,10 +61,7 @@ class Outcome:
     def percentile(self, q: float) -> float:
         if q in self.fixed_percentiles:
             return self.fixed_percentiles[q]
-        ordered = sorted(self.latencies)
-        if not ordered:
-            return float("nan")
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return percentile(self.latencies, q)
 
 
 def _read_answer(sock: socket.socket, buffer: bytearray) -> Optional[tuple[int, bytes]]:
