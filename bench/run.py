@@ -174,9 +174,9 @@ class Run:
         (user0, sys0), machine0, wall0 = relay.cpu_split(), machine_busy(), time.perf_counter()
         generator = wrkgen.run if self.args.load_generator == "wrk" else loadgen.run
         # Paced scenarios report latency, which a slow disk sets: probe it meanwhile.
-        probe = ceilings.DiskProbe(relay.workdir) if rate else contextlib.nullcontext()
+        probe = ceilings.DiskProbe(relay.workdir) if rate else None
         try:
-            with probe:
+            with probe or contextlib.nullcontext():
                 outcome = generator(relay.port, requests, self.args.connections, self.args.processes, keep_bodies,
                                     rate)
         finally:
@@ -191,7 +191,7 @@ class Run:
             "p999_ms": outcome.percentile(0.999) * 1000, "ok": outcome.ok, "errors": errors,
             "statuses": outcome.statuses, "server_cpu": server_cpu,
             "server_sys": server_sys, "machine_cpu": machine, "client_cpu": outcome.client_cpu / outcome.elapsed, "offered_rate": rate,
-            **(probe.figures() if isinstance(probe, ceilings.DiskProbe) else {}),
+            **(probe.figures() if probe else {}),
         })
         print(f"  {name}: {outcome.rate * per_request:.0f} {unit} ({outcome.ok} ok, {errors} refused)", flush=True)
         return outcome

@@ -47,7 +47,7 @@ LONGEST_FIRST = (
     "test_crash.py",               # ~53 s: 2 x 15 SIGKILLs
     "test_fuzz_openapi.py",        # ~42 s: schemathesis
     "test_federation_pg_e2e.py",   # ~32 s
-    "test_bench.py",               # ~22 s: bench/run.py, three small runs
+    "test_bench.py",               # ~32 s: bench/run.py, three small runs
     "test_workers.py",             # ~18 s
     "test_client_e2e.py",          # ~18 s: msgrelay-client commands (tests/clientfork.py)
     "test_keyrotation.py",
