@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ceilings  # noqa: E402
 import loadgen  # noqa: E402
 import wrkgen  # noqa: E402
-from state import MaildirSeeder, PostgresSeeder, Seeded, relay_config  # noqa: E402
+from state import MaildirSeeder, PostgresSeeder, Seeded, Seeder, relay_config  # noqa: E402
 
 from msgrelay.wire.envelope import seal  # noqa: E402
 from msgrelay.wire.keys import load_public_key, public_key_pem  # noqa: E402
@@ -152,6 +152,11 @@ def signed(relay: Relay, key: rsa.RSAPrivateKey, user_id: str, method: str, **pa
 
 # -- one backend -------------------------------------------------------------------------------
 
+def add_recipients(seeder: Seeder, pem: str) -> list[Seeded]:
+    """The 200 users of the "accept, 200 recipients" scenarios."""
+    return [seeder.add_user(f"many-{i}", pem) for i in range(200)]
+
+
 def memory_filesystem() -> Optional[Path]:
     """A writable memory filesystem (tmpfs) to hold a reference relay's state, or None."""
     try:
@@ -218,7 +223,7 @@ class Run:
         seeder = (PostgresSeeder(self.args.postgres_dsn) if self.backend == "postgresql"
                   else MaildirSeeder(workdir / "state" / "maildir"))
         single = seeder.add_user("single", pem)
-        many = [seeder.add_user(f"many-{i}", pem) for i in range(200)]
+        many = add_recipients(seeder, pem)
         small, big = seeder.add_user("small", pem), seeder.add_user("big", pem)
         seeder.fill(small.user_id, 100, 2048)
         seeder.fill(big.user_id, 10_000, 2048)
@@ -283,7 +288,7 @@ class Run:
         workdir = Path(tempfile.mkdtemp(prefix="msgrelay-bench-memory-", dir=shm))
         try:
             seeder = MaildirSeeder(workdir / "state" / "maildir")
-            many = [seeder.add_user(f"many-{i}", pem) for i in range(200)]
+            many = add_recipients(seeder, pem)
             seeder.close()
             config = workdir / "relay.toml"
             relay_config(config, "maildir", "", self.args.set)
