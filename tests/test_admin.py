@@ -68,8 +68,10 @@ class State:
         ]
 
     def snapshot(self) -> dict[str, bytes]:
+        """Every stored byte; not SQLite's shared-memory index of the dedup table (`-shm`),
+        which every reader writes its read marks into."""
         return {str(p.relative_to(self.root)): p.read_bytes() if p.is_file() else b"<dir>"
-                for p in sorted(self.root.rglob("*"))}
+                for p in sorted(self.root.rglob("*")) if not p.name.endswith(".sqlite-shm")}
 
 
 @pytest.fixture
@@ -177,7 +179,7 @@ def plant_damage(state: State) -> dict[str, str]:
     planted[f"maildir/users/{alice.user_id}/tokens/{token_file.name}"] = "token record"
     (udir / "new" / "notes.txt").write_text("hello")
     planted[f"maildir/users/{alice.user_id}/new/notes.txt"] = "is not a message name"
-    dedup = sorted((udir / "dedup").iterdir())[0]
+    dedup = udir / "dedup" / ("ab" * 32)  # a record as earlier versions wrote them, torn
     dedup.write_bytes(b"\x00\x01")
     planted[f"maildir/users/{alice.user_id}/dedup/{dedup.name}"] = "dedup record is not valid JSON"
     stale = udir / "tmp" / "0123.tmp"
@@ -250,6 +252,20 @@ def test_fsck_of_a_healthy_store_and_missing_folders(state):
     assert sorted(f["action"].split()[0] for f in findings) == ["moved", "recreated"], findings
     assert sorted(p.name for p in (state.store / "replay").iterdir()) == ["1700000000-0123abcd.journal"]
     assert admin("fsck", "-d", str(state.root)).returncode == 0
+
+
+def test_fsck_reports_a_damaged_dedup_table_and_leaves_it_in_place(state):
+    state.deliver(state.users[0], 2)
+    state.files.dedup.close()  # as a stopped relay leaves it: everything checkpointed into the file
+    table = state.store / "dedup.sqlite"
+    damaged = b"not a database, just bytes" * 200
+    table.write_bytes(damaged)
+    result = admin("fsck", "-d", str(state.root), "--json")
+    assert result.returncode == 1, result.stdout
+    (finding,) = json.loads(result.stdout)["findings"]
+    assert finding["path"] == "maildir/dedup.sqlite" and "quick check" in finding["problem"], finding
+    assert finding["action"].startswith("left in place"), finding
+    assert table.read_bytes() == damaged and len(os.listdir(state.store / "users" / state.users[0].user_id / "new")) == 2
 
 
 def test_fsck_refuses_what_is_not_a_store(tmp_path):

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import uuid
+from typing import Optional
 
 import pytest
 
@@ -17,17 +18,30 @@ from test_postgres_relay import database  # noqa: F401 (fixture: a fresh Postgre
 pytestmark = pytest.mark.slow
 
 
-def sender(client: SyncClient, alice, token: str, worker: int, accepted: dict, stop: threading.Event) -> None:
+def sender(client: SyncClient, alice, token: str, worker: int, accepted: dict, stop: threading.Event,
+           packets: Optional[dict] = None) -> None:
+    """Send until stopped; `accepted` maps each message id answered 200 to its body, and
+    `packets` (if given) to the envelope sent, for resending."""
     n = 0
     while not stop.is_set():
         body = json.dumps({"worker": worker, "n": n, "pad": uuid.uuid4().hex * 20}).encode()
+        envelope = client.packet_envelope(alice, token, body=body)
         try:
-            answer = client.call("POST", "/api/v1/message", client.packet_envelope(alice, token, body=body), timeout=5)
+            answer = client.call("POST", "/api/v1/message", envelope, timeout=5)
         except OSError:
             return  # the relay died under us: this message's fate is unknown, which is allowed
         if answer.status == 200:
             accepted[answer.body["message_id"]] = body
+            if packets is not None:
+                packets[answer.body["message_id"]] = envelope
         n += 1
+
+
+def assert_resends_are_duplicates(client: SyncClient, packets: dict) -> None:
+    """Every packet answered 200 before a crash, sent again, is answered with its first id."""
+    for message_id, envelope in packets.items():
+        answer = client.call("POST", "/api/v1/message", envelope, timeout=10)
+        assert answer.status == 200 and answer.body["message_id"] == message_id, answer.body
 
 
 def fetch_all(client: SyncClient, alice) -> list[dict]:
@@ -47,8 +61,10 @@ def test_sigkill_mid_stream_loses_nothing_answered(tmp_path, users):
     token = client.mint(alice, expires_in=0)
 
     accepted: dict[str, bytes] = {}
+    packets: dict[str, dict] = {}
     stop = threading.Event()
-    threads = [threading.Thread(target=sender, args=(client, alice, token, w, accepted, stop)) for w in range(4)]
+    threads = [threading.Thread(target=sender, args=(client, alice, token, w, accepted, stop, packets))
+               for w in range(4)]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 20
@@ -72,6 +88,8 @@ def test_sigkill_mid_stream_loses_nothing_answered(tmp_path, users):
             json.loads(body)
             if message["id"] in accepted:
                 assert body == accepted[message["id"]]
+        assert_resends_are_duplicates(client, packets)  # dedup records survive the crash
+        assert len(fetch_all(client, alice)) == len(messages)
         ack = client.signed(alice, "DELETE", "/api/v1/message", ids=list(by_id))
         assert ack.body == {"deleted": len(by_id)}
         assert fetch_all(client, alice) == []
@@ -79,6 +97,8 @@ def test_sigkill_mid_stream_loses_nothing_answered(tmp_path, users):
         relay.kill()
     relay = RelayProcess(state, port=relay.port).start()  # acknowledgements survive a crash too
     try:
+        assert fetch_all(client, alice) == []
+        assert_resends_are_duplicates(client, packets)  # and the records outlive the acknowledgement
         assert fetch_all(client, alice) == []
     finally:
         relay.stop()

@@ -1,12 +1,14 @@
-"""Expiry sweeps of the maildir's dedup records, tokens and replay entries cost what expires,
-not what is stored (msgrelay/store/maildir_expiry.py), and the in-memory index behind them is
+"""Expiry sweeps of the maildir's dedup records (the table's rows, and earlier versions' files),
+tokens and replay entries cost what expires, not what is stored (msgrelay/store/maildir_expiry.py), and the in-memory index behind them is
 rebuilt exactly from the files by a fresh instance (a restart, or a crash). Time is the
 injected `now` of each call; record reads are counted at the system calls."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +41,31 @@ class Touches:
 
 
 def records(files: MaildirFiles) -> dict[str, set[str]]:
-    """The records on disk, by kind (replay: the keys in the journal's segments)."""
+    """The records on disk, by kind (dedup: the table's rows and earlier versions' files;
+    replay: the keys in the journal's segments)."""
     found: dict[str, set[str]] = {"dedup": set(), "tokens": set(), "replay": set()}
     for uid in files.user_ids():
         for kind in ("dedup", "tokens"):
             found[kind] |= {f"{uid}/{n}" for n in os.listdir(files.users / uid / kind)}
+    if files.dedup.path.exists():
+        with sqlite3.connect(files.dedup.path) as table:
+            found["dedup"] |= {f"{uid}/{key}" for uid, key in table.execute("SELECT user_id, key FROM dedup")}
     for segment in files.replay.glob("*.journal"):
         found["replay"] |= {line.split()[0] for line in segment.read_text().splitlines()}
     return found
 
 
+def plant_old_dedup(files: MaildirFiles, uid: str, key: str, expires: int) -> None:
+    """A dedup record as earlier versions wrote it: a file named by the key, mtime = expiry."""
+    path = files.users / uid / "dedup" / key
+    path.write_text(json.dumps({"message_id": f"old-{key}", "expires": expires}))
+    os.utime(path, (expires, expires))
+
+
 def stocked(root: Path) -> MaildirFiles:
-    """Two users with tokens, 30 messages (dedup records) and 20 replay entries (one journal
-    segment), expiring at NOW + 100 * k for several k."""
+    """Two users with tokens, 30 messages (dedup records in the table), 9 dedup records of an
+    earlier version (a file each) and 20 replay entries (one journal segment), expiring at
+    NOW + 100 * k for several k."""
     files = MaildirFiles.open(root)
     for uid in (ALICE, BOB):
         files.add_user(user(uid))
@@ -59,6 +73,8 @@ def stocked(root: Path) -> MaildirFiles:
         files.add_token(uid, token(f"{uid}-forever", expires=None))
     for n in range(30):
         files.deliver(ALICE if n % 2 else BOB, f"k{n}", message(data=f"m{n}", expires=NOW + 100 * (1 + n % 3)), BIG, NOW)
+    for n in range(9):
+        plant_old_dedup(files, ALICE, f"{n:064x}", NOW + 100 * (1 + n % 3))
     for n in range(20):
         assert files.remember_signature(f"sig{n}".encode(), NOW + 100 * (1 + n % 2), NOW)
     return files
@@ -73,12 +89,13 @@ def test_a_sweep_reads_only_the_records_that_are_due(tmp_path, monkeypatch):
     assert touches.files == touches.listings == []  # nothing due: no record or record folder touched
     files.expire(NOW + 100)
     touches.active = False
-    # Due now: 10 dedup records, each read once and removed; nothing listed. The replay journal
-    # reads nothing: its segment goes whole once its last entry expires.
-    assert len(touches.files) == 10 and touches.listings == []
+    # Due now: 10 rows of the table (one DELETE) and 3 old dedup files, each read once and
+    # removed; nothing listed. The replay journal reads nothing: its segment goes whole once
+    # its last entry expires.
+    assert len(touches.files) == 3 and touches.listings == []
     assert not [p for p in touches.files if "/tokens/" in p]
     after = records(files)
-    assert len(before["dedup"]) - len(after["dedup"]) == 10 and after["replay"] == before["replay"]
+    assert len(before["dedup"]) - len(after["dedup"]) == 13 and after["replay"] == before["replay"]
     assert after["tokens"] == before["tokens"] and len(after["replay"]) == 20
     files.expire(NOW + 200)
     assert records(files)["replay"] == set() and len(files.replay_journal()) == 0
@@ -93,7 +110,7 @@ def test_a_fresh_instance_rebuilds_the_index_from_the_files(tmp_path):
     assert len(second.replay_journal()) == 20  # read back at the first use, as the relay does at start
     second.expire(NOW + 200)
     left = records(second)
-    assert len(left["dedup"]) == 10 and left["replay"] == set()
+    assert len(left["dedup"]) == 13 and left["replay"] == set()
     assert {n.split("/")[0] for n in left["tokens"]} == {ALICE, BOB} and len(left["tokens"]) == 2  # forever ones
     second.expire(NOW + 300)
     assert records(second)["dedup"] == set() and len(records(second)["tokens"]) == 2
@@ -126,6 +143,6 @@ def test_records_removed_by_others_or_with_their_user_are_dropped(tmp_path):
     files.deliver(BOB, "k", message(expires=NOW + 100), BIG, NOW)
     assert files.revoke_token(ALICE, revoked.id)
     assert files.delete_user(BOB)
-    assert len(files.expiry) == 2
+    assert len(files.expiry) == 1  # the token file's; BOB's dedup record was a row, gone with him
     files.expire(NOW + 100)
     assert len(files.expiry) == 0 and records(files) == {"dedup": set(), "tokens": set(), "replay": set()}

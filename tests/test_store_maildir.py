@@ -13,6 +13,7 @@ import hashlib
 import os
 import resource
 import signal
+import sqlite3
 import stat
 import subprocess
 import threading
@@ -24,7 +25,7 @@ from typing import Iterator
 import pytest
 import pytest_twisted
 
-from msgrelay.store.interface import IStore, QuotaExceeded, StoreUnavailable
+from msgrelay.store.interface import Delivery, IStore, QuotaExceeded, StoreUnavailable
 from msgrelay.store.maildir import MaildirFiles, MaildirStore
 from msgrelay.store.maildir_layout import MESSAGE_NAME, ArrivalClock, MessageName
 from store_contract import ALICE, BIG, BOB, HOUR, MESSAGE_ID, NOW, StoreContract, message, token, user
@@ -114,9 +115,12 @@ def test_layout_and_permissions(files):
     udir = files.users / ALICE
     assert sorted(p.name for p in udir.iterdir()) == ["dedup", "generation", "new", "tmp", "tokens", "user.json"]
     assert list((udir / "tmp").iterdir()) == [] and list(files.tmp.iterdir()) == []
+    assert list((udir / "dedup").iterdir()) == []  # earlier versions' records only
+    assert {p.name for p in files.root.glob("dedup.sqlite*")} >= {"dedup.sqlite"}  # each 0600, checked above
     # Only the digest is kept for a token, and the dedup key is stored hashed.
     assert (udir / "tokens" / f"{token('t').id}.json").read_text().count(token("t").digest) == 1
-    assert [p.name for p in (udir / "dedup").iterdir()] == [hashlib.sha256(b"k").hexdigest()]
+    with sqlite3.connect(files.dedup.path) as table:
+        assert table.execute("SELECT user_id, key FROM dedup").fetchall() == [(ALICE, hashlib.sha256(b"k").hexdigest())]
 
 
 def test_message_file_name_is_the_id_and_encodes_expiry_and_size(files):
@@ -252,9 +256,11 @@ def test_corrupt_live_body_is_skipped_not_fatal(files):
 
 def test_expiry_hints_in_mtimes_are_only_hints(files):
     """Copies that reset mtimes must not shorten dedup or replay: the file content decides.
-    The replay entry is one of the first layout (a file per digest), as an upgrade finds it."""
-    first = files.deliver(ALICE, "k", message(expires=NOW + HOUR), BIG, NOW)
-    dedup = next((files.users / ALICE / "dedup").iterdir())
+    Both records are of earlier layouts (a dedup file per key, a replay file per digest), as
+    an upgrade finds them."""
+    dedup = files.users / ALICE / "dedup" / hashlib.sha256(b"k").hexdigest()
+    dedup.write_text('{"expires": %d, "message_id": "earlier-id"}' % (NOW + HOUR))
+    os.utime(dedup, (NOW + HOUR, NOW + HOUR))
     name = hashlib.sha256(b"sig").hexdigest()
     (files.replay / name[:2]).mkdir()
     replay = files.replay / name[:2] / name
@@ -263,7 +269,7 @@ def test_expiry_hints_in_mtimes_are_only_hints(files):
     for path in (dedup, replay):
         os.utime(path, (0, 0))
     files.expire(NOW + 10)
-    assert files.deliver(ALICE, "k", message(), BIG, NOW + 10).message_id == first.message_id
+    assert files.deliver(ALICE, "k", message(), BIG, NOW + 10).message_id == "earlier-id"
     assert files.remember_signature(b"sig", NOW + 300, NOW + 10) is False
     assert dedup.exists() and replay.exists()
     files.expire(NOW + 300)
@@ -355,21 +361,43 @@ def test_disk_full_loses_nothing_and_recovers(tmp_path):
         assert retry.duplicate is False and contents(files) == ["m1", "m2", "x" * 20000]
 
 
-def test_message_rolled_back_when_its_dedup_record_cannot_be_written(tmp_path):
-    """Room for the body but not the dedup record: answer 503 and keep no copy."""
-    with small_tmpfs(tmp_path / "fs") as fs:
-        files = MaildirFiles.open(fs / "state")
-        files.add_user(user(ALICE))
-        filler = fs / "filler"
-        size = fill(filler)
-        os.truncate(filler, size - 4096)  # exactly one free page: the body's
-        with pytest.raises(StoreUnavailable, match="ENOSPC"):
-            files.deliver(ALICE, "k", message(data="small"), BIG, NOW)
-        assert files.fetch(ALICE, NOW, 10) == ([], 0)
-        assert os.listdir(new_dir(files)) == [] and os.listdir(files.users / ALICE / "dedup") == []
-        os.unlink(filler)
-        assert files.deliver(ALICE, "k", message(data="small"), BIG, NOW).duplicate is False
-        assert contents(files) == ["small"]
+def refuse_dedup(files: MaildirFiles, *events: str) -> sqlite3.Connection:
+    """Make SQLite itself fail statements on the dedup table ("BEFORE INSERT": refused, nothing
+    written; "AFTER INSERT": failed after the row was written, as a commit whose sync failed;
+    "BEFORE DELETE"), on this thread's connection (the one the synchronous store uses here):
+    a real failure of the real table, through temporary triggers."""
+    connection = files.dedup._connection()
+    for event in events:
+        when, what = event.split()
+        connection.execute(f"CREATE TEMP TRIGGER refuse_{when}_{what} {event} ON dedup BEGIN "
+                           f"SELECT RAISE({'FAIL' if when == 'AFTER' else 'ABORT'}, 'refused by the test'); END")
+    return connection
+
+
+def test_message_rolled_back_when_its_dedup_record_cannot_be_written(files):
+    """The body is durable but its dedup record is refused: answer 503 and keep no copy."""
+    files.deliver(ALICE, "k0", message(data="first"), BIG, NOW)
+    connection = refuse_dedup(files, "BEFORE INSERT")
+    with pytest.raises(StoreUnavailable, match="store a dedup record: dedup table: refused by the test"):
+        files.deliver(ALICE, "k", message(data="small"), BIG, NOW)
+    assert contents(files) == ["first"] and len(os.listdir(new_dir(files))) == 1
+    assert list((files.users / ALICE / "tmp").iterdir()) == []
+    connection.execute("DROP TRIGGER refuse_BEFORE_INSERT")
+    assert files.deliver(ALICE, "k", message(data="small"), BIG, NOW).duplicate is False
+    assert contents(files) == ["first", "small"]
+
+
+def test_message_kept_when_its_dedup_record_may_have_landed(files):
+    """An insert that failed after its row landed, and whose removal fails too: the message
+    stays, because the record names it and must never name a message that is not there."""
+    files.deliver(ALICE, "k0", message(data="first"), BIG, NOW)
+    connection = refuse_dedup(files, "AFTER INSERT", "BEFORE DELETE")
+    with pytest.raises(StoreUnavailable, match="store a dedup record"):
+        files.deliver(ALICE, "k", message(data="small"), BIG, NOW)
+    connection.execute("DROP TRIGGER refuse_BEFORE_DELETE")
+    assert contents(files) == ["first", "small"]
+    kept = files.fetch(ALICE, NOW, 10)[0][1].message_id
+    assert files.deliver(ALICE, "k", message(data="small"), BIG, NOW) == Delivery(kept, NOW + HOUR, True)
 
 
 def test_read_only_filesystem(tmp_path):
@@ -377,12 +405,16 @@ def test_read_only_filesystem(tmp_path):
         files = MaildirFiles.open(fs / "state")
         files.add_user(user(ALICE))
         kept = files.deliver(ALICE, "k", message(data="kept"), BIG, NOW).message_id
+        files.dedup.close()  # an open SQLite file keeps the filesystem from being remounted read-only
         remount(fs, "ro")
         try:
             with pytest.raises(StoreUnavailable, match="EROFS"):
                 files.check_writable()
-            with pytest.raises(StoreUnavailable, match="EROFS"):
-                files.deliver(ALICE, "k2", message(), BIG, NOW)
+            # The dedup table cannot be opened on a read-only filesystem: every delivery is
+            # refused, a resend of a stored packet too (the client retries after the outage).
+            for key in ("k2", "k"):
+                with pytest.raises(StoreUnavailable, match=r"read a dedup record: dedup table: .*\(SQLITE_CANTOPEN\)"):
+                    files.deliver(ALICE, key, message(), BIG, NOW)
             with pytest.raises(StoreUnavailable, match="EROFS"):
                 files.acknowledge(ALICE, [kept])
             with pytest.raises(StoreUnavailable, match="EROFS"):
@@ -390,10 +422,10 @@ def test_read_only_filesystem(tmp_path):
             with pytest.raises(StoreUnavailable, match="state directory"):
                 MaildirFiles.open(fs / "state")
             assert contents(files) == ["kept"]
-            assert files.deliver(ALICE, "k", message(), BIG, NOW).duplicate is True  # answered from disk
         finally:
             remount(fs, "rw")
         files.check_writable()
+        assert files.deliver(ALICE, "k", message(), BIG, NOW).duplicate is True
         assert files.acknowledge(ALICE, [kept]) == 1
 
 

@@ -7,12 +7,15 @@ Layout under the root (dirs 0700, files 0600)::
     users/<user_id>/generation      one byte appended per change of new/ (see maildir_index)
     users/<user_id>/tokens/<id>.json  TokenRecords (digest only; mtime = expiry hint)
     users/<user_id>/new/<message_id>  pending messages; the name encodes expiry and size
-    users/<user_id>/dedup/<sha256(dedup_key)>  {"message_id", "expires"}; mtime = expires
+    users/<user_id>/dedup/<sha256(dedup_key)>  {"message_id", "expires"}; mtime = expires (earlier
+                                    versions' dedup records, read and swept until they expire)
     users/<user_id>/tmp/            half-written files of this user (never read back)
     replay/<started>-<hex>.journal  used signature digests, appended (see maildir_replay)
     replay/<2 hex>/<sha256(digest)>  the same, as written before the journal; read and swept
     tmp/                            staging for new user folders and probes
     trash/                          erased user folders awaiting removal
+    dedup.sqlite                    dedup records: user, sha256(dedup_key), message id, expiry
+                                    (see maildir_dedup; with SQLite's -wal and -shm files)
 
 Expiry hints kept in mtimes are never later than the truth in the file. The relay keeps them
 in memory too (`maildir_expiry`, built from the files at the first sweep), so a sweep reads
@@ -42,6 +45,7 @@ from .interface import (
 from ..durable import fsync_dir, remove_durably, unlink_quietly, write_durably, write_new_file
 from .maildir_expiry import USER_RECORD_FOLDERS, ExpiryIndex
 from .maildir_cache import MessageCache
+from .maildir_dedup import DedupTable
 from .maildir_index import GENERATION, UserIndex, generation_key, note_change
 from .maildir_replay import ReplayJournal
 from .maildir_layout import (
@@ -82,6 +86,7 @@ class MaildirFiles:
         self._indexes: dict[str, UserIndex] = {}
         self._indexes_lock = threading.Lock()
         self.expiry = ExpiryIndex(NEVER)
+        self.dedup = DedupTable(self.root)
         self._user_records = records.RecordCache(records.read_user)
         self._token_records = records.RecordCache(records.read_token)
         self._replay: Optional[ReplayJournal] = None
@@ -193,6 +198,10 @@ class MaildirFiles:
         if self.cache is not None:
             self.cache.forget_user(user_id)
         try:
+            self.dedup.forget_user(user_id)
+        except StoreUnavailable as e:  # harmless when left: each key holds a token digest, and the tokens are gone
+            log.warn("erased user's dedup records left until they expire: {reason}", reason=str(e))
+        try:
             remove_tree(doomed)
         except OSError as e:
             log.warn("erased user folder left in trash: {reason}", reason=describe_os_error("empty trash", e))
@@ -257,7 +266,6 @@ class MaildirFiles:
             if index is None:
                 index = self._indexes[user_id] = UserIndex()
                 index.new_sync = DirSync(udir / "new")
-                index.dedup_sync = DirSync(udir / "dedup")
             return index
 
     def _forget(self, user_id: str, index: Optional[UserIndex] = None) -> None:
@@ -321,7 +329,7 @@ class MaildirFiles:
                 index.changed.wait()
                 if not self._current(user_id, udir, index):
                     raise UnknownUser(user_id)
-            earlier = records.read_dedup(dedup_path, now)
+            earlier = self.dedup.find(user_id, dedup_name, now) or records.read_dedup(dedup_path, now)
             if earlier is not None:
                 return Delivery(earlier[0], earlier[1], True)
             count, used = index.live(now)
@@ -333,12 +341,18 @@ class MaildirFiles:
         finally:
             index.mutex.release()
         try:
-            self._write_message(udir, index, str(name), message, dedup_path)
+            self._write_message(udir, index, str(name), message, dedup_name)
         except BaseException:
             with index.mutex:
                 index.remove(str(name))
                 del index.dedup_waits[dedup_name]
                 index.changed.notify_all()
+                if os.path.lexists(udir / "new" / str(name)):  # kept (see _write_message): list it again
+                    index.key = None
+                    try:
+                        note_change(udir)
+                    except FileNotFoundError:
+                        pass
             raise
         if self.cache is not None:  # before the commit makes it visible: a fetch then finds it here
             self.cache.put(user_id, MessageRecord(str(name), message.token_id, message.data, message.algorithm,
@@ -354,39 +368,33 @@ class MaildirFiles:
                 pass  # erased meanwhile: the message went with the folder
         return Delivery(str(name), message.expires, False)
 
-    def _write_message(self, udir: Path, index: UserIndex, name: str, message: NewMessage, dedup_path: Path) -> None:
-        """The message, then its dedup record, each durable (data fsync here, folder fsync shared)."""
+    def _write_message(self, udir: Path, index: UserIndex, name: str, message: NewMessage, dedup_name: str) -> None:
+        """The message durable (data fsync here, folder fsync shared), then its dedup record."""
         final = udir / "new" / name
         tmp = udir / "tmp" / name
-        record = records.encode({"message_id": name, "expires": message.expires})
-        dedup_tmp = udir / "tmp" / f"{name}.dedup"
         try:
             try:
                 write_new_file(tmp, records.encode(records.message_json(message)))
-                write_new_file(dedup_tmp, record, mtime=message.expires)
                 os.rename(tmp, final)
                 index.new_sync.sync()  # type: ignore[attr-defined]
             except FileNotFoundError as e:
                 raise UnknownUser(udir.name) from e  # erased while we wrote
         except BaseException:
             unlink_quietly(tmp)
-            unlink_quietly(dedup_tmp)
             unlink_quietly(final)
             raise
         try:
-            os.rename(dedup_tmp, dedup_path)
-            self.expiry.add(dedup_path.parent, dedup_path.name, message.expires)
-            index.dedup_sync.sync()  # type: ignore[attr-defined]
+            self.dedup.add(udir.name, dedup_name, name, message.expires)
         except BaseException:
-            # Answering 503 must mean "not stored": take the message back so a retry
-            # does not leave the recipient two copies (the record first, in case its
-            # rename got through: it must never name a message that is not there).
+            # Answering 503 must mean "not stored": take the message back so a retry does
+            # not leave the recipient two copies, but only once its record is surely gone
+            # (a failed commit may still have landed): a record must never name a message
+            # that is not there, while a kept message at worst arrives twice.
             try:
-                unlink_quietly(dedup_tmp)
-                unlink_quietly(dedup_path)
+                self.dedup.remove(udir.name, dedup_name)
                 remove_durably(final)
-            except OSError:
-                log.error("message stored without its dedup record; a resend may store a second copy")
+            except (OSError, StoreUnavailable):
+                log.error("message kept without certainty about its dedup record; a resend may store a second copy")
             raise
 
     @disk_operation("check a token and store a message")
@@ -494,6 +502,7 @@ class MaildirFiles:
         for user_id in self.user_ids():
             removed += self._expire_user(self.users / user_id, now)
         self.expiry.sweep(now)
+        self.dedup.sweep(now)
         if self._replay is not None:
             self._replay.sweep(now)
         self._sweep_tmp(self.tmp, now)

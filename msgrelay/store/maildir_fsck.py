@@ -1,9 +1,9 @@
 """`msgrelay-admin fsck` for the maildir store: find damage and move it aside, never delete it.
 
 Checked: the store's top folders and FORMAT; every user folder (user.json matching its name
-and key, tokens, pending messages, dedup records, nothing else); the replay journal; and the
-tmp folders, where entries older than `min_tmp_age` are leftovers of interrupted writes.
-A damaged or misplaced entry is renamed into ``<state>/quarantine/<UTC time>/`` under its
+and key, tokens, pending messages, earlier versions' dedup records, nothing else); the dedup
+table (reported, never moved); the replay journal; and the tmp folders, where entries older
+than `min_tmp_age` are leftovers of interrupted writes. A damaged or misplaced entry is renamed into ``<state>/quarantine/<UTC time>/`` under its
 path relative to the state directory, so it can be inspected or moved back; a missing folder
 or FORMAT is recreated. Erased users still in trash/ are removed, which finishes the erasure
 the user asked for (that is not damage).
@@ -150,6 +150,7 @@ class MaildirFsck:
         for name in sorted(list_dir(self.files.users)):
             self._check_user_entry(self.files.users / name)
         self._check_replay()
+        self._check_dedup_table()
         for folder in [self.files.tmp] + [self.files.users / u / "tmp" for u in self.files.user_ids()]:
             self._check_tmp(folder)
         for name in sorted(list_dir(self.files.trash)):
@@ -282,6 +283,16 @@ class MaildirFsck:
                     self._move(record, "does not belong in this replay shard")
                 else:
                     self._checked(record, partial(replay_problem, record), "replay")
+
+    def _check_dedup_table(self) -> None:
+        """SQLite's quick check of the dedup table. A damaged table is reported, never moved:
+        a running relay holds it open, and without it a resent packet would be stored again."""
+        problem = self.files.dedup.problem()
+        if problem is not None:
+            self._note(Finding(self.quarantine.relative(self.files.dedup.path),
+                               f"dedup table fails SQLite's quick check: {problem}",
+                               "left in place: stop the relay, then restore it from a backup or remove it "
+                               "(resent packets are then stored once more until their expiry)"))
 
     def _check_tmp(self, folder: Path) -> None:
         limit = self.now - self.min_tmp_age

@@ -64,7 +64,7 @@ class UserIndex:
     """One user's pending messages; every field is guarded by `mutex` (see MaildirFiles)."""
 
     __slots__ = ("key", "pending", "heap", "count", "bytes", "latest", "in_flight", "dedup_waits",
-                 "mutex", "changed", "new_sync", "dedup_sync", "__weakref__")
+                 "mutex", "changed", "new_sync", "__weakref__")
 
     def __init__(self) -> None:
         self.mutex = threading.Lock()
@@ -83,7 +83,6 @@ class UserIndex:
         #: dedup file name -> name of the message being delivered under it.
         self.dedup_waits: dict[str, str] = {}
         self.new_sync: Optional[object] = None
-        self.dedup_sync: Optional[object] = None
 
     # -- building --------------------------------------------------------------------------
 
