@@ -121,6 +121,10 @@ def test_layout_and_permissions(files):
     assert (udir / "tokens" / f"{token('t').id}.json").read_text().count(token("t").digest) == 1
     with sqlite3.connect(files.dedup.path) as table:
         assert table.execute("SELECT user_id, key FROM dedup").fetchall() == [(ALICE, hashlib.sha256(b"k").hexdigest())]
+    # A committed record survives a crash (WAL, synchronous=FULL), in a bounded page cache.
+    connection = files.dedup._connection()
+    settings = [connection.execute(f"PRAGMA {name}").fetchone()[0] for name in ("journal_mode", "synchronous", "cache_size")]
+    assert settings == ["wal", 2, -512]
 
 
 def test_message_file_name_is_the_id_and_encodes_expiry_and_size(files):

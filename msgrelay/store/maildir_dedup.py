@@ -32,6 +32,9 @@ from .maildir_layout import describe_os_error
 FILE_NAME = "dedup.sqlite"
 #: How long a writer waits for another's lock before the call fails as StoreUnavailable.
 BUSY_TIMEOUT_SECONDS = 30.0
+#: Page cache of each connection, KiB. Every store thread has a connection (32 by default) and
+#: SQLite's default is 2 MiB each; a lookup by key reads a few pages, which the kernel caches.
+CACHE_KIB = 512
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS dedup (user_id TEXT NOT NULL, key TEXT NOT NULL, message_id TEXT NOT NULL,"
@@ -63,6 +66,7 @@ class DedupTable:
             try:
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=FULL")
+                connection.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
                 if not self._ready:
                     for statement in _SCHEMA:
                         connection.execute(statement)
