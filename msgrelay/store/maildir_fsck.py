@@ -3,7 +3,8 @@
 Checked: the store's top folders and FORMAT; every user folder (user.json matching its name
 and key, tokens, pending messages, earlier versions' dedup records, nothing else); the dedup
 table (reported, never moved); the replay journal; and the tmp folders, where entries older
-than `min_tmp_age` are leftovers of interrupted writes. A damaged or misplaced entry is renamed into ``<state>/quarantine/<UTC time>/`` under its
+than `min_tmp_age` are leftovers of interrupted writes.
+A damaged or misplaced entry is renamed into ``<state>/quarantine/<UTC time>/`` under its
 path relative to the state directory, so it can be inspected or moved back; a missing folder
 or FORMAT is recreated. Erased users still in trash/ are removed, which finishes the erasure
 the user asked for (that is not damage).

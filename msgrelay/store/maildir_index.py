@@ -80,7 +80,7 @@ class UserIndex:
         self.latest = 0  # highest arrival stamp seen: new ids sort after it
         #: Names reserved by deliveries not yet durable: counted by the quota, never fetched.
         self.in_flight: set[str] = set()
-        #: dedup file name -> name of the message being delivered under it.
+        #: dedup key hash (the record's key) -> name of the message being delivered under it.
         self.dedup_waits: dict[str, str] = {}
         self.new_sync: Optional[object] = None
 
