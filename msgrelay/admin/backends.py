@@ -81,7 +81,7 @@ class MaildirAdmin:
         return self.files.delete_user(user_id)
 
     def close(self) -> None:
-        pass
+        self.files.dedup.close()  # the last connection out folds SQLite's -wal file back in
 
 
 class PostgresAdmin:
