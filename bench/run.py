@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ceilings  # noqa: E402
 import loadgen  # noqa: E402
 import wrkgen  # noqa: E402
-from state import MaildirSeeder, PostgresSeeder, Seeded, Seeder, relay_config  # noqa: E402
+from state import METRICS_TOKEN, MaildirSeeder, PostgresSeeder, Seeded, Seeder, relay_config  # noqa: E402
 
 from msgrelay.wire.envelope import seal  # noqa: E402
 from msgrelay.wire.keys import load_public_key, public_key_pem  # noqa: E402
@@ -56,6 +56,10 @@ CEILING_NAMES = {
 }
 
 
+#: The thread pool counters of the relay's metrics (msgrelay/metrics.py, PoolCollector).
+POOL_SERIES = re.compile(r'msgrelay_thread_pool_(calls|wait_seconds|run_seconds)_total\{pool="([a-z]+)"\}')
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,6 +72,7 @@ class Relay:
     def __init__(self, twistd: str, workdir: Path, config: Path, workers: int = 1):
         self.port = free_port()
         self.workdir = workdir
+        self.workers = workers
         log = workdir / f"relay-{self.port}.log"
         started = time.perf_counter()
         self.proc = subprocess.Popen(
@@ -90,6 +95,32 @@ class Relay:
                 time.sleep(0.05)
         self.startup_seconds = time.perf_counter() - started
         self.host = f"127.0.0.1:{self.port}"
+        # The first scrape refreshes the store gauges on the store pool: done here, before any
+        # measured window, and not again (the bench's stats_interval).
+        while self.workers == 1 and self._metrics().get("msgrelay_store_stats_timestamp_seconds", 1.0) == 0.0:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the relay's store gauges were not refreshed within 120 s; see {log}")
+            time.sleep(0.05)
+
+    def _metrics(self) -> dict[str, float]:
+        """The relay's unlabelled metrics and its pool counters (keyed `name{pool="x"}`); empty
+        when it serves none (an older version)."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}/metrics",
+                                         headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                page = answer.read().decode("utf-8")
+        except OSError:
+            return {}
+        found = {}
+        for line in page.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name and not line.startswith("#"):
+                try:
+                    found[name] = float(value)
+                except ValueError:
+                    pass
+        return found
 
     def pids(self) -> list[int]:
         """The relay's process and, with workers, its worker processes."""
@@ -116,6 +147,19 @@ class Relay:
             user, system = user + int(fields[11]), system + int(fields[12])
         tick = os.sysconf("SC_CLK_TCK")
         return user / tick, system / tick
+
+    def pool_totals(self) -> dict[str, dict[str, float]]:
+        """Per thread pool, the calls finished and the seconds they waited for a thread and
+        ran, all together since start (the relay's metrics); empty when this relay has no
+        such metrics (an older version) or runs workers (a scrape would reach one of them)."""
+        if self.workers != 1:
+            return {}
+        totals: dict[str, dict[str, float]] = {}
+        for name, value in self._metrics().items():
+            match = POOL_SERIES.fullmatch(name)
+            if match is not None:
+                totals.setdefault(match.group(2), {})[match.group(1)] = value
+        return totals
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -190,6 +234,7 @@ class Run:
                 per_request: int = 1, keep_bodies: bool = False, rate: float = 0.0) -> loadgen.Outcome:
         """Send every request once, as fast as the connections go or paced at `rate` req/s."""
         profiler = self._profile_start(relay, name) if name in self.args.profile_scenario else None
+        pools0 = relay.pool_totals()
         (user0, sys0), machine0, wall0 = relay.cpu_split(), machine_busy(), time.perf_counter()
         generator = wrkgen.run if self.args.load_generator == "wrk" else loadgen.run
         # Paced scenarios report latency, which a slow disk sets: probe it meanwhile.
@@ -201,6 +246,7 @@ class Run:
         finally:
             self._profile_stop(profiler)
         (user1, sys1), wall = relay.cpu_split(), max(time.perf_counter() - wall0, 1e-9)
+        pools = pool_times(pools0, relay.pool_totals(), len(requests))
         server_cpu, server_sys = (user1 - user0 + sys1 - sys0) / wall, (sys1 - sys0) / wall
         machine = (machine_busy() - machine0) / wall / (os.cpu_count() or 1)
         errors = sum(n for status, n in outcome.statuses.items() if status != 200)
@@ -210,7 +256,7 @@ class Run:
             "p999_ms": outcome.percentile(0.999) * 1000, "ok": outcome.ok, "errors": errors,
             "statuses": outcome.statuses, "server_cpu": server_cpu,
             "server_sys": server_sys, "machine_cpu": machine, "client_cpu": outcome.client_cpu / outcome.elapsed, "offered_rate": rate,
-            **(probe.figures() if probe else {}),
+            **(probe.figures() if probe else {}), **({"pools": pools} if pools else {}),
         })
         print(f"  {name}: {outcome.rate * per_request:.0f} {unit} ({outcome.ok} ok, {errors} refused)", flush=True)
         return outcome
@@ -397,6 +443,12 @@ def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]]
     if disk is not None and memory is not None:
         print(f"maildir: relay CPU per message accepted to 200 recipients {cpu_per_message(disk)}; with the state "
               f"in memory {cpu_per_message(memory)}, at {memory['rate'] / max(disk['rate'], 1e-9):.2f}x the rate")
+    timed = [row for row in rows if row.get("pools")]
+    if timed:
+        print("\nper request in the relay's thread pools (ms; waiting for a thread, then running), "
+              "single-process relays:")
+        for row in timed:
+            print(pool_line(row))
     for backend, extra in extras.items():
         line = f"{backend}: relay RSS after the run {extra.get('rss_mib_after_run', 0):.0f} MiB"
         if "startup_seconds" in extra:  # not measured when --only leaves the start-up out
@@ -410,6 +462,28 @@ def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]]
     print("\nsrvCPU: relay process (and workers) CPU per wall second (100% = one core busy), "
           "(sys) the kernel's part of it (fsync, sockets, thread wake-ups); cliCPU: all load generator "
           "processes together. With other work on the machine, compare ratios rather than absolute figures.")
+
+
+def pool_times(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+               requests: int) -> dict[str, dict[str, float]]:
+    """Per pool that worked during a scenario: its calls per request, and the milliseconds
+    per request they waited for a thread and ran (between two `Relay.pool_totals`)."""
+    times = {}
+    for pool, totals in after.items():
+        earlier = before.get(pool, {})
+        calls = totals.get("calls", 0.0) - earlier.get("calls", 0.0)
+        if calls > 0 and requests > 0:
+            times[pool] = {"calls": calls / requests,
+                           "wait_ms": (totals.get("wait_seconds", 0.0) - earlier.get("wait_seconds", 0.0)) / requests * 1000,
+                           "run_ms": (totals.get("run_seconds", 0.0) - earlier.get("run_seconds", 0.0)) / requests * 1000}
+    return times
+
+
+def pool_line(row: dict[str, Any]) -> str:
+    """Where a row's requests spent their time in the relay's thread pools, for the report."""
+    parts = [f"{pool} {t['calls']:.1f} calls, waited {t['wait_ms']:.1f} ran {t['run_ms']:.1f}"
+             for pool, t in sorted(row["pools"].items())]
+    return f"{row['backend']:<10} {row['scenario']:<38} " + "; ".join(parts) + f" (p50 {row['p50_ms']:.1f})"
 
 
 def cpu_per_message(row: dict[str, Any]) -> str:

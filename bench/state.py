@@ -118,14 +118,22 @@ class PostgresSeeder(Seeder):
         self.core.close()
 
 
+#: The bench relays' metrics token (loopback only; never an operator's).
+METRICS_TOKEN = "bench-metrics-token"
+
+
 def relay_config(path: Path, backend: str, dsn: str, overrides: Sequence[str] = ()) -> None:
-    """No rate limits and room for the big mailboxes; everything else as shipped, or as
+    """No rate limits, room for the big mailboxes, /metrics on the relay's port with the
+    bench's token; everything else as shipped, or as
     `overrides` ("section.name=TOML value", the bench's --set) say."""
     sections: dict[str, dict[str, str]] = {
         "store": {"backend": json.dumps(backend), **({"postgres_dsn": json.dumps(dsn)} if backend == "postgresql" else {})},
         "limits": {"quota_messages": "10000000", "quota_bytes": "100000000000"},
         "rate_limits": {name: '"off"' for name in ("register_per_address", "send_per_address", "fetch_per_user",
                                                    "token_per_user")} | {"exempt": '["127.0.0.1"]'},
+        # /metrics on the relay's port, read between scenarios; the store gauges refreshed once,
+        # at start (Relay waits for it), never by a scrape inside a measured window.
+        "metrics": {"token": json.dumps(METRICS_TOKEN), "stats_interval": "100000000"},
     }
     for override in overrides:
         dotted, value = override.split("=", 1)

@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from twisted.internet.defer import Deferred, gatherResults
@@ -116,21 +116,33 @@ class FederationCollector:
 
 
 class PoolCollector:
-    """Size, busy threads and queued work of each thread pool (msgrelay/pools.py), per scrape."""
+    """Size, busy threads and queued work of each thread pool (msgrelay/pools.py), per scrape,
+    and the time its calls waited for a thread and ran: a pool whose calls wait is too small or
+    its resource too slow (disk, database, CPU), and where requests spend their time is read
+    off the differences between two scrapes."""
 
     def __init__(self, loads: Callable[[], Mapping[str, PoolLoad]]):
         self.loads = loads
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
         size = GaugeMetricFamily("msgrelay_thread_pool_size", "Most threads a pool runs", labels=["pool"])
         busy = GaugeMetricFamily("msgrelay_thread_pool_busy", "Threads of a pool running work", labels=["pool"])
         queued = GaugeMetricFamily("msgrelay_thread_pool_queued", "Work waiting for a thread of a pool",
                                    labels=["pool"])
+        calls = CounterMetricFamily("msgrelay_thread_pool_calls", "Calls a pool has finished", labels=["pool"])
+        waited = CounterMetricFamily("msgrelay_thread_pool_wait_seconds",
+                                     "Time the finished and running calls of a pool waited for a thread",
+                                     labels=["pool"])
+        ran = CounterMetricFamily("msgrelay_thread_pool_run_seconds", "Time the finished calls of a pool ran",
+                                  labels=["pool"])
         for name, load in self.loads().items():
             size.add_metric([name], load.size)
             busy.add_metric([name], load.busy)
             queued.add_metric([name], load.queued)
-        return [size, busy, queued]
+            calls.add_metric([name], load.done)
+            waited.add_metric([name], load.waited)
+            ran.add_metric([name], load.ran)
+        return [size, busy, queued, calls, waited, ran]
 
 
 class RelayMetrics:

@@ -4,7 +4,9 @@ Blocking work never runs on the reactor thread, and never on the reactor's defau
 each kind has a pool of its own, so a backlog of one kind (a slow disk for the outbox, a
 slow database, an expensive decryption) cannot hold up another. Sizes are the `pools.*`
 settings; the service tree starts the pools before anything uses them and stops them
-last; the metrics show each pool's size, busy threads and queued work.
+last; the metrics show each pool's size, busy threads and queued work, and how long its
+work waited for a thread and ran: whether the disk, the database or the CPU holds up the
+requests is read off them (docs/operations.md, "Metrics").
 
 - store: every IStore call (maildir file I/O and fsync, PostgreSQL queries);
 - outbox: the federation outbox's disk work;
@@ -24,6 +26,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, TypeVar
 
@@ -40,8 +43,9 @@ from .settings import Settings
 T = TypeVar("T")
 log = Logger()
 
-#: A queued call: logging context, result callback, function, positional and keyword arguments.
-_Work = tuple[Any, Optional[Callable[[bool, Any], object]], Callable[..., Any], tuple, dict]
+#: A queued call: logging context, result callback, function, positional and keyword arguments,
+#: and when it was queued (the pool's clock).
+_Work = tuple[Any, Optional[Callable[[bool, Any], object]], Callable[..., Any], tuple, dict, float]
 
 
 class WorkPool(ThreadPool):
@@ -50,15 +54,21 @@ class WorkPool(ThreadPool):
 
     Threads start as work arrives (up to `max`) and stay. Work queued before `start` waits
     for it; `stop` lets queued work finish, then joins the threads. Results reach
-    `onResult` in the worker thread, as with ThreadPool.
+    `onResult` in the worker thread, as with ThreadPool. Each call's time waiting for a
+    thread and running is added up (`load_of`), on `clock` (monotonic seconds).
     """
 
-    def __init__(self, minthreads: int = 0, maxthreads: int = 20, name: Optional[str] = None):
+    def __init__(self, minthreads: int = 0, maxthreads: int = 20, name: Optional[str] = None,
+                 clock: Callable[[], float] = time.monotonic):
         super().__init__(minthreads, maxthreads, name)
         self._work: "queue.SimpleQueue[Optional[_Work]]" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0  # threads free for work not yet claimed by a call
         self._busy = 0
+        self._clock = clock
+        self.done = 0  # calls finished (their result handed on)
+        self.waited = 0.0  # seconds those calls waited for a thread, all together
+        self.ran = 0.0  # seconds they ran (the function, not the result callback)
 
     @property
     def working(self) -> list[None]:
@@ -87,7 +97,8 @@ class WorkPool(ThreadPool):
                                  func: Callable[..., Any], *args: Any, **kw: Any) -> None:
         if self.joined:
             return
-        self._work.put((context.theContextTracker.currentContext().contexts[-1], onResult, func, args, kw))
+        self._work.put((context.theContextTracker.currentContext().contexts[-1], onResult, func, args, kw,
+                        self._clock()))
         if self.started:
             with self._lock:
                 if self._idle:
@@ -105,13 +116,16 @@ class WorkPool(ThreadPool):
             work = self._work.get()
             if work is None:
                 return
+            ctx, on_result, func, args, kw, queued = work
+            started = self._clock()
             with self._lock:
                 self._busy += 1
-            ctx, on_result, func, args, kw = work
+                self.waited += started - queued
             try:
                 result, ok = context.call(ctx, func, *args, **kw), True
             except BaseException:
                 result, ok = Failure(), False
+            ran = self._clock() - started
             try:
                 if on_result is not None:
                     on_result(ok, result)
@@ -123,6 +137,8 @@ class WorkPool(ThreadPool):
             with self._lock:
                 self._busy -= 1
                 self._idle += 1
+                self.done += 1
+                self.ran += ran
 
 
 @dataclass(frozen=True)
@@ -132,10 +148,18 @@ class PoolLoad:
     size: int  # the most threads it runs
     busy: int  # threads running work now
     queued: int  # work waiting for a thread
+    done: int = 0  # calls finished since start (WorkPool only)
+    waited: float = 0.0  # seconds they waited for a thread, all together
+    ran: float = 0.0  # seconds they ran, all together
 
 
 def load_of(pool: ThreadPool) -> PoolLoad:
-    """What the metrics show of `pool` (a WorkPool or any ThreadPool)."""
+    """What the metrics show of `pool` (a WorkPool or any ThreadPool; the times only of a
+    WorkPool)."""
+    if isinstance(pool, WorkPool):
+        with pool._lock:
+            done, waited, ran = pool.done, pool.waited, pool.ran
+        return PoolLoad(pool.max, len(pool.working), pool.q.qsize(), done, waited, ran)
     return PoolLoad(pool.max, len(pool.working), pool.q.qsize())
 
 

@@ -77,6 +77,16 @@ def test_maildir_accept_fetch_and_acknowledge(tmp_path, generator):
     for bound in ("of rsa_oaep_decrypt", "of durable_write_8"):
         assert bound in printed, printed
     assert figures["extras"]["maildir"]["rss_mib_after_run"] > 10
+    # Where requests spent their time, from the relay's pool counters: every accepted packet
+    # was opened by one crypto call and stored by one store call (the store pool may also have
+    # run an expiry sweep meanwhile); a fetch only reads the store.
+    rows = {row["scenario"]: row for row in figures["rows"]}
+    for name in ("accept, 200 recipients", "accept, 1 recipient", "accept, 200 recipients, state in memory"):
+        pools = rows[name]["pools"]
+        assert pools["crypto"]["calls"] == 1.0 and 1.0 <= pools["store"]["calls"] <= 31 / 30, pools
+        assert pools["crypto"]["run_ms"] > 0 and pools["store"]["run_ms"] > 0, pools
+    assert "crypto" not in rows["fetch limit=10, 100-message mailbox"]["pools"]
+    assert "per request in the relay's thread pools" in printed, printed
     assert "start-up" not in printed  # not measured with --only, so not reported as 0.0 s
 
 
@@ -93,3 +103,6 @@ def test_postgresql_one_and_two_workers(tmp_path, database):  # noqa: F811
     for kind in ("accept_200", "accept", "fetch"):
         assert extras[f"workers_2_to_1_{kind}"] > 0
     assert "2 workers / 1 worker on one port" in printed
+    # A scrape would reach one worker of two: the pool times are left out there, not halved.
+    assert all("pools" not in row for row in figures["rows"] if row["scenario"].endswith("2 workers"))
+    assert all("pools" in row for row in figures["rows"] if row["scenario"].endswith("1 worker"))

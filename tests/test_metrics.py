@@ -157,6 +157,12 @@ def test_counters_move_on_a_real_running_relay(tmp_path, users):
         # The pools as sized: pools.store's default, and pools.crypto = 0 leaving a CPU spare.
         assert value(after, "msgrelay_thread_pool_size", pool="store") == 32
         assert value(after, "msgrelay_thread_pool_size", pool="crypto") == max(1, len(os.sched_getaffinity(0)) - 1)
+        # Every accepted packet was opened on the crypto pool and stored through the store pool.
+        assert value(after, "msgrelay_thread_pool_calls_total", pool="crypto") >= 4
+        assert value(after, "msgrelay_thread_pool_calls_total", pool="store") >= 8
+        assert value(before, "msgrelay_thread_pool_run_seconds_total", pool="crypto") < \
+            value(after, "msgrelay_thread_pool_run_seconds_total", pool="crypto")
+        assert value(after, "msgrelay_thread_pool_wait_seconds_total", pool="store") >= 0
 
         # The store gauges are refreshed in the background when a scrape finds them stale.
         deadline = time.monotonic() + 10

@@ -85,3 +85,41 @@ def test_crypto_zero_leaves_the_reactor_a_cpu_and_other_sizes_are_as_configured(
     assert Pools.from_settings(resolve({"pools.crypto": 5}, names), cpus=2).crypto.max == 5
     with pytest.raises(SettingError, match="pools.crypto"):
         resolve({"pools.crypto": -1}, names)
+
+
+def test_each_call_s_wait_for_a_thread_and_its_run_are_added_up_on_the_pool_s_clock():
+    now = [100.0]
+
+    def work(seconds: float) -> None:
+        now[0] += seconds  # the call "runs" this long on the pool's clock
+
+    pool = WorkPool(0, 1, name="t-times", clock=lambda: now[0])
+    for seconds in (2.0, 3.0):
+        pool.callInThreadWithCallback(None, work, seconds)
+    now[0] += 5.0  # queued while the pool is stopped: both wait
+    assert load_of(pool).done == 0
+    pool.start()
+    pool.stop()  # the queued calls run, one after the other on the one thread
+    load = load_of(pool)
+    # The first waited 5 s and ran 2; the second waited for the first too (7 s) and ran 3.
+    assert (load.done, load.waited, load.ran) == (2, 12.0, 5.0)
+
+
+def test_a_failed_call_counts_too_and_other_thread_pools_show_no_times():
+    pool = WorkPool(0, 1, name="t-failed")
+    pool.start()
+    try:
+        done = threading.Event()
+
+        def fails() -> None:
+            raise ValueError("counted")
+
+        pool.callInThreadWithCallback(lambda ok, value: done.set(), fails)
+        assert done.wait(30)
+        _wait(lambda: load_of(pool).done == 1, "the failed call to be counted")
+        assert load_of(pool).ran >= 0 and load_of(pool).waited >= 0
+    finally:
+        pool.stop()
+    from twisted.python.threadpool import ThreadPool
+    plain = load_of(ThreadPool(0, 3))
+    assert (plain.size, plain.done, plain.waited, plain.ran) == (3, 0, 0.0, 0.0)
