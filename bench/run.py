@@ -482,7 +482,7 @@ def pool_times(before: dict[str, dict[str, float]], after: dict[str, dict[str, f
 def pool_line(row: dict[str, Any]) -> str:
     """Where a row's requests spent their time in the relay's thread pools, for the report."""
     parts = [f"{pool} {t['calls']:.1f} calls, waited {t['wait_ms']:.1f} ran {t['run_ms']:.1f}"
-             for pool, t in sorted(row["pools"].items())]
+             for pool, t in sorted(row["pools"].items()) if t["calls"] >= 0.05]  # not a stray background call
     return f"{row['backend']:<10} {row['scenario']:<38} " + "; ".join(parts) + f" (p50 {row['p50_ms']:.1f})"
 
 
