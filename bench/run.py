@@ -224,6 +224,7 @@ def machine_busy() -> float:
 class Run:
     def __init__(self, args: argparse.Namespace, backend: str, key: rsa.RSAPrivateKey):
         self.args, self.backend, self.key = args, backend, key
+        self.generator = wrkgen.run if args.load_generator == "wrk" else loadgen.run
         self.rows: list[dict[str, Any]] = []
         self.extra: dict[str, float] = {}
 
@@ -237,13 +238,12 @@ class Run:
         profiler = self._profile_start(relay, name) if name in self.args.profile_scenario else None
         pools0 = relay.pool_totals()
         (user0, sys0), machine0, wall0 = relay.cpu_split(), machine_busy(), time.perf_counter()
-        generator = wrkgen.run if self.args.load_generator == "wrk" else loadgen.run
         # Paced scenarios report latency, which a slow disk sets: probe it meanwhile.
         probe = ceilings.DiskProbe(relay.workdir) if rate else None
         try:
             with probe or contextlib.nullcontext():
-                outcome = generator(relay.port, requests, self.args.connections, self.args.processes, keep_bodies,
-                                    rate)
+                outcome = self.generator(relay.port, requests, self.args.connections, self.args.processes,
+                                         keep_bodies, rate)
         finally:
             self._profile_stop(profiler)
         (user1, sys1), wall = relay.cpu_split(), max(time.perf_counter() - wall0, 1e-9)
@@ -329,9 +329,8 @@ class Run:
         """Requests/s of the relay's event loop for a request that needs no pool, no store and
         no signature: what any request costs the reactor thread, which bounds a fetch once its
         store and crypto work are cheap (the pool times in the report say when)."""
-        generator = wrkgen.run if self.args.load_generator == "wrk" else loadgen.run
         request = loadgen.http_request("GET", "/api/v1/server", relay.host)
-        outcome = generator(relay.port, [request] * count, self.args.connections, self.args.processes, False, 0.0)
+        outcome = self.generator(relay.port, [request] * count, self.args.connections, self.args.processes, False, 0.0)
         refused = sum(n for status, n in outcome.statuses.items() if status != 200)
         if refused:
             raise SystemExit(f"the request ceiling's GET /api/v1/server was refused {refused} times: {outcome.statuses}")
