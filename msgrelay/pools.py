@@ -126,6 +126,13 @@ class WorkPool(ThreadPool):
             except BaseException:
                 result, ok = Failure(), False
             ran = self._clock() - started
+            # Counted before the result is handed on, so whoever sees the result (a request's
+            # answer, then a metrics scrape) sees the call counted.
+            with self._lock:
+                self._busy -= 1
+                self._idle += 1
+                self.done += 1
+                self.ran += ran
             try:
                 if on_result is not None:
                     on_result(ok, result)
@@ -134,11 +141,6 @@ class WorkPool(ThreadPool):
             except BaseException:
                 log.failure("the result callback of pool {pool} failed", pool=self.name)
             del work, result, on_result
-            with self._lock:
-                self._busy -= 1
-                self._idle += 1
-                self.done += 1
-                self.ran += ran
 
 
 @dataclass(frozen=True)
