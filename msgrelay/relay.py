@@ -23,6 +23,7 @@ from . import __version__
 from .keytransitions import listed
 from .serverkey import ServerKeyring
 from .settings import Reload, Settings
+from .userkeys import UserKeys
 from .store.interface import (
     IStore, MessageRecord, NewMessage, Quota, QuotaExceeded, StoreUnavailable, TokenRecord, TokenRefused, UserRecord,
 )
@@ -142,6 +143,8 @@ class RelayCore:
         self._own_pool: Optional[ThreadPool] = None
         self._own_pool_trigger: Any = None
         self.run_crypto: Executor = run_crypto or self._in_own_pool
+        #: Keys of users who fetched lately: their next fetch skips the user lookup.
+        self.user_keys = UserKeys()
 
     def reconfigure(self, reload: Reload) -> None:
         self.settings = reload.running
@@ -246,7 +249,7 @@ class RelayCore:
         return {"user_id": user.user_id, "key": user.key_pem}
 
     async def authenticate(
-        self, request: SignedRequest, method: str, path: str, limit: Optional[Callable[[UserRecord], None]] = None
+        self, request: SignedRequest, method: str, path: str, limit: Optional[Callable[[str], None]] = None
     ) -> UserRecord:
         """Time window (105, 111), user (130), signature (110), replay (112), in that order.
 
@@ -259,23 +262,33 @@ class RelayCore:
         return user
 
     async def _verify(
-        self, request: SignedRequest, method: str, path: str, limit: Optional[Callable[[UserRecord], None]]
+        self, request: SignedRequest, method: str, path: str, limit: Optional[Callable[[str], None]]
     ) -> tuple[UserRecord, tuple[bytes, int, int]]:
         """`authenticate` up to the replay cache: the user, and the replay entry to record
         (digest, until, now) as `IStore.remember_signature` takes it."""
-        limits = self.settings.limits
-        now = self.clock.seconds()
-        check_time_window(request.date, request.validity, now, limits.max_skew, limits.max_validity)
+        now = self._in_window(request)
         user = await _guard(self.store.get_user(request.user_id))
         if user is None:
             raise ProtocolError(130, f"no user {request.user_id} on this relay")
-        verify_signature(cached_public_key(user.key_pem), request.signature, request.base(method, path, self.name))
+        return user, self._verified(request, method, path, user.key_pem, limit, now)
+
+    def _in_window(self, request: SignedRequest) -> float:
+        """Date and validity (105, 111); the current time."""
+        limits = self.settings.limits
+        now = self.clock.seconds()
+        check_time_window(request.date, request.validity, now, limits.max_skew, limits.max_validity)
+        return now
+
+    def _verified(self, request: SignedRequest, method: str, path: str, key_pem: str,
+                  limit: Optional[Callable[[str], None]], now: float) -> tuple[bytes, int, int]:
+        """Signature (110) and the per-user limit; the replay entry to record."""
+        verify_signature(cached_public_key(key_pem), request.signature, request.base(method, path, self.name))
         if limit is not None:
-            limit(user)
+            limit(request.user_id)
         digest = hashlib.sha256(request.signature.encode("ascii")).digest()
         # Live while now < until: strictly past the last instant the request is valid.
-        until = math.floor(request.date + request.validity + limits.max_skew) + 1
-        return user, (digest, until, int(now))
+        until = math.floor(request.date + request.validity + self.settings.limits.max_skew) + 1
+        return digest, until, int(now)
 
     async def account(self, user: UserRecord) -> dict[str, Any]:
         """The caller's own account (signed GET /user): what is stored about it, and its quota."""
@@ -300,6 +313,7 @@ class RelayCore:
         return {}
 
     async def delete_user(self, user: UserRecord) -> dict[str, Any]:
+        self.user_keys.forget(user.user_id)
         await _guard(self.store.delete_user(user.user_id))
         log.info("user {user_id} erased their account", user_id=user.user_id)
         return {}
@@ -385,25 +399,46 @@ class RelayCore:
         return {"message_id": delivery.message_id, "expires": format_date(delivery.expires)}
 
     async def signed_fetch(self, request: SignedRequest, method: str, path: str, limit: Optional[int],
-                           rate_limit: Optional[Callable[[UserRecord], None]] = None) -> EncodedJSON:
+                           rate_limit: Optional[Callable[[str], None]] = None) -> EncodedJSON:
         """`authenticate` then `fetch`, with the replay entry and the read in one store call
-        (`IStore.remember_and_fetch`): a signed fetch costs two store round trips, not three."""
-        user, replay = await self._verify(request, method, path, rate_limit)
+        (`IStore.remember_and_fetch`, which also says whether the user still exists). The
+        user's key comes from `user_keys` when the user fetched lately, so a fetch costs one
+        store round trip; else the user is looked up first, as `authenticate` does."""
+        key_pem = self.user_keys.get(request.user_id)
+        if key_pem is None:
+            user, replay = await self._verify(request, method, path, rate_limit)
+            key_pem = user.key_pem
+        else:
+            now = self._in_window(request)
+            try:
+                replay = self._verified(request, method, path, key_pem, rate_limit, now)
+            except ProtocolError as e:
+                if e.errno != 110:
+                    raise
+                # The protocol answers an unknown user (130) before a bad signature: ask
+                # the store whether the user is still there before answering 110.
+                self.user_keys.forget(request.user_id)
+                user, replay = await self._verify(request, method, path, rate_limit)
         count, max_bytes = self._fetch_bounds(limit)
-        page = await _guard(self.store.remember_and_fetch(*replay, user.user_id, count, max_bytes))
+        try:
+            page = await _guard(self.store.remember_and_fetch(*replay, request.user_id, count, max_bytes))
+        except LookupError:
+            self.user_keys.forget(request.user_id)
+            raise ProtocolError(130, f"no user {request.user_id} on this relay")
+        self.user_keys.remember(request.user_id, key_pem)
         if page is None:
             raise _replayed()
-        return await self._seal_answer(user, page[0], max_bytes, page[1])
+        return await self._seal_answer(key_pem, page[0], max_bytes, page[1])
 
     def _fetch_bounds(self, limit: Optional[int]) -> tuple[int, int]:
         """(messages, payload bytes) one fetch may return."""
         return (self.settings.limits.fetch_default if limit is None else limit), self.settings.limits.max_fetch_bytes
 
-    async def _seal_answer(self, user: UserRecord, messages: list[MessageRecord], max_bytes: int,
+    async def _seal_answer(self, key_pem: str, messages: list[MessageRecord], max_bytes: int,
                            remaining: int) -> EncodedJSON:
         # The store stopped on payload sizes (bounding memory); the exact cut on the encoded
         # plaintext, and the sealing, run off the reactor thread unless the answer is small.
-        key = cached_public_key(user.key_pem)
+        key = cached_public_key(key_pem)
         if sum(len(m.data) + len(m.password) + len(m.signature or "") for m in messages) <= SEAL_INLINE_BYTES:
             return seal_fetch_answer(key, messages, max_bytes, remaining)
         return await self.run_crypto(seal_fetch_answer, key, messages, max_bytes, remaining)

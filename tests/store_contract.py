@@ -533,8 +533,16 @@ class StoreContract:
         page, remaining = await store.remember_and_fetch(hashlib.sha256(b"third").digest(), NOW + 300, NOW, ALICE,
                                                          10, 1)
         assert [m.message_id for m in page] == ids[:1] and remaining == 2  # max_bytes reaches fetch
-        assert await store.remember_and_fetch(hashlib.sha256(b"fourth").digest(), NOW + 300, NOW, "nobody" * 5,
+        # A user who does not exist (never added, or erased) is a LookupError, not an empty
+        # page: the relay skips looking the user up before fetching when it knows the key.
+        with pytest.raises(LookupError):
+            await store.remember_and_fetch(hashlib.sha256(b"fourth").digest(), NOW + 300, NOW, "nobody" * 5, 10, None)
+        await store.add_user(user(BOB))
+        assert await store.remember_and_fetch(hashlib.sha256(b"fifth").digest(), NOW + 300, NOW, BOB,
                                               10, None) == ([], 0)
+        assert await store.delete_user(BOB) is True
+        with pytest.raises(LookupError):
+            await store.remember_and_fetch(hashlib.sha256(b"sixth").digest(), NOW + 300, NOW, BOB, 10, None)
 
     @pytest_twisted.ensureDeferred
     async def test_replay_entries_expire(self, store):

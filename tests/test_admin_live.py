@@ -29,8 +29,8 @@ def test_commands_beside_a_running_relay(tmp_path, users):
     relay = RelayProcess(state).start()
     try:
         client = SyncClient.connect(relay.url)
-        alice, bob = users[:2]
-        for u in (alice, bob):
+        alice, bob, carol = users[:3]
+        for u in (alice, bob, carol):
             assert client.call("POST", "/api/v1/user", {"key": u.pem}).status == 200
         token = client.mint(alice)
         for _ in range(5):
@@ -39,8 +39,24 @@ def test_commands_beside_a_running_relay(tmp_path, users):
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
         assert admin_json("stats", "-d", str(state))["messages"] == 5
         assert len(client.fetch(alice)[1]) == 5
-        assert admin("user", "delete", bob.user_id, "--yes", "-d", str(state)).returncode == 0
+        for u in (bob, carol):
+            assert client.fetch(u)[0].status == 200  # the relay now knows their keys
+            assert admin("user", "delete", u.user_id, "--yes", "-d", str(state)).returncode == 0
         assert client.call("GET", f"/api/v1/user/{bob.user_id}").errno == 130
+        # Another process erased them while the relay knew their keys: a fetch with a bad
+        # signature is 130 (unknown user before signature, docs/protocol.md section 4), and so
+        # is one signed with the known key, every time.
+        forged = client.signed_params(alice, "GET", "/api/v1/message")
+        forged["user_id"] = bob.user_id
+        assert client.call("GET", "/api/v1/message", query=forged).errno == 130
+        assert client.fetch(bob)[0].errno == 130
+        assert client.fetch(carol)[0].errno == 130
+        assert client.fetch(carol)[0].errno == 130
+        # Alice, whose key the relay knows too: a bad signature is 110, her own fetch works.
+        forged = client.signed_params(bob, "GET", "/api/v1/message")
+        forged["user_id"] = alice.user_id
+        assert client.call("GET", "/api/v1/message", query=forged).errno == 110
+        assert len(client.fetch(alice)[1]) == 5
     finally:
         relay.stop()
     assert "Traceback" not in relay.log()

@@ -87,6 +87,10 @@ def test_maildir_accept_fetch_and_acknowledge(tmp_path, generator):
         assert pools["crypto"]["calls"] == 1.0 and 1.0 <= pools["store"]["calls"] <= 31 / 30, pools
         assert pools["crypto"]["run_ms"] > 0 and pools["store"]["run_ms"] > 0, pools
     assert "crypto" not in rows["fetch limit=10, 100-message mailbox"]["pools"]
+    # One store call a fetch once the relay knows the user's key; until then the user is
+    # looked up first, so the first 16 fetches (one per connection, sent together) may take
+    # two: (16 * 2 + 14) / 30 at most, where without the known key every fetch takes two.
+    assert 1.0 <= rows["fetch limit=10, 100-message mailbox"]["pools"]["store"]["calls"] <= 46 / 30 + 0.01, rows
     assert "per request in the relay's thread pools" in printed, printed
     assert "start-up" not in printed  # not measured with --only, so not reported as 0.0 s
 

@@ -201,7 +201,9 @@ class IStore(Interface):
                            max_bytes: Optional[int] = None):
         """`remember_signature`, then, on first use only, `fetch` (same arguments): a signed
         fetch's store work in one round trip. Fires None for a replay (nothing read), else
-        what `fetch` fires."""
+        what `fetch` fires; fails with a LookupError if the user does not exist (the replay
+        entry may or may not have been recorded), which lets the relay skip looking the user
+        up before a fetch whose key it already knows."""
 
     def check_writable():
         """Fires None after a real durable write and removal, or fails with StoreUnavailable."""

@@ -557,7 +557,10 @@ class MaildirFiles:
 
     def remember_and_fetch(self, digest: bytes, until: int, now: int, user_id: str, limit: int,
                            max_bytes: Optional[int] = None) -> Optional[tuple[list[MessageRecord], int]]:
-        """A signed fetch's store work in one call (one thread hand-off): None for a replay."""
+        """A signed fetch's store work in one call (one thread hand-off): None for a replay;
+        UnknownUser (before the replay entry is written) if the user does not exist."""
+        if self._existing_user_dir(user_id) is None:
+            raise UnknownUser(user_id)
         if not self.remember_signature(digest, until, now):
             return None
         return self.fetch(user_id, now, limit, max_bytes)

@@ -625,12 +625,16 @@ class PostgresCore:
                            max_bytes: Optional[int] = None) -> Optional[tuple[list[MessageRecord], int]]:
         """A signed fetch's store work in one statement, so one round trip: the replay entry
         (as `remember_signature`) and the page (as `fetch`) commit together before the answer
-        leaves, and a replay reads no message. None for a replay."""
+        leaves, and a replay reads no message. None for a replay; KeyError if the user does
+        not exist (its users row is what the page's count comes from)."""
 
         def work(conn: psycopg.Connection) -> Optional[tuple[list[MessageRecord], int]]:
             params = _page_params(user_id, now, limit, max_bytes)
             params.update(digest=bytes(digest), until=until)
-            fresh, messages, remaining = _page(conn.execute(_PAGE.format(replay=_REPLAY), params).fetchall())
+            rows = conn.execute(_PAGE.format(replay=_REPLAY), params).fetchall()
+            if rows[0][2] is None:
+                raise KeyError(user_id)
+            fresh, messages, remaining = _page(rows)
             return (messages, remaining) if fresh else None
 
         return self._run_statement("remember_and_fetch", work)

@@ -58,12 +58,13 @@ class RelayAPI:
         if self.limits is not None:
             self.limits.check_address(name, request_client_host(request))
 
-    def _user_limit(self, name: str) -> Optional[Callable[[UserRecord], None]]:
-        """The per-user limit `name`, for `authenticate` to check once the signature verified."""
+    def _user_limit(self, name: str) -> Optional[Callable[[str], None]]:
+        """The per-user limit `name`, for `authenticate` to check (with the user's id) once the
+        signature verified."""
         limits = self.limits
         if limits is None:
             return None
-        return lambda user: limits.check_user(name, user.user_id)
+        return lambda user_id: limits.check_user(name, user_id)
 
     # -- plumbing ----------------------------------------------------------------
 
