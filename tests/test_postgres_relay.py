@@ -60,6 +60,21 @@ def test_two_processes_share_users_messages_and_the_replay_cache(tmp_path, users
         assert two.signed(alice, "DELETE", "/api/v1/message", ids=[messages[0]["id"]]).body == {"deleted": 1}
         assert one.fetch(alice)[1] == []
         assert one.call("GET", "/api/v1/health").body == {"status": "ok"}
+
+        # Both processes know alice's key now, the first bob's too; they erase their accounts
+        # through the second. The first, which skips the user lookup for a known key, still
+        # answers 130, for a bad signature too (the user is checked first).
+        bob = users[1]
+        assert one.call("POST", "/api/v1/user", {"key": bob.pem}).status == 200
+        assert one.fetch(bob)[0].status == 200
+        for user in (alice, bob):
+            assert two.signed(user, "DELETE", "/api/v1/user").status == 200
+        assert one.fetch(bob)[0].errno == 130
+        forged = one.signed_params(bob, "GET", "/api/v1/message")
+        forged["user_id"] = alice.user_id
+        assert one.call("GET", "/api/v1/message", query=forged).errno == 130
+        assert two.fetch(alice)[0].errno == 130  # the process that erased her forgot her key
+        assert one.fetch(alice)[0].errno == 130
     finally:
         first.stop()
         second.stop()
