@@ -106,6 +106,10 @@ def _replayed() -> ProtocolError:
     return ProtocolError(112, "this signed request was already used; sign every request afresh")
 
 
+def _unknown_user(user_id: str) -> ProtocolError:
+    return ProtocolError(130, f"no user {user_id} on this relay")
+
+
 async def _guard(deferred: Any) -> Any:
     """Await a store call, turning a store outage into errno 180."""
     try:
@@ -245,7 +249,7 @@ class RelayCore:
             raise ProtocolError(106, "user id in the path must be a bare 32-character id of [a-z2-7]")
         user = await _guard(self.store.get_user(user_id))
         if user is None:
-            raise ProtocolError(130, f"no user {user_id} on this relay")
+            raise _unknown_user(user_id)
         return {"user_id": user.user_id, "key": user.key_pem}
 
     async def authenticate(
@@ -269,7 +273,7 @@ class RelayCore:
         now = self._in_window(request)
         user = await _guard(self.store.get_user(request.user_id))
         if user is None:
-            raise ProtocolError(130, f"no user {request.user_id} on this relay")
+            raise _unknown_user(request.user_id)
         return user, self._verified(request, method, path, user.key_pem, limit, now)
 
     def _in_window(self, request: SignedRequest) -> float:
@@ -345,7 +349,7 @@ class RelayCore:
         try:
             await _guard(self.store.add_token(user.user_id, record))
         except LookupError:
-            raise ProtocolError(130, f"no user {user.user_id} on this relay")
+            raise _unknown_user(user.user_id)
         return {"token": token, "id": record.id, "expires": None if expires is None else format_date(expires)}
 
     async def list_tokens(self, user: UserRecord) -> dict[str, Any]:
@@ -387,7 +391,7 @@ class RelayCore:
         try:
             accepted = await _guard(self.store.deliver_checked(user_id, digest, f"{digest}:{packet.id}", message, quota, now))
         except LookupError:
-            raise ProtocolError(130, f"no user {user_id} on this relay")
+            raise _unknown_user(user_id)
         except TokenRefused:
             raise ProtocolError(120, "access token is invalid, expired or revoked")
         except QuotaExceeded as e:
@@ -424,7 +428,7 @@ class RelayCore:
             page = await _guard(self.store.remember_and_fetch(*replay, request.user_id, count, max_bytes))
         except LookupError:
             self.user_keys.forget(request.user_id)
-            raise ProtocolError(130, f"no user {request.user_id} on this relay")
+            raise _unknown_user(request.user_id)
         self.user_keys.remember(request.user_id, key_pem)
         if page is None:
             raise _replayed()
