@@ -31,7 +31,7 @@ from .wire.canonical import parse_json_object
 from .wire.dates import format_date
 from .wire.envelope import AES_GCM, ALGORITHMS, open_envelope, seal
 from .wire.errors import ProtocolError, malformed
-from .wire.fetchanswer import EncodedJSON, bounded_json_list
+from .wire.fetchanswer import EncodedJSON, bounded_encoded_list
 from .wire.keys import cached_public_key, fingerprint, is_user_id, load_public_key, public_key_pem, user_id_for_key
 from .wire.packet import Packet, parse_packet
 from .wire.signing import SignedRequest, check_time_window, verify_signature
@@ -84,7 +84,7 @@ def seal_fetch_answer(key: rsa.RSAPublicKey, messages: list[MessageRecord], max_
     to `key` (AES-256-GCM), with `count` and `remaining` (`remaining` counts those left in
     the store). The answer grows with the messages (hundreds of kilobytes of base64 to
     escape and encode), so it runs in a worker thread, answer JSON included."""
-    plaintext, count = bounded_json_list((m.to_json() for m in messages), max_bytes)
+    plaintext, count = bounded_encoded_list((m.encoded() for m in messages), max_bytes)
     sealed = seal(key, plaintext, AES_GCM)
     # What json.dumps would write, without scanning the big base64 string for characters to
     # escape: base64 and the algorithm name have none.

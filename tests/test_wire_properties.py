@@ -15,12 +15,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from msgrelay.store.interface import MessageRecord
 from msgrelay.wire.addresses import Address, parse_address
 from msgrelay.wire.canonical import MAX_SAFE_INTEGER, canonical_json, parse_json, parse_json_object
 from msgrelay.wire.dates import format_date, parse_date
 from msgrelay.wire.envelope import AES_GCM, open_envelope, seal
 from msgrelay.wire.errors import ProtocolError
-from msgrelay.wire.fetchanswer import bounded_json_list
+from msgrelay.wire.fetchanswer import bounded_encoded_list, json_string
 from msgrelay.wire.keys import is_user_id
 from msgrelay.wire.packet import parse_packet
 from msgrelay.wire.signing import (
@@ -212,11 +213,32 @@ def test_signed_request_round_trip(user_id, validity, label, ids):
 @given(st.lists(st.dictionaries(st.text(string.ascii_letters, max_size=5), valid_text, max_size=3), max_size=8),
        st.integers(1, 400))
 def test_fetch_plaintext_bound(items, max_bytes):
-    raw, count = bounded_json_list(items, max_bytes)
+    def bounded(items, max_bytes):
+        return bounded_encoded_list((json.dumps(item, separators=(",", ":")).encode() for item in items), max_bytes)
+
+    raw, count = bounded(items, max_bytes)
     assert json.loads(raw) == items[:count]
     assert len(raw) <= max_bytes or count <= 1
-    assert count == len(items) or len(bounded_json_list(items[:count + 1], 10**9)[0]) > max_bytes
+    assert count == len(items) or len(bounded(items[:count + 1], 10**9)[0]) > max_bytes
     assert count >= 1 or not items
+
+
+# Strings near the fast path's edges: every ASCII character (control characters, DEL, quote
+# and backslash among them), base64, and any text at all, lone surrogates included.
+edge_text = (st.text(st.characters(max_codepoint=0x7F), max_size=40)
+             | st.text(string.ascii_letters + string.digits + "+/=", max_size=60) | any_text)
+
+
+@given(edge_text)
+def test_json_string_is_what_json_dumps_writes(value):
+    assert json_string(value) == json.dumps(value).encode("ascii")
+
+
+@given(st.builds(MessageRecord, edge_text, edge_text, edge_text, edge_text, edge_text,
+                 st.none() | edge_text, st.integers(0, 2**33), st.integers(0, 2**33)))
+def test_a_server_message_encodes_as_its_json(message):
+    assert json.loads(message.encoded()) == message.to_json()
+    assert message.encoded() == json.dumps(message.to_json(), separators=(",", ":")).encode("ascii")
 
 
 @pytest.mark.parametrize("errno_field", ["token", "data"])

@@ -128,7 +128,10 @@ def test_patterns_outside_the_wire_layer_match_whole_ascii_strings():
 def test_fetch_plaintext_is_bounded_and_always_holds_the_first_item():
     import json
 
-    from msgrelay.wire.fetchanswer import bounded_json_list
+    from msgrelay.wire.fetchanswer import bounded_encoded_list
+
+    def bounded_json_list(items, max_bytes):
+        return bounded_encoded_list((json.dumps(i, separators=(",", ":")).encode() for i in items), max_bytes)
 
     items = [{"id": str(i), "data": "x" * 40} for i in range(5)]
     one = len(json.dumps(items[0], separators=(",", ":")))
