@@ -33,7 +33,7 @@ from msgrelay.store.interface import (
     TokenRecord,
     UserRecord,
 )
-from msgrelay.store.postgres import PostgresCore, PostgresStore
+from msgrelay.store.postgres import _PAGE, _REPLAY, PostgresCore, PostgresStore, _page_params
 from msgrelay.store.postgres_schema import MIGRATIONS, SCHEMA_VERSION
 
 DSN = os.environ.get("MSGRELAY_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -425,6 +425,40 @@ async def test_acknowledge_ignores_malformed_and_foreign_ids(make_store):
     junk = ["", "1", "x" * 20, "9" * 20, "٣" * 20, theirs.message_id, mine.message_id, mine.message_id]
     assert await store.acknowledge("alice", junk) == 1
     assert (await store.fetch("bob", NOW, 10))[0][0].message_id == theirs.message_id
+
+
+def scan_rows(plan: dict[str, Any]) -> int:
+    """Rows every scan node of an EXPLAIN ANALYZE plan read, kept or filtered out."""
+    own = 0
+    if "Scan" in plan["Node Type"]:
+        own = (plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)) * plan["Actual Loops"]
+    return own + sum(scan_rows(child) for child in plan.get("Plans", []))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_page_reads_the_users_rows_only_whoever_came_first(make_store, pg_schema):
+    """A user whose messages all came after everyone else's: the page statement reads its
+    page, never every older message of the table (a walk of the primary key filtering on the
+    user, which the planner picks for `user_id = X ORDER BY id`)."""
+    store = await started(make_store())
+    for name in ("bob", "alice"):
+        await store.add_user(user(name))
+    with admin_connect() as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(pg_schema)))
+        for name in ("bob", "alice"):
+            conn.execute("INSERT INTO messages (user_id, token_id, data, algorithm, password, received, expires, size)"
+                         " SELECT %s, 'tok1', '\\x00', 'aes-256-gcm', '\\x00', %s, %s, 1"
+                         " FROM generate_series(1, 3000)", (name, NOW, NOW + 3600))
+            conn.execute("UPDATE users SET pending_messages = 3000, pending_bytes = 3000 WHERE user_id = %s", (name,))
+        conn.execute("ANALYZE messages")
+        params = {**_page_params("alice", NOW, 10, None), "digest": b"d" * 32, "until": NOW + 60}
+        row = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + _PAGE.format(replay=_REPLAY), params).fetchone()
+    assert row is not None
+    plan = row[0][0]
+    assert scan_rows(plan["Plan"]) < 100, plan
+    page, remaining = await store.fetch("alice", NOW, 10)
+    first = query(pg_schema, "SELECT min(id) FROM messages WHERE user_id = 'alice'")[0][0]
+    assert [int(m.message_id) for m in page] == list(range(first, first + 10)) and remaining == 2990
 
 
 def test_sync_core_works_without_a_reactor(pg_schema):
