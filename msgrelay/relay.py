@@ -405,9 +405,29 @@ class RelayCore:
     async def signed_fetch(self, request: SignedRequest, method: str, path: str, limit: Optional[int],
                            rate_limit: Optional[Callable[[str], None]] = None) -> EncodedJSON:
         """`authenticate` then `fetch`, with the replay entry and the read in one store call
-        (`IStore.remember_and_fetch`, which also says whether the user still exists). The
-        user's key comes from `user_keys` when the user fetched lately, so a fetch costs one
-        store round trip; else the user is looked up first, as `authenticate` does."""
+        (`IStore.remember_and_fetch`)."""
+        count, max_bytes = self._fetch_bounds(limit)
+        key_pem, page = await self._signed_store_call(
+            request, method, path, rate_limit,
+            lambda replay: self.store.remember_and_fetch(*replay, request.user_id, count, max_bytes))
+        return await self._seal_answer(key_pem, page[0], max_bytes, page[1])
+
+    async def signed_acknowledge(self, request: SignedRequest, method: str, path: str, ids: list[str],
+                                 rate_limit: Optional[Callable[[str], None]] = None) -> dict[str, int]:
+        """`authenticate` then `acknowledge`, in one store call (`IStore.remember_and_acknowledge`)."""
+        _, deleted = await self._signed_store_call(
+            request, method, path, rate_limit,
+            lambda replay: self.store.remember_and_acknowledge(*replay, request.user_id, ids))
+        return {"deleted": deleted}
+
+    async def _signed_store_call(self, request: SignedRequest, method: str, path: str,
+                                 rate_limit: Optional[Callable[[str], None]],
+                                 call: Callable[[tuple[bytes, int, int]], Any]) -> tuple[str, Any]:
+        """`authenticate` with its replay entry written by `call(replay)`, a store call that
+        also does the request's work and says whether the user still exists (LookupError):
+        (the user's key, what `call` fired). The key comes from `user_keys` when the user
+        signed lately, so the request costs one store round trip; else the user is looked up
+        first, as `authenticate` does."""
         key_pem = self.user_keys.get(request.user_id)
         if key_pem is None:
             user, replay = await self._verify(request, method, path, rate_limit)
@@ -423,16 +443,15 @@ class RelayCore:
                 # the store whether the user is still there before answering 110.
                 self.user_keys.forget(request.user_id)
                 user, replay = await self._verify(request, method, path, rate_limit)
-        count, max_bytes = self._fetch_bounds(limit)
         try:
-            page = await _guard(self.store.remember_and_fetch(*replay, request.user_id, count, max_bytes))
+            result = await _guard(call(replay))
         except LookupError:
             self.user_keys.forget(request.user_id)
             raise _unknown_user(request.user_id)
         self.user_keys.remember(request.user_id, key_pem)
-        if page is None:
+        if result is None:
             raise _replayed()
-        return await self._seal_answer(key_pem, page[0], max_bytes, page[1])
+        return key_pem, result
 
     def _fetch_bounds(self, limit: Optional[int]) -> tuple[int, int]:
         """(messages, payload bytes) one fetch may return."""
@@ -446,10 +465,6 @@ class RelayCore:
         if sum(len(m.data) + len(m.password) + len(m.signature or "") for m in messages) <= SEAL_INLINE_BYTES:
             return seal_fetch_answer(key, messages, max_bytes, remaining)
         return await self.run_crypto(seal_fetch_answer, key, messages, max_bytes, remaining)
-
-    async def acknowledge(self, user: UserRecord, ids: list[str]) -> dict[str, int]:
-        deleted = await _guard(self.store.acknowledge(user.user_id, ids))
-        return {"deleted": deleted}
 
     async def expire(self) -> int:
         removed = await self.store.expire(self.now())

@@ -545,6 +545,36 @@ class StoreContract:
             await store.remember_and_fetch(hashlib.sha256(b"sixth").digest(), NOW + 300, NOW, BOB, 10, None)
 
     @pytest_twisted.ensureDeferred
+    async def test_remember_and_acknowledge_deletes_only_on_first_use(self, store):
+        await store.add_user(user(ALICE))
+        await store.add_user(user(BOB))
+        ids = [(await store.deliver(ALICE, f"k{i}", message(data=f"m{i}"), BIG, NOW)).message_id for i in range(4)]
+        bobs = (await store.deliver(BOB, "k", message(), BIG, NOW)).message_id
+        digest = hashlib.sha256(b"signed acknowledgement").digest()
+        # Bob's id and junk are ignored, as acknowledge does.
+        assert await store.remember_and_acknowledge(digest, NOW + 300, NOW, ALICE, [ids[0], bobs, "x" * 20]) == 1
+        assert await store.remember_and_acknowledge(digest, NOW + 300, NOW + 1, ALICE, ids) is None  # a replay
+        assert await store.remember_signature(digest, NOW + 300, NOW + 2) is False
+        other = hashlib.sha256(b"seen before").digest()
+        assert await store.remember_signature(other, NOW + 300, NOW) is True
+        assert await store.remember_and_acknowledge(other, NOW + 300, NOW, ALICE, ids) is None
+        page, remaining = await store.fetch(ALICE, NOW, 10)
+        assert [m.message_id for m in page] == ids[1:] and remaining == 0  # a replay deleted nothing
+        assert await store.remember_and_acknowledge(hashlib.sha256(b"third").digest(), NOW + 300, NOW, ALICE,
+                                                    ids + ids) == 3
+        assert (await store.fetch(ALICE, NOW, 10))[0] == [] and (await store.fetch(BOB, NOW, 10))[0] != []
+        assert await store.remember_and_acknowledge(hashlib.sha256(b"fourth").digest(), NOW + 300, NOW, ALICE,
+                                                    []) == 0
+        # The quota sees the room the deletions made.
+        quota = Quota(1, 10**9)
+        await store.deliver(ALICE, "again", message(), quota, NOW)
+        with pytest.raises(LookupError):
+            await store.remember_and_acknowledge(hashlib.sha256(b"fifth").digest(), NOW + 300, NOW, "nobody" * 5, ids)
+        assert await store.delete_user(BOB) is True
+        with pytest.raises(LookupError):
+            await store.remember_and_acknowledge(hashlib.sha256(b"sixth").digest(), NOW + 300, NOW, BOB, [bobs])
+
+    @pytest_twisted.ensureDeferred
     async def test_replay_entries_expire(self, store):
         digest = hashlib.sha256(b"sig").digest()
         assert await store.remember_signature(digest, NOW + 300, NOW) is True
@@ -576,6 +606,17 @@ class StoreContract:
         )
         answered = [page for page in pages if page is not None]
         assert len(answered) == 1 and len(answered[0][0]) == 1 and answered[0][1] == 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_concurrent_signed_acknowledgements_with_one_signature_delete_once(self, store):
+        await store.add_user(user(ALICE))
+        sent = (await store.deliver(ALICE, "k", message(), BIG, NOW)).message_id
+        digest = hashlib.sha256(b"one acknowledgement, sent twelve times").digest()
+        answers = await defer.gatherResults(
+            [store.remember_and_acknowledge(digest, NOW + 300, NOW, ALICE, [sent]) for _ in range(12)],
+            consumeErrors=True,
+        )
+        assert sorted(answers, key=lambda a: a is None) == [1] + [None] * 11
 
     # -- health and stats --------------------------------------------------------------------
 

@@ -52,11 +52,24 @@ def test_commands_beside_a_running_relay(tmp_path, users):
         assert client.fetch(bob)[0].errno == 130
         assert client.fetch(carol)[0].errno == 130
         assert client.fetch(carol)[0].errno == 130
+        # An acknowledgement takes the same one-store-call path: 130 too, forged or not.
+        assert client.signed(bob, "DELETE", "/api/v1/message", ids=[]).errno == 130
+        forged = client.signed_params(alice, "DELETE", "/api/v1/message", ids=[])
+        forged["user_id"] = carol.user_id
+        assert client.call("DELETE", "/api/v1/message", forged).errno == 130
         # Alice, whose key the relay knows too: a bad signature is 110, her own fetch works.
         forged = client.signed_params(bob, "GET", "/api/v1/message")
         forged["user_id"] = alice.user_id
         assert client.call("GET", "/api/v1/message", query=forged).errno == 110
-        assert len(client.fetch(alice)[1]) == 5
+        forged = client.signed_params(bob, "DELETE", "/api/v1/message", ids=[])
+        forged["user_id"] = alice.user_id
+        assert client.call("DELETE", "/api/v1/message", forged).errno == 110
+        received = client.fetch(alice)[1]
+        assert len(received) == 5
+        ack = client.signed_params(alice, "DELETE", "/api/v1/message", ids=[m["id"] for m in received[:2]])
+        assert client.call("DELETE", "/api/v1/message", ack).body == {"deleted": 2}
+        assert client.call("DELETE", "/api/v1/message", ack).errno == 112  # the same request again
+        assert len(client.fetch(alice)[1]) == 3
     finally:
         relay.stop()
     assert "Traceback" not in relay.log()

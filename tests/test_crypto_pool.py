@@ -37,7 +37,7 @@ async def test_open_and_seal_run_in_the_crypto_pool_and_accept_is_one_store_call
     token = await client.mint(alice)
     store_calls: list[str] = []
     for name in ("get_user", "get_token", "deliver", "deliver_checked", "fetch", "remember_signature",
-                 "remember_and_fetch"):
+                 "remember_and_fetch", "acknowledge", "remember_and_acknowledge"):
         method = getattr(core.store, name)
         monkeypatch.setattr(core.store, name, lambda *a, _m=method, _n=name: (store_calls.append(_n), _m(*a))[1])
     # Over relay.SEAL_INLINE_BYTES of payload: the answer is sealed in the crypto pool.
@@ -49,6 +49,10 @@ async def test_open_and_seal_run_in_the_crypto_pool_and_accept_is_one_store_call
     _, messages = await client.fetch(alice)
     assert [m["id"] for m in messages] == [sent.body["message_id"]]
     assert store_calls == ["get_user", "remember_and_fetch"]  # a signed fetch is two store calls
+    del store_calls[:]
+    acked = await client.signed(alice, "DELETE", "/api/v1/message", ids=[sent.body["message_id"]])
+    assert acked.body == {"deleted": 1}
+    assert store_calls == ["remember_and_acknowledge"]  # the relay knows alice's key since her fetch
     assert len(threads["open"]) == 1 and len(threads["seal"]) == 1
     for thread in threads["open"] + threads["seal"]:
         assert thread is not threading.main_thread()

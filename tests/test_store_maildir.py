@@ -504,6 +504,7 @@ async def test_blocking_work_runs_off_the_reactor_thread(tmp_path):
     await store.acknowledge(ALICE, [delivery.message_id])
     await store.remember_signature(b"sig", NOW + 60, NOW)
     await store.remember_and_fetch(b"sig2", NOW + 60, NOW, ALICE, 10, None)
+    await store.remember_and_acknowledge(b"sig3", NOW + 60, NOW, ALICE, [delivery.message_id])
     await store.check_writable()
     await store.stats(NOW)
     await store.expire(NOW)

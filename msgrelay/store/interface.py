@@ -215,6 +215,12 @@ class IStore(Interface):
         entry may or may not have been recorded), which lets the relay skip looking the user
         up before a fetch whose key it already knows."""
 
+    def remember_and_acknowledge(digest: bytes, until: int, now: int, user_id: str, message_ids: list[str]):
+        """`remember_signature`, then, on first use only, `acknowledge` (same arguments): a
+        signed acknowledgement's store work in one round trip. Fires None for a replay
+        (nothing deleted), else how many messages were deleted; fails with a LookupError if
+        the user does not exist, as `remember_and_fetch` does."""
+
     def check_writable():
         """Fires None after a real durable write and removal, or fails with StoreUnavailable."""
 

@@ -126,6 +126,10 @@ class MaildirStore:
                            max_bytes: Optional[int] = None) -> Deferred:
         return self._run(self.files.remember_and_fetch, digest, until, now, user_id, limit, max_bytes)
 
+    def remember_and_acknowledge(self, digest: bytes, until: int, now: int, user_id: str,
+                                 message_ids: list[str]) -> Deferred:
+        return self._run(self.files.remember_and_acknowledge, digest, until, now, user_id, list(message_ids))
+
     def check_writable(self) -> Deferred:
         return self._run(self.files.check_writable)
 

@@ -565,6 +565,15 @@ class MaildirFiles:
             return None
         return self.fetch(user_id, now, limit, max_bytes)
 
+    def remember_and_acknowledge(self, digest: bytes, until: int, now: int, user_id: str,
+                                 message_ids: list[str]) -> Optional[int]:
+        """A signed acknowledgement's store work in one call, as `remember_and_fetch`."""
+        if self._existing_user_dir(user_id) is None:
+            raise UnknownUser(user_id)
+        if not self.remember_signature(digest, until, now):
+            return None
+        return self.acknowledge(user_id, message_ids)
+
     def replay_journal(self) -> ReplayJournal:
         """The replay cache, read from its files at the first use in this process (the relay
         opens it at start-up; `msgrelay-admin` never does, so it never removes a segment)."""

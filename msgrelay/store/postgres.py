@@ -99,6 +99,17 @@ _REPLAY = (
     " ON CONFLICT (digest) DO UPDATE SET until = EXCLUDED.until WHERE replay.until <= %(now)s RETURNING 1),"
 )
 _NO_REPLAY = "fresh AS (SELECT 1),"
+#: An acknowledgement in one statement (`{replay}` as in `_PAGE`): the messages go, on a first
+#: use only, with the counters in step. One row: first use, how many went, whether the user
+#: exists.
+_ACKNOWLEDGE = (
+    "WITH {replay} gone AS (DELETE FROM messages WHERE user_id = %(user)s AND id = ANY(%(ids)s::bigint[])"
+    " AND EXISTS (SELECT 1 FROM fresh) RETURNING size),"
+    " total AS (SELECT count(*) AS n, coalesce(sum(size), 0) AS b FROM gone),"
+    " counted AS (UPDATE users SET pending_messages = pending_messages - total.n,"
+    " pending_bytes = pending_bytes - total.b FROM total WHERE users.user_id = %(user)s AND total.n > 0)"
+    " SELECT (SELECT count(*) FROM fresh), (SELECT n FROM total), EXISTS (SELECT 1 FROM users WHERE user_id = %(user)s)"
+)
 
 
 def _page_params(user_id: str, now: int, limit: int, max_bytes: Optional[int]) -> dict[str, Any]:
@@ -526,22 +537,29 @@ class PostgresCore:
         return self._run("usage", work)
 
     def acknowledge(self, user_id: str, message_ids: list[str]) -> int:
-        seqs = sorted({s for s in map(parse_message_id, message_ids) if s is not None})
-        if not seqs:
-            return 0
+        row = self._acknowledge("acknowledge", _NO_REPLAY, {"user": user_id}, message_ids)
+        return int(row[1])
 
-        def work(conn: psycopg.Connection) -> int:
-            row = conn.execute(
-                "WITH gone AS (DELETE FROM messages WHERE user_id = %s AND id = ANY(%s::bigint[]) RETURNING size),"
-                " total AS (SELECT count(*) AS n, coalesce(sum(size), 0) AS b FROM gone)"
-                " UPDATE users SET pending_messages = pending_messages - total.n,"
-                " pending_bytes = pending_bytes - total.b"
-                " FROM total WHERE users.user_id = %s AND total.n > 0 RETURNING total.n",
-                (user_id, seqs, user_id),
-            ).fetchone()
-            return 0 if row is None else int(row[0])
+    def remember_and_acknowledge(self, digest: bytes, until: int, now: int, user_id: str,
+                                 message_ids: list[str]) -> Optional[int]:
+        """A signed acknowledgement in one statement, as `remember_and_fetch`: None for a
+        replay; KeyError if the user does not exist."""
+        params = {"user": user_id, "digest": bytes(digest), "until": until, "now": now}
+        fresh, deleted, exists = self._acknowledge("remember_and_acknowledge", _REPLAY, params, message_ids)
+        if not exists:
+            raise KeyError(user_id)
+        return int(deleted) if fresh else None
 
-        return self._run("acknowledge", work)
+    def _acknowledge(self, operation: str, replay: str, params: dict[str, Any],
+                     message_ids: list[str]) -> tuple[Any, ...]:
+        params["ids"] = sorted({s for s in map(parse_message_id, message_ids) if s is not None})
+
+        def work(conn: psycopg.Connection) -> tuple[Any, ...]:
+            row = conn.execute(_ACKNOWLEDGE.format(replay=replay), params).fetchone()
+            assert row is not None
+            return tuple(row)
+
+        return self._run_statement(operation, work)
 
     # -- housekeeping ------------------------------------------------------------
 
@@ -889,6 +907,11 @@ class PostgresStore:
                            max_bytes: Optional[int] = None) -> "Deferred[Optional[tuple[list[MessageRecord], int]]]":
         return self._call("remember_and_fetch", self.core.remember_and_fetch, digest, until, now, user_id, limit,
                           max_bytes)
+
+    def remember_and_acknowledge(self, digest: bytes, until: int, now: int, user_id: str,
+                                 message_ids: list[str]) -> "Deferred[Optional[int]]":
+        return self._call("remember_and_acknowledge", self.core.remember_and_acknowledge, digest, until, now,
+                          user_id, list(message_ids))
 
     def check_writable(self) -> "Deferred[None]":
         return self._call("check_writable", self.core.check_writable)

@@ -203,8 +203,10 @@ class RelayAPI:
         signed = self._parse_signed(request, {"ids": (STR_LIST, True)})
         if len(signed.own["ids"]) > MAX_ACK_IDS:
             raise malformed(f"ids holds more than {MAX_ACK_IDS} message ids; acknowledge in batches")
-        user = await self._authenticate(request, signed, "ack")
-        return write_json(request, await self.core.acknowledge(user, signed.own["ids"]))
+        answer = await self.core.signed_acknowledge(signed, request.method.decode("ascii"),
+                                                    request.path.decode("utf-8"), signed.own["ids"],
+                                                    self._user_limit("ack"))
+        return write_json(request, answer)
 
 
 def allowed_methods(api: RelayAPI, path: str) -> list[str]:
