@@ -80,6 +80,14 @@ async def fetch_all(store, uid: str = ALICE, now: int = NOW) -> list[MessageReco
     return messages
 
 
+async def alice_and_bob_with_messages(store, count: int) -> tuple[list[str], str]:
+    """Alice with `count` messages and Bob with one: (Alice's ids, Bob's id)."""
+    await store.add_user(user(ALICE))
+    await store.add_user(user(BOB))
+    ids = [(await store.deliver(ALICE, f"k{i}", message(data=f"m{i}"), BIG, NOW)).message_id for i in range(count)]
+    return ids, (await store.deliver(BOB, "k0", message(), BIG, NOW)).message_id
+
+
 class StoreContract:
     """Subclass and provide a `store` fixture yielding a ready, empty IStore provider."""
 
@@ -280,10 +288,7 @@ class StoreContract:
 
     @pytest_twisted.ensureDeferred
     async def test_acknowledge(self, store):
-        await store.add_user(user(ALICE))
-        await store.add_user(user(BOB))
-        ids = [(await store.deliver(ALICE, f"k{i}", message(data=f"m{i}"), BIG, NOW)).message_id for i in range(3)]
-        bobs = (await store.deliver(BOB, "k0", message(), BIG, NOW)).message_id
+        ids, bobs = await alice_and_bob_with_messages(store, 3)
         junk = ["", "nope", "../user.json", "../../etc/passwd", "/etc/passwd", "a" * 200, ids[0] + "x"]
         assert await store.acknowledge(ALICE, [ids[0], ids[2], bobs] + junk) == 2
         assert [m.message_id for m in await fetch_all(store)] == [ids[1]]
@@ -546,10 +551,7 @@ class StoreContract:
 
     @pytest_twisted.ensureDeferred
     async def test_remember_and_acknowledge_deletes_only_on_first_use(self, store):
-        await store.add_user(user(ALICE))
-        await store.add_user(user(BOB))
-        ids = [(await store.deliver(ALICE, f"k{i}", message(data=f"m{i}"), BIG, NOW)).message_id for i in range(4)]
-        bobs = (await store.deliver(BOB, "k", message(), BIG, NOW)).message_id
+        ids, bobs = await alice_and_bob_with_messages(store, 4)
         digest = hashlib.sha256(b"signed acknowledgement").digest()
         # Bob's id and junk are ignored, as acknowledge does.
         assert await store.remember_and_acknowledge(digest, NOW + 300, NOW, ALICE, [ids[0], bobs, "x" * 20]) == 1
