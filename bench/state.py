@@ -115,6 +115,11 @@ class PostgresSeeder(Seeder):
         self.core._run("fill", work)
 
     def close(self) -> None:
+        # Statistics for the state just seeded, as autovacuum would gather within a minute of
+        # so large a change on an operator's database. Without them the planner kept those of
+        # the previous run's state, and counted a fetch's expired messages by reading the whole
+        # 10,000-message mailbox's index (1.4 ms a fetch against 0.2 for 100 messages).
+        self.core._run("analyze", lambda conn: conn.execute("ANALYZE users, messages"))
         self.core.close()
 
 
