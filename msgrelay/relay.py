@@ -83,7 +83,7 @@ def seal_fetch_answer(key: rsa.RSAPublicKey, messages: list[MessageRecord], max_
     """The whole fetch answer, encoded: the leading messages that fit in `max_bytes`, sealed
     to `key` (AES-256-GCM), with `count` and `remaining` (`remaining` counts those left in
     the store). The answer grows with the messages (hundreds of kilobytes of base64 to
-    escape and encode), so it runs in a worker thread, answer JSON included."""
+    check, encrypt and encode), so a big one runs in a worker thread, answer JSON included."""
     plaintext, count = bounded_encoded_list((m.encoded() for m in messages), max_bytes)
     sealed = seal(key, plaintext, AES_GCM)
     # What json.dumps would write, without scanning the big base64 string for characters to
