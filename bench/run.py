@@ -384,8 +384,14 @@ class Run:
                 rates[("accept_200", workers)] = spread.rate
             finally:
                 relay.stop()
-        for kind in ("accept_200", "accept", "fetch"):
+        one_worker = {row["scenario"]: row for row in self.rows if row["scenario"].endswith(", 1 worker")}
+        for kind, name in (("accept_200", "accept, 200 recipients"), ("accept", "accept, 1 recipient"),
+                           ("fetch", "fetch limit=10, 100 msgs")):
             self.extra[f"workers_2_to_1_{kind}"] = rates[(kind, 2)] / max(rates[(kind, 1)], 1e-9)
+            # The most any number of processes could give at the same machine CPU a request:
+            # what 1 worker left of the machine (the load generator and PostgreSQL share it).
+            busy = one_worker[f"{name}, 1 worker"]["machine_cpu"]
+            self.extra[f"workers_machine_bound_{kind}"] = 1 / max(busy, 1e-9)
 
     def _big_state(self, workdir: Path, twistd: str, pem: str) -> None:
         """Start-up time and memory with many stored messages over many users."""
@@ -477,6 +483,11 @@ def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]]
             print(f"{backend}: 2 workers / 1 worker on one port: accept to 200 recipients "
                   f"{extra['workers_2_to_1_accept_200']:.2f}x, accept to 1 {extra['workers_2_to_1_accept']:.2f}x, "
                   f"fetch {extra['workers_2_to_1_fetch']:.2f}x (load generator on the same {os.cpu_count()} cores)")
+            if "workers_machine_bound_accept" in extra:
+                print(f"{backend}: the machine's CPU that 1 worker left, as a ceiling for more workers (every core "
+                      f"busy, same CPU a request): accept to 200 recipients "
+                      f"{extra['workers_machine_bound_accept_200']:.2f}x, accept to 1 "
+                      f"{extra['workers_machine_bound_accept']:.2f}x, fetch {extra['workers_machine_bound_fetch']:.2f}x")
     print("\nsrvCPU: relay process (and workers) CPU per wall second (100% = one core busy), "
           "(sys) the kernel's part of it (fsync, sockets, thread wake-ups); cliCPU: all load generator "
           "processes together. With other work on the machine, compare ratios rather than absolute figures.")

@@ -110,7 +110,10 @@ def test_postgresql_one_and_two_workers(tmp_path, database):  # noqa: F811
     extras = figures["extras"]["postgresql"]
     for kind in ("accept_200", "accept", "fetch"):
         assert extras[f"workers_2_to_1_{kind}"] > 0
+        # What the machine left 1 worker: at least 1x (it cannot have been more than fully busy).
+        assert extras[f"workers_machine_bound_{kind}"] >= 0.99, extras
     assert "2 workers / 1 worker on one port" in printed
+    assert "as a ceiling for more workers" in printed, printed
     # A scrape would reach one worker of two: the pool times are left out there, not halved.
     assert all("pools" not in row for row in figures["rows"] if row["scenario"].endswith("2 workers"))
     assert all("pools" in row for row in figures["rows"] if row["scenario"].endswith("1 worker"))
