@@ -4,8 +4,8 @@ costs one store call.
 A user id is derived from its public key (docs/protocol.md section 2), so the key recorded
 for an id never changes: what can change is whether the user still exists, and the store
 call that follows every use (`IStore.remember_and_fetch`, `remember_and_acknowledge`) says
-so, failing for a user that is gone, whereupon the key is forgotten. Keys enter only from the store's own records,
-never from a request. Used on the reactor thread only.
+so, failing for a user that is gone, whereupon the key is forgotten. Keys enter only from
+the store's own records, never from a request. Used on the reactor thread only.
 """
 
 from __future__ import annotations

@@ -236,9 +236,13 @@ def test_json_string_is_what_json_dumps_writes(value):
 
 @given(st.builds(MessageRecord, edge_text, edge_text, edge_text, edge_text, edge_text,
                  st.none() | edge_text, st.integers(0, 2**33), st.integers(0, 2**33)))
-def test_a_server_message_encodes_as_its_json(message):
-    assert json.loads(message.encoded()) == message.to_json()
-    assert message.encoded() == json.dumps(message.to_json(), separators=(",", ":")).encode("ascii")
+def test_a_server_message_encodes_as_json_dumps_writes_it(message):
+    expected = {"id": message.message_id, "token": message.token_id, "data": message.data,
+                "algorithm": message.algorithm, "password": message.password,
+                "received": format_date(message.received), "expires": format_date(message.expires)}
+    if message.signature is not None:
+        expected["signature"] = message.signature
+    assert message.encoded() == json.dumps(expected, separators=(",", ":")).encode("ascii")
 
 
 @pytest.mark.parametrize("errno_field", ["token", "data"])

@@ -89,24 +89,10 @@ class MessageRecord:
     received: int
     expires: int
 
-    def to_json(self) -> dict[str, Any]:
-        """The server message object of docs/protocol.md section 6."""
-        obj: dict[str, Any] = {
-            "id": self.message_id,
-            "token": self.token_id,
-            "data": self.data,
-            "algorithm": self.algorithm,
-            "password": self.password,
-            "received": format_date(self.received),
-            "expires": format_date(self.expires),
-        }
-        if self.signature is not None:
-            obj["signature"] = self.signature
-        return obj
-
     def encoded(self) -> bytes:
-        """`to_json()` as compact JSON, byte for byte as `json.dumps` writes it, from a fixed
-        template: a fetch answer encodes up to hundreds of these holding the GIL."""
+        """The server message object of docs/protocol.md section 6, as compact JSON, byte for
+        byte as `json.dumps` writes it, from a fixed template: a fetch answer encodes up to
+        hundreds of these holding the GIL."""
         signature = b"" if self.signature is None else b',"signature":' + json_string(self.signature)
         return b'{"id":%b,"token":%b,"data":%b,"algorithm":%b,"password":%b,"received":"%b","expires":"%b"%b}' % (
             json_string(self.message_id), json_string(self.token_id), json_string(self.data),

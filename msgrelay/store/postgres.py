@@ -552,7 +552,7 @@ class PostgresCore:
 
     def _acknowledge(self, operation: str, replay: str, params: dict[str, Any],
                      message_ids: list[str]) -> tuple[Any, ...]:
-        params["ids"] = sorted({s for s in map(parse_message_id, message_ids) if s is not None})
+        params = {**params, "ids": sorted({s for s in map(parse_message_id, message_ids) if s is not None})}
 
         def work(conn: psycopg.Connection) -> tuple[Any, ...]:
             row = conn.execute(_ACKNOWLEDGE.format(replay=replay), params).fetchone()
