@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import select
 import socket
 import uuid
 from typing import Any, Callable, Optional, TypeVar
@@ -115,6 +116,21 @@ _ACKNOWLEDGE = (
 def _page_params(user_id: str, now: int, limit: int, max_bytes: Optional[int]) -> dict[str, Any]:
     return {"user": user_id, "now": now, "limit": max(0, int(limit)),
             "max": max_bytes if max_bytes is not None else 2**62}
+
+
+def _check_session(conn: psycopg.Connection) -> None:
+    """The pool's check of a session before each use: raises for one the server ended.
+
+    The server writes to an idle session's socket unasked only when it ends the session (a
+    restart, `pg_terminate_backend`), or for a NOTIFY or a changed setting, which this store
+    never causes. So only a readable socket costs the round trip of
+    `ConnectionPool.check_connection`, which on every checkout cost each store call 130 µs of
+    the relay's CPU and 170 µs of time. `poll`, unlike `select`, takes any descriptor number.
+    """
+    poller = select.poll()
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    if poller.poll(0):
+        ConnectionPool.check_connection(conn)
 
 
 def _page_rows(conn: psycopg.Connection, replay: str, params: dict[str, Any]) -> list[Any]:
@@ -249,7 +265,7 @@ class PostgresCore:
                 max_size=self._max_size,
                 open=False,
                 configure=self._configure,
-                check=ConnectionPool.check_connection,  # drop sessions a restart killed
+                check=_check_session,  # drop sessions a restart killed
                 timeout=self._pool_timeout,
                 name=f"msgrelay-{self.schema or 'default'}",
             )
