@@ -147,7 +147,8 @@ class RelayCore:
         self._own_pool: Optional[ThreadPool] = None
         self._own_pool_trigger: Any = None
         self.run_crypto: Executor = run_crypto or self._in_own_pool
-        #: Keys of users who fetched lately: their next fetch skips the user lookup.
+        #: Keys of users who fetched or acknowledged lately: their next such request skips
+        #: the user lookup.
         self.user_keys = UserKeys()
 
     def reconfigure(self, reload: Reload) -> None:

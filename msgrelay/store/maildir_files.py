@@ -32,7 +32,7 @@ import hmac
 import os
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 from twisted.logger import Logger
 
@@ -61,6 +61,9 @@ TMP_GRACE_SECONDS = 3600
 #: mtime hint for records that never expire (year 9999); clamped filesystems only lower it.
 NEVER = 253402300799
 USER_SUBDIRS = ("tokens", "new", "dedup", "tmp")
+
+
+T = TypeVar("T")
 
 
 class UnknownUser(LookupError):
@@ -557,22 +560,21 @@ class MaildirFiles:
 
     def remember_and_fetch(self, digest: bytes, until: int, now: int, user_id: str, limit: int,
                            max_bytes: Optional[int] = None) -> Optional[tuple[list[MessageRecord], int]]:
-        """A signed fetch's store work in one call (one thread hand-off): None for a replay;
-        UnknownUser (before the replay entry is written) if the user does not exist."""
-        if self._existing_user_dir(user_id) is None:
-            raise UnknownUser(user_id)
-        if not self.remember_signature(digest, until, now):
-            return None
-        return self.fetch(user_id, now, limit, max_bytes)
+        return self._remembered(digest, until, now, user_id, lambda: self.fetch(user_id, now, limit, max_bytes))
 
     def remember_and_acknowledge(self, digest: bytes, until: int, now: int, user_id: str,
                                  message_ids: list[str]) -> Optional[int]:
-        """A signed acknowledgement's store work in one call, as `remember_and_fetch`."""
+        return self._remembered(digest, until, now, user_id, lambda: self.acknowledge(user_id, message_ids))
+
+    def _remembered(self, digest: bytes, until: int, now: int, user_id: str, work: Callable[[], T]) -> Optional[T]:
+        """A signed request's store work in one call (one thread hand-off): `work()` on the
+        signature's first use, None for a replay; UnknownUser (before the replay entry is
+        written) if the user does not exist."""
         if self._existing_user_dir(user_id) is None:
             raise UnknownUser(user_id)
         if not self.remember_signature(digest, until, now):
             return None
-        return self.acknowledge(user_id, message_ids)
+        return work()
 
     def replay_journal(self) -> ReplayJournal:
         """The replay cache, read from its files at the first use in this process (the relay
