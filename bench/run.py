@@ -59,6 +59,9 @@ CEILING_NAMES = {
 
 #: The thread pool counters of the relay's metrics (msgrelay/metrics.py, PoolCollector).
 POOL_SERIES = re.compile(r'msgrelay_thread_pool_(calls|wait_seconds|run_seconds)_total\{pool="([a-z]+)"\}')
+#: Full garbage collections (msgrelay/heap.py): each stops every request in flight.
+FULL_GC_SERIES = re.compile(r'msgrelay_gc_(collections|pause_seconds)_total\{generation="2"\}')
+FULL_GC = "full garbage collections"
 
 
 def free_port() -> int:
@@ -151,8 +154,9 @@ class Relay:
 
     def pool_totals(self) -> dict[str, dict[str, float]]:
         """Per thread pool, the calls finished and the seconds they waited for a thread and
-        ran, all together since start (the relay's metrics); empty when this relay has no
-        such metrics (an older version) or runs workers (a scrape would reach one of them)."""
+        ran, all together since start (the relay's metrics), and under FULL_GC the full
+        garbage collections and their seconds; empty when this relay has no such metrics (an
+        older version) or runs workers (a scrape would reach one of them)."""
         if self.workers != 1:
             return {}
         totals: dict[str, dict[str, float]] = {}
@@ -160,6 +164,9 @@ class Relay:
             match = POOL_SERIES.fullmatch(name)
             if match is not None:
                 totals.setdefault(match.group(2), {})[match.group(1)] = value
+            match = FULL_GC_SERIES.fullmatch(name)
+            if match is not None:
+                totals.setdefault(FULL_GC, {})[match.group(1)] = value
         return totals
 
     def stop(self) -> None:
@@ -247,7 +254,9 @@ class Run:
         finally:
             self._profile_stop(profiler)
         (user1, sys1), wall = relay.cpu_split(), max(time.perf_counter() - wall0, 1e-9)
-        pools = pool_times(pools0, relay.pool_totals(), len(requests))
+        pools1 = relay.pool_totals()
+        pools = pool_times(pools0, pools1, len(requests))
+        collections = full_collections(pools0, pools1)
         server_cpu, server_sys = (user1 - user0 + sys1 - sys0) / wall, (sys1 - sys0) / wall
         machine = (machine_busy() - machine0) / wall / (os.cpu_count() or 1)
         errors = sum(n for status, n in outcome.statuses.items() if status != 200)
@@ -259,6 +268,7 @@ class Run:
             "statuses": outcome.statuses, "server_cpu": server_cpu,
             "server_sys": server_sys, "machine_cpu": machine, "client_cpu": outcome.client_cpu / outcome.elapsed, "offered_rate": rate,
             **(probe.figures() if probe else {}), **({"pools": pools} if pools else {}),
+            **({"full_gc": collections} if collections else {}),
         })
         print(f"  {name}: {outcome.rate * per_request:.0f} {unit} ({outcome.ok} ok, {errors} refused)", flush=True)
         return outcome
@@ -499,6 +509,8 @@ def pool_times(before: dict[str, dict[str, float]], after: dict[str, dict[str, f
     per request they waited for a thread and ran (between two `Relay.pool_totals`)."""
     times = {}
     for pool, totals in after.items():
+        if pool == FULL_GC:
+            continue
         earlier = before.get(pool, {})
         calls = totals.get("calls", 0.0) - earlier.get("calls", 0.0)
         if calls > 0 and requests > 0:
@@ -508,10 +520,25 @@ def pool_times(before: dict[str, dict[str, float]], after: dict[str, dict[str, f
     return times
 
 
+def full_collections(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The full garbage collections during a scenario and the milliseconds they took together
+    (between two `Relay.pool_totals`); empty for a relay without these counters."""
+    if FULL_GC not in after:
+        return {}
+    earlier = before.get(FULL_GC, {})
+    return {"count": after[FULL_GC].get("collections", 0.0) - earlier.get("collections", 0.0),
+            "ms": (after[FULL_GC].get("pause_seconds", 0.0) - earlier.get("pause_seconds", 0.0)) * 1000}
+
+
 def pool_line(row: dict[str, Any]) -> str:
-    """Where a row's requests spent their time in the relay's thread pools, for the report."""
+    """Where a row's requests spent their time in the relay's thread pools, and the full
+    garbage collections that stopped them all, for the report."""
     parts = [f"{pool} {t['calls']:.1f} calls, waited {t['wait_ms']:.1f} ran {t['run_ms']:.1f}"
              for pool, t in sorted(row["pools"].items()) if t["calls"] >= 0.05]  # not a stray background call
+    gc = row.get("full_gc")
+    if gc:
+        count = int(gc["count"])
+        parts.append(f"{count} full GC{'s' if count != 1 else ''}" + (f" of {gc['ms'] / count:.1f} ms" if count else ""))
     return f"{row['backend']:<10} {row['scenario']:<38} " + "; ".join(parts) + f" (p50 {row['p50_ms']:.1f})"
 
 

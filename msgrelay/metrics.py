@@ -27,6 +27,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from .heap import CollectorPauses, frozen, pauses
 from .pools import PoolLoad
 from .settings import Reload, Settings
 from .wire.errors import ProtocolError
@@ -145,6 +146,31 @@ class PoolCollector:
         return [size, busy, queued, calls, waited, ran]
 
 
+class CollectorMetrics:
+    """Python's garbage collections and the time they stopped the process (msgrelay/heap.py),
+    by generation: a full collection (2) stops every request in flight."""
+
+    def __init__(self, timed: CollectorPauses):
+        self.timed = timed
+
+    def collect(self) -> Iterable[Metric]:
+        calls = CounterMetricFamily("msgrelay_gc_collections", "Garbage collections, by generation",
+                                    labels=["generation"])
+        seconds = CounterMetricFamily("msgrelay_gc_pause_seconds", "Time garbage collections took, by generation",
+                                      labels=["generation"])
+        longest = GaugeMetricFamily("msgrelay_gc_longest_pause_seconds",
+                                    "The longest garbage collection of each generation since start",
+                                    labels=["generation"])
+        for generation in range(3):
+            label = [str(generation)]
+            calls.add_metric(label, self.timed.collections[generation])
+            seconds.add_metric(label, self.timed.seconds[generation])
+            longest.add_metric(label, self.timed.longest[generation])
+        kept = GaugeMetricFamily("msgrelay_gc_frozen_objects",
+                                 "Start-up objects frozen out of full garbage collections", value=frozen())
+        return [calls, seconds, longest, kept]
+
+
 class RelayMetrics:
     """Every msgrelay metric, on a registry of its own."""
 
@@ -186,6 +212,7 @@ class RelayMetrics:
                                      "When the store gauges were last refreshed (Unix time)", registry=r)
         if process:
             ProcessCollector(registry=r)
+        r.register(CollectorMetrics(pauses()))
         self.routes: Optional[RoutePatterns] = None
 
     # -- hooks -------------------------------------------------------------------

@@ -23,6 +23,7 @@ from .builder import Relay, build_relay
 from .federation.push import PushNotifier
 from .federation.resolver import CachingResolver
 from .federation.service import FederationService
+from .heap import StartUpHeap
 from .keyrotation import KeyringWatcher, load_keyring
 from .logs import LevelPredicate, TwistdLogOptions, build_observer
 from .metrics import RelayMetrics
@@ -211,6 +212,7 @@ def makeService(options: Options, reactor: Any = None) -> "LoggedService":
     listeners += [(d, site, f"{d} (metrics)") for d, site in metrics_sites]
     _add_listeners(role, listeners, len(settings.server.listen), forget_new_key, reactor, top)
     _add_timers_and_control(settings, relay, once, reactor, top)
+    StartUpHeap(reactor).setServiceParent(top)
     _start_up_lines(settings, relay)
     return top
 

@@ -95,6 +95,12 @@ def test_maildir_accept_fetch_and_acknowledge(tmp_path, generator):
     # before acknowledgements had their own store call).
     assert 1.0 <= rows["acknowledge, 10 ids per request"]["pools"]["store"]["calls"] <= 2.0, rows
     assert "per request in the relay's thread pools" in printed, printed
+    # The full garbage collections during each window, from the relay's counters: a count and
+    # their time, each one a stall of every request in flight.
+    for row in figures["rows"]:
+        gc = row["full_gc"]
+        assert gc["count"] == int(gc["count"]) >= 0 and gc["ms"] >= 0 and (gc["ms"] > 0) == (gc["count"] > 0), row
+    assert " full GC" in printed, printed
     assert "start-up" not in printed  # not measured with --only, so not reported as 0.0 s
 
 

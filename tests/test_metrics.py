@@ -158,6 +158,11 @@ def test_counters_move_on_a_real_running_relay(tmp_path, users):
         assert value(after, "msgrelay_http_open_connections") >= 0
         assert value(before, "msgrelay_messages_stored_total") == 0
         assert value(after, "process_open_fds") > 0
+        # twistd froze its start-up heap once running (msgrelay/heap.py), and every collection is timed.
+        assert value(after, "msgrelay_gc_frozen_objects") > 10_000
+        assert value(after, "msgrelay_gc_collections_total", generation="0") > 0
+        assert value(after, "msgrelay_gc_pause_seconds_total", generation="0") > 0
+        assert value(after, "msgrelay_gc_longest_pause_seconds", generation="0") > 0
         # The pools as sized: pools.store's default, and pools.crypto = 0 leaving a CPU spare.
         assert value(after, "msgrelay_thread_pool_size", pool="store") == 32
         assert value(after, "msgrelay_thread_pool_size", pool="crypto") == max(1, len(os.sched_getaffinity(0)) - 1)
