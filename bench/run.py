@@ -400,7 +400,8 @@ class Run:
             self.extra[f"workers_2_to_1_{kind}"] = rates[(kind, 2)] / max(rates[(kind, 1)], 1e-9)
             # The most any number of processes could give at the same machine CPU a request:
             # what 1 worker left of the machine (the load generator and PostgreSQL share it).
-            busy = one_worker[f"{name}, 1 worker"]["machine_cpu"]
+            # A short window's clock ticks (1/100 s a core) can add up to a little over it.
+            busy = min(one_worker[f"{name}, 1 worker"]["machine_cpu"], 1.0)
             self.extra[f"workers_machine_bound_{kind}"] = 1 / max(busy, 1e-9)
 
     def _big_state(self, workdir: Path, twistd: str, pem: str) -> None:
