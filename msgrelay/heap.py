@@ -4,10 +4,10 @@ A full collection (generation 2) walks every container object in the process, an
 thread waits for it, the reactor's too. Most of those objects are made at start-up (modules,
 configuration, routes) and live as long as the process. On the bench machine (December 2026)
 a full collection took 33-38 ms, a few times a minute under load: one stall of every request
-in flight, which alone set the p99 of a fetch at half load (bench/README.md).
+in flight, enough to set the p99 of a fetch at half load (bench/README.md).
 
 So once the relay runs, `settle` collects what start-up left behind and freezes the rest
-(`gc.freeze`): full collections then walk only what was made since, 1.4-2.9 ms there.
+(`gc.freeze`): full collections then walk only what was made since, 1.4-11 ms there.
 `StartUpHeap` does that when the reactor starts, only in a process whose reactor was not
 yet running when the service started (`twistd msgrelay`, each worker): a relay started
 inside a running program (the tests) is not the program's start-up.
