@@ -62,10 +62,6 @@ class CollectorPauses:
         if self not in gc.callbacks:
             gc.callbacks.append(self)
 
-    def remove(self) -> None:
-        while self in gc.callbacks:
-            gc.callbacks.remove(self)
-
 
 _pauses: Optional[CollectorPauses] = None
 

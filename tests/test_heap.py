@@ -47,7 +47,8 @@ def test_the_process_timer_sees_real_collections():
     before = list(timed.collections)
     gc.collect(1)
     gc.collect()
-    assert timed.collections[1] == before[1] + 1 and timed.collections[2] == before[2] + 1
+    # At least these two: the test's own allocations may start more.
+    assert timed.collections[1] >= before[1] + 1 and timed.collections[2] >= before[2] + 1
     assert timed.longest[2] > 0
 
 
