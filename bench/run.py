@@ -59,9 +59,9 @@ CEILING_NAMES = {
 
 #: The thread pool counters of the relay's metrics (msgrelay/metrics.py, PoolCollector).
 POOL_SERIES = re.compile(r'msgrelay_thread_pool_(calls|wait_seconds|run_seconds)_total\{pool="([a-z]+)"\}')
-#: Full garbage collections (msgrelay/heap.py): each stops every request in flight.
-FULL_GC_SERIES = re.compile(r'msgrelay_gc_(collections|pause_seconds)_total\{generation="2"\}')
-FULL_GC = "full garbage collections"
+#: Full garbage collections (msgrelay/heap.py), and their seconds: each stops every request in flight.
+FULL_GC_COLLECTIONS = 'msgrelay_gc_collections_total{generation="2"}'
+FULL_GC_SECONDS = 'msgrelay_gc_pause_seconds_total{generation="2"}'
 
 
 def free_port() -> int:
@@ -107,8 +107,8 @@ class Relay:
             time.sleep(0.05)
 
     def _metrics(self) -> dict[str, float]:
-        """The relay's unlabelled metrics and its pool counters (keyed `name{pool="x"}`); empty
-        when it serves none (an older version)."""
+        """The relay's metrics, each sample keyed by its name and labels as served
+        (`name{pool="x"}`); empty when it serves none (an older version)."""
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}/metrics",
                                          headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
         try:
@@ -152,22 +152,10 @@ class Relay:
         tick = os.sysconf("SC_CLK_TCK")
         return user / tick, system / tick
 
-    def pool_totals(self) -> dict[str, dict[str, float]]:
-        """Per thread pool, the calls finished and the seconds they waited for a thread and
-        ran, all together since start (the relay's metrics), and under FULL_GC the full
-        garbage collections and their seconds; empty when this relay has no such metrics (an
-        older version) or runs workers (a scrape would reach one of them)."""
-        if self.workers != 1:
-            return {}
-        totals: dict[str, dict[str, float]] = {}
-        for name, value in self._metrics().items():
-            match = POOL_SERIES.fullmatch(name)
-            if match is not None:
-                totals.setdefault(match.group(2), {})[match.group(1)] = value
-            match = FULL_GC_SERIES.fullmatch(name)
-            if match is not None:
-                totals.setdefault(FULL_GC, {})[match.group(1)] = value
-        return totals
+    def counters(self) -> dict[str, float]:
+        """The relay's metrics, for `pool_times` and `full_collections`; empty when it runs
+        workers (a scrape would reach one of them)."""
+        return self._metrics() if self.workers == 1 else {}
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -243,7 +231,7 @@ class Run:
                 per_request: int = 1, keep_bodies: bool = False, rate: float = 0.0) -> loadgen.Outcome:
         """Send every request once, as fast as the connections go or paced at `rate` req/s."""
         profiler = self._profile_start(relay, name) if name in self.args.profile_scenario else None
-        pools0 = relay.pool_totals()
+        counters0 = relay.counters()
         (user0, sys0), machine0, wall0 = relay.cpu_split(), machine_busy(), time.perf_counter()
         # Paced scenarios report latency, which a slow disk sets: probe it meanwhile.
         probe = ceilings.DiskProbe(relay.workdir) if rate else None
@@ -254,9 +242,9 @@ class Run:
         finally:
             self._profile_stop(profiler)
         (user1, sys1), wall = relay.cpu_split(), max(time.perf_counter() - wall0, 1e-9)
-        pools1 = relay.pool_totals()
-        pools = pool_times(pools0, pools1, len(requests))
-        collections = full_collections(pools0, pools1)
+        counters1 = relay.counters()
+        pools = pool_times(counters0, counters1, len(requests))
+        collections = full_collections(counters0, counters1)
         server_cpu, server_sys = (user1 - user0 + sys1 - sys0) / wall, (sys1 - sys0) / wall
         machine = (machine_busy() - machine0) / wall / (os.cpu_count() or 1)
         errors = sum(n for status, n in outcome.statuses.items() if status != 200)
@@ -504,15 +492,24 @@ def print_report(rows: list[dict[str, Any]], extras: dict[str, dict[str, float]]
           "processes together. With other work on the machine, compare ratios rather than absolute figures.")
 
 
-def pool_times(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
-               requests: int) -> dict[str, dict[str, float]]:
+def pool_totals(counters: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per thread pool, the calls finished and the seconds they waited for a thread and ran,
+    all together since start; empty for a relay without these counters (an older version)."""
+    totals: dict[str, dict[str, float]] = {}
+    for name, value in counters.items():
+        match = POOL_SERIES.fullmatch(name)
+        if match is not None:
+            totals.setdefault(match.group(2), {})[match.group(1)] = value
+    return totals
+
+
+def pool_times(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, dict[str, float]]:
     """Per pool that worked during a scenario: its calls per request, and the milliseconds
-    per request they waited for a thread and ran (between two `Relay.pool_totals`)."""
+    per request they waited for a thread and ran (between two `Relay.counters`)."""
     times = {}
-    for pool, totals in after.items():
-        if pool == FULL_GC:
-            continue
-        earlier = before.get(pool, {})
+    earlier_totals = pool_totals(before)
+    for pool, totals in pool_totals(after).items():
+        earlier = earlier_totals.get(pool, {})
         calls = totals.get("calls", 0.0) - earlier.get("calls", 0.0)
         if calls > 0 and requests > 0:
             times[pool] = {"calls": calls / requests,
@@ -521,14 +518,13 @@ def pool_times(before: dict[str, dict[str, float]], after: dict[str, dict[str, f
     return times
 
 
-def full_collections(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, float]:
+def full_collections(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """The full garbage collections during a scenario and the milliseconds they took together
-    (between two `Relay.pool_totals`); empty for a relay without these counters."""
-    if FULL_GC not in after:
+    (between two `Relay.counters`); empty for a relay without these counters."""
+    if FULL_GC_COLLECTIONS not in after:
         return {}
-    earlier = before.get(FULL_GC, {})
-    return {"count": after[FULL_GC].get("collections", 0.0) - earlier.get("collections", 0.0),
-            "ms": (after[FULL_GC].get("pause_seconds", 0.0) - earlier.get("pause_seconds", 0.0)) * 1000}
+    return {"count": after[FULL_GC_COLLECTIONS] - before.get(FULL_GC_COLLECTIONS, 0.0),
+            "ms": (after.get(FULL_GC_SECONDS, 0.0) - before.get(FULL_GC_SECONDS, 0.0)) * 1000}
 
 
 def pool_line(row: dict[str, Any]) -> str:

@@ -40,9 +40,9 @@ class CollectorPauses:
     def __init__(self, clock: Callable[[], float] = time.perf_counter):
         self._clock = clock
         self._started: Optional[float] = None
-        self.collections = [0, 0, 0]
-        self.seconds = [0.0, 0.0, 0.0]
-        self.longest = [0.0, 0.0, 0.0]
+        self.collections = [0 for _ in GENERATIONS]
+        self.seconds = [0.0 for _ in GENERATIONS]
+        self.longest = [0.0 for _ in GENERATIONS]
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -79,10 +79,11 @@ def settle() -> int:
     """Collect start-up garbage, then freeze every object alive now; returns how many are frozen."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
+    return frozen()
 
 
 def frozen() -> int:
+    """Objects frozen out of the collector's generations (`settle`)."""
     return gc.get_freeze_count()
 
 

@@ -27,7 +27,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from .heap import CollectorPauses, frozen, pauses
+from .heap import GENERATIONS, CollectorPauses, frozen, pauses
 from .pools import PoolLoad
 from .settings import Reload, Settings
 from .wire.errors import ProtocolError
@@ -161,7 +161,7 @@ class CollectorMetrics:
         longest = GaugeMetricFamily("msgrelay_gc_longest_pause_seconds",
                                     "The longest garbage collection of each generation since start",
                                     labels=["generation"])
-        for generation in range(3):
+        for generation in GENERATIONS:
             label = [str(generation)]
             calls.add_metric(label, self.timed.collections[generation])
             seconds.add_metric(label, self.timed.seconds[generation])
