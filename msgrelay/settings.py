@@ -150,6 +150,8 @@ SETTINGS: list[Setting] = [
     Setting("store", "expire_interval", int, 60, _positive),
     # Memory for recent message bodies, so fetches read no file for them (maildir; 0: off).
     Setting("store", "message_cache_mib", int, 32, _between(0, 65536)),
+    # How the maildir keeps pending messages: appended to a log per user, or a file each.
+    Setting("store", "maildir_messages", str, "log", _one_of("log", "files")),
     Setting("registration", "mode", str, "open", _one_of("open", "token", "closed"), reloadable=True),
     Setting("registration", "tokens", list, [], reloadable=True, secret=True),
     Setting("limits", "max_body_bytes", int, 1048576, _positive, reloadable=True),
@@ -343,6 +345,7 @@ class StoreSettings:
     postgres_dsn: str
     expire_interval: int
     message_cache_mib: int
+    maildir_messages: str
 
 
 @dataclass(frozen=True)

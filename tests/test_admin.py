@@ -305,7 +305,7 @@ def test_fsck_restores_a_lost_format_file(state):
     result = admin("fsck", "-d", str(state.root), "--json")
     assert result.returncode == 1
     assert [(f["path"], f["action"]) for f in json.loads(result.stdout)["findings"]] == [("maildir/FORMAT", "recreated")]
-    assert (state.store / "FORMAT").read_text() == "msgrelay-maildir 1\n"
+    assert (state.store / "FORMAT").read_text() == "msgrelay-maildir 2\n"
     assert admin("stats", "-d", str(state.root)).returncode == 0
 
 

@@ -25,6 +25,7 @@ from typing import Optional
 import pytest
 
 import clientfork
+from msgrelay.store import maildir_log
 from relayproc import RelayProcess, free_port, interruptible
 
 pytestmark = pytest.mark.slow
@@ -135,19 +136,63 @@ def introduce(alice: Person, bob: Person) -> str:
     return invite
 
 
-def stored_messages(relay: RelayProcess, user_id: str) -> list[Path]:
-    """The maildir store's message files of one user, in arrival order (their names sort so)."""
-    found = sorted(relay.state_dir.glob(f"**/users/{user_id}/new/*"), key=lambda p: p.name)
+@dataclass
+class StoredMessage:
+    """One message record in a user's maildir log (store/maildir_log.py), as stored."""
+
+    segment: Path
+    name: str
+
+    def read_text(self) -> str:
+        return self._record()[1].decode("utf-8")
+
+    def _record(self) -> tuple[bytes, bytes]:
+        """(dedup key hash, message JSON) of this record."""
+        data = self.segment.read_bytes()
+        for entry in maildir_log.scan(data, 0).messages:
+            if str(entry.name) == self.name:
+                _, offset, length = entry.location
+                decoded = maildir_log.decode_message(data[offset:offset + length])
+                assert decoded is not None
+                return entry.dedup, decoded[1]
+        raise AssertionError(f"no record {self.name} in {self.segment}")
+
+    def exists(self) -> bool:
+        """Still pending: its record is in the log and no acknowledgement names it."""
+        found = maildir_log.Scan()
+        for segment in self.segment.parent.glob("*.log"):
+            maildir_log.scan(segment.read_bytes(), 0, found)
+        return self.name in {str(e.name) for e in found.messages} - found.acknowledged
+
+    def rewrite(self, content: str) -> None:
+        """Replace the record by one holding `content` (a valid record: as a disk that keeps
+        its checksums, or whoever holds the disk, could leave it)."""
+        data = self.segment.read_bytes()
+        dedup, _ = self._record()
+        for entry in maildir_log.scan(data, 0).messages:
+            if str(entry.name) == self.name:
+                _, offset, length = entry.location
+                record = maildir_log.message_record(self.name, dedup.hex(), content.encode("utf-8"))
+                self.segment.write_bytes(data[:offset] + record + data[offset + length:])
+                return
+
+
+def stored_messages(relay: RelayProcess, user_id: str) -> list[StoredMessage]:
+    """The maildir store's messages of one user, in arrival order (their names sort so)."""
+    found = []
+    for segment in sorted(relay.state_dir.glob(f"**/users/{user_id}/log/*.log")):
+        found.extend(StoredMessage(segment, str(entry.name))
+                     for entry in maildir_log.scan(segment.read_bytes(), 0).messages)
     assert found, f"no stored messages for {user_id} under {relay.state_dir}"
-    return found
+    return sorted(found, key=lambda m: m.name)
 
 
-def tamper_stored(path: Path, content: str) -> None:
-    """Rewrite a stored message file behind the running relay, then append to the mailbox's
+def tamper_stored(stored: StoredMessage, content: str) -> None:
+    """Rewrite a stored message behind the running relay, then append to the mailbox's
     `generation` file as every process that changes a mailbox does (store/maildir_index.py):
     the relay then reads the mailbox from its files again, not from its message cache."""
-    path.write_text(content)
-    with open(path.parent.parent / "generation", "ab") as generation:
+    stored.rewrite(content)
+    with open(stored.segment.parent.parent / "generation", "ab") as generation:
         generation.write(b".")
 
 

@@ -267,7 +267,7 @@ async def test_concurrent_deliveries_to_one_user_share_folder_fsyncs(tmp_path, m
     pool = ThreadPool(8, 8, "test-maildir")
     pool.start()
     try:
-        store = MaildirStore(tmp_path / "state", threadpool=pool)
+        store = MaildirStore(tmp_path / "state", threadpool=pool, log_messages=False)
         await store.add_user(user(ALICE))
         results = await defer.gatherResults(
             [store.deliver(ALICE, f"k{i}", message(data=str(i)), BIG, NOW) for i in range(40)])

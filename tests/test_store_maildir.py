@@ -32,9 +32,9 @@ from store_contract import ALICE, BIG, BOB, HOUR, MESSAGE_ID, NOW, StoreContract
 
 
 class TestMaildirStore(StoreContract):
-    @pytest.fixture
-    def store(self, tmp_path):
-        return MaildirStore(tmp_path / "state")
+    @pytest.fixture(params=["log", "files"])
+    def store(self, tmp_path, request):
+        return MaildirStore(tmp_path / "state", log_messages=request.param == "log")
 
 
 @pytest.fixture
@@ -108,12 +108,12 @@ def test_layout_and_permissions(files):
     files.add_token(ALICE, token("t"))
     files.deliver(ALICE, "k", message(), BIG, NOW)
     files.remember_signature(b"digest", NOW + 60, NOW)
-    assert (files.root / "FORMAT").read_text() == "msgrelay-maildir 1\n"
+    assert (files.root / "FORMAT").read_text() == "msgrelay-maildir 2\n"
     for path in files.root.rglob("*"):
         mode = stat.S_IMODE(path.lstat().st_mode)
         assert mode == (0o700 if path.is_dir() else 0o600), path
     udir = files.users / ALICE
-    assert sorted(p.name for p in udir.iterdir()) == ["dedup", "generation", "new", "tmp", "tokens", "user.json"]
+    assert sorted(p.name for p in udir.iterdir()) == ["dedup", "generation", "log", "new", "tmp", "tokens", "user.json"]
     assert list((udir / "tmp").iterdir()) == [] and list(files.tmp.iterdir()) == []
     assert list((udir / "dedup").iterdir()) == []  # earlier versions' records only
     assert {p.name for p in files.root.glob("dedup.sqlite*")} >= {"dedup.sqlite"}  # each 0600, checked above
@@ -312,7 +312,7 @@ def test_open_refuses_unusable_roots(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "FORMAT").write_text("something else 7\n")
-    with pytest.raises(StoreUnavailable, match="not a msgrelay-maildir 1 directory"):
+    with pytest.raises(StoreUnavailable, match="not a msgrelay-maildir 2 directory"):
         MaildirFiles.open(foreign)
 
 

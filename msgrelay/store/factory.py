@@ -36,4 +36,5 @@ def open_store(settings: Settings, reactor: Any, pool: Optional[ThreadPool] = No
     from .maildir import MaildirStore
 
     return MaildirStore(maildir_root(settings), reactor, threadpool=pool,
-                        message_cache_bytes=settings.store.message_cache_mib * 1024 * 1024)
+                        message_cache_bytes=settings.store.message_cache_mib * 1024 * 1024,
+                        log_messages=settings.store.maildir_messages == "log")

@@ -48,10 +48,12 @@ class MaildirStore:
     files_class: type[MaildirFiles] = MaildirFiles
 
     def __init__(self, root: Union[str, Path], reactor: Any = None, threadpool: Optional[ThreadPool] = None,
-                 message_cache_bytes: int = DEFAULT_MESSAGE_CACHE_BYTES):
+                 message_cache_bytes: int = DEFAULT_MESSAGE_CACHE_BYTES, log_messages: bool = True):
         """Open (creating) the directory and its replay journal now, synchronously: raises
         StoreUnavailable if unusable. Calls run in `threadpool` (the relay's store pool,
-        msgrelay/pools.py). `message_cache_bytes` of recent message bodies stay in memory."""
+        msgrelay/pools.py). `message_cache_bytes` of recent message bodies stay in memory.
+        New messages go to their user's log, or with `log_messages` false to a file each;
+        either way this process compacts the logs (it is the relay's store)."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -60,7 +62,7 @@ class MaildirStore:
         # Never the reactor's default pool (DNS lookups queue there): the relay passes its
         # store pool; tools and tests share one small pool of this module's.
         self._pool = threadpool if threadpool is not None else _shared_pool(reactor)
-        self.files = self.files_class.open(root, message_cache_bytes)
+        self.files = self.files_class.open(root, message_cache_bytes, log_messages=log_messages, compact_logs=True)
         try:
             self.files.replay_journal()
         except OSError as e:

@@ -100,6 +100,27 @@ class DedupTable:
         self._execute("store a dedup record", "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)",
                       (user_id, key, message_id, expires))
 
+    def add_many(self, user_id: str, rows: list[tuple[str, str, int]]) -> None:
+        """Record (key, message_id, expires) rows durably, all in one transaction."""
+        if not rows:
+            return
+        action = "store dedup records"
+        connection = self._connection()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                connection.executemany("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)",
+                                       [(user_id, *row) for row in rows])
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.rollback()
+                raise
+        except OSError as e:
+            raise StoreUnavailable(describe_os_error(action, e)) from e
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"maildir store cannot {action}: dedup table: {e}") from e
+
     def remove(self, user_id: str, key: str) -> None:
         self._execute("remove a dedup record", "DELETE FROM dedup WHERE user_id = ? AND key = ?", (user_id, key))
 

@@ -2,11 +2,14 @@
 
 Layout under the root (dirs 0700, files 0600)::
 
-    FORMAT                          "msgrelay-maildir 1"
+    FORMAT                          "msgrelay-maildir 2" (1 before message logs; read alike)
     users/<user_id>/user.json       the UserRecord
     users/<user_id>/generation      one byte appended per change of new/ (see maildir_index)
     users/<user_id>/tokens/<id>.json  TokenRecords (digest only; mtime = expiry hint)
-    users/<user_id>/new/<message_id>  pending messages; the name encodes expiry and size
+    users/<user_id>/log/<n>.log     pending messages appended to the user's log (maildir_log),
+                                    with their dedup keys, and acknowledgements
+    users/<user_id>/new/<message_id>  pending messages as a file each (store.maildir_messages =
+                                    "files", and earlier versions); the name encodes expiry and size
     users/<user_id>/dedup/<sha256(dedup_key)>  {"message_id", "expires"}; mtime = expires (earlier
                                     versions' dedup records, read and swept until they expire)
     users/<user_id>/tmp/            half-written files of this user (never read back)
@@ -47,6 +50,8 @@ from .maildir_expiry import USER_RECORD_FOLDERS, ExpiryIndex
 from .maildir_cache import MessageCache
 from .maildir_dedup import DedupTable
 from .maildir_index import GENERATION, UserIndex, generation_key, note_change
+from .maildir_log import LOG_DIR, Location, acknowledgement_record, message_record, read_records, sync_file
+from .maildir_logwriter import append_record, compact_oldest, segment_path, worth_compacting
 from .maildir_replay import ReplayJournal
 from .maildir_layout import (
     DIR_MODE, SAFE_NAME, ArrivalClock, MessageName, describe_os_error, disk_operation, is_older, list_dir,
@@ -55,12 +60,14 @@ from .maildir_layout import (
 
 log = Logger(namespace="msgrelay.store.maildir")
 
-FORMAT = "msgrelay-maildir 1\n"
+FORMAT = "msgrelay-maildir 2\n"
+#: What earlier versions wrote: the same layout without message logs, which they would not see.
+FORMATS = (FORMAT, "msgrelay-maildir 1\n")
 #: Leftover temporary files younger than this may belong to a write in progress.
 TMP_GRACE_SECONDS = 3600
 #: mtime hint for records that never expire (year 9999); clamped filesystems only lower it.
 NEVER = 253402300799
-USER_SUBDIRS = ("tokens", "new", "dedup", "tmp")
+USER_SUBDIRS = ("tokens", "new", "dedup", "tmp", LOG_DIR)
 
 
 T = TypeVar("T")
@@ -76,10 +83,15 @@ class MaildirFiles:
     are reserved under that user's index mutex; several relay processes on one directory
     could each admit the deliveries they have in flight, so they use PostgreSQL instead."""
 
-    def __init__(self, root: Union[str, Path], message_cache_bytes: int = 0):
+    def __init__(self, root: Union[str, Path], message_cache_bytes: int = 0, log_messages: bool = False,
+                 compact_logs: bool = False):
         """Use `MaildirFiles.open`, which creates and checks the layout. With
-        `message_cache_bytes`, that much memory keeps recent message bodies (`maildir_cache`)."""
+        `message_cache_bytes`, that much memory keeps recent message bodies (`maildir_cache`).
+        `log_messages` appends new messages to their user's log instead of writing a file each;
+        `compact_logs` is for the relay process only, which alone appends to the logs."""
         self.root = Path(root)
+        self.log_messages = log_messages
+        self.compact_logs = compact_logs
         self.cache = MessageCache(message_cache_bytes) if message_cache_bytes > 0 else None
         self.users = self.root / "users"
         self.replay = self.root / "replay"
@@ -96,8 +108,11 @@ class MaildirFiles:
         self._replay_lock = threading.Lock()
 
     @classmethod
-    def open(cls, root: Union[str, Path], message_cache_bytes: int = 0) -> "MaildirFiles":
-        """Open (creating if needed) the state directory at start-up, or raise StoreUnavailable."""
+    def open(cls, root: Union[str, Path], message_cache_bytes: int = 0, log_messages: bool = False,
+             compact_logs: bool = False) -> "MaildirFiles":
+        """Open (creating if needed) the state directory at start-up, or raise StoreUnavailable.
+        A directory an earlier version wrote is marked as this version's, so that an earlier
+        version, which would not see the message logs, refuses it instead."""
         root = Path(root)
         try:
             os.makedirs(root, mode=DIR_MODE, exist_ok=True)
@@ -106,12 +121,12 @@ class MaildirFiles:
                 found = marker.read_text("utf-8")
             except FileNotFoundError:
                 found = None
-            if found is not None and found != FORMAT:
+            if found is not None and found not in FORMATS:
                 raise StoreUnavailable(f"{root} is not a {FORMAT.strip()} directory (FORMAT says {found.strip()!r})")
-            files = cls(root, message_cache_bytes)
+            files = cls(root, message_cache_bytes, log_messages, compact_logs)
             for path in (files.users, files.replay, files.tmp, files.trash):
                 os.makedirs(path, mode=DIR_MODE, exist_ok=True)
-            if found is None:
+            if found != FORMAT:
                 write_durably(files.tmp, marker, FORMAT.encode("utf-8"))
             files._sweep_trash()
             files._probe()
@@ -323,7 +338,10 @@ class MaildirFiles:
             raise ValueError("received and expires must be POSIX seconds")
         dedup_name = records.hash_name(dedup_key)
         dedup_path = udir / "dedup" / dedup_name
+        digest = bytes.fromhex(dedup_name)
         size = message.size
+        body = records.encode(records.message_json(message)) if self.log_messages else b""
+        location = None
         index = self._messages(user_id, udir)
         if index is None:
             raise UnknownUser(user_id)
@@ -332,25 +350,37 @@ class MaildirFiles:
                 index.changed.wait()
                 if not self._current(user_id, udir, index):
                     raise UnknownUser(user_id)
-            earlier = self.dedup.find(user_id, dedup_name, now) or records.read_dedup(dedup_path, now)
+            logged = index.logged.get(digest)
+            earlier = ((logged if logged is not None and now < logged[1] else None)
+                       or self.dedup.find(user_id, dedup_name, now) or records.read_dedup(dedup_path, now))
             if earlier is not None:
                 return Delivery(earlier[0], earlier[1], True)
             count, used = index.live(now)
             if count + 1 > quota.max_messages or used + size > quota.max_bytes:
                 raise QuotaExceeded(f"quota of {quota.max_messages} messages or {quota.max_bytes} bytes reached")
             name = self._clock.message_name(message.received, message.expires, size, index.latest)
-            index.reserve(name)
+            if self.log_messages:
+                try:
+                    location = append_record(udir, index, message_record(str(name), dedup_name, body))
+                except FileNotFoundError as e:
+                    raise UnknownUser(user_id) from e  # erased meanwhile
+            index.reserve(name, location)
             index.dedup_waits[dedup_name] = str(name)
         finally:
             index.mutex.release()
         try:
-            self._write_message(udir, index, str(name), message, dedup_name)
+            if location is not None:
+                index.log_sync.sync(segment_path(udir, location[0]))
+            else:
+                self._write_message(udir, index, str(name), message, dedup_name)
         except BaseException:
             with index.mutex:
                 index.remove(str(name))
                 del index.dedup_waits[dedup_name]
                 index.changed.notify_all()
-                if os.path.lexists(udir / "new" / str(name)):  # kept (see _write_message): list it again
+                if location is not None:
+                    self._disown(udir, index, str(name))
+                elif os.path.lexists(udir / "new" / str(name)):  # kept (see _write_message): list it again
                     index.key = None
                     try:
                         note_change(udir)
@@ -363,6 +393,8 @@ class MaildirFiles:
                                                   message.expires))
         with index.mutex:
             index.commit(str(name))
+            if location is not None:
+                index.logged[digest] = (str(name), message.expires)
             del index.dedup_waits[dedup_name]
             index.changed.notify_all()
             try:
@@ -370,6 +402,19 @@ class MaildirFiles:
             except FileNotFoundError:
                 pass  # erased meanwhile: the message went with the folder
         return Delivery(str(name), message.expires, False)
+
+    def _disown(self, udir: Path, index: UserIndex, name: str) -> None:
+        """Under index.mutex, after a logged message's fdatasync failed: answering 503 must
+        mean "not stored", so acknowledge it in the log, lest a later read find it durable
+        after all and a resend store it twice. The head is sealed: after a failed sync,
+        nothing more is written to it."""
+        index.head_open = False
+        try:
+            location = append_record(udir, index, acknowledgement_record([name]))  # in a fresh segment
+            sync_file(segment_path(udir, location[0]))
+        except OSError:
+            index.head_open = False
+            log.error("message kept without certainty about its log record; a resend may store a second copy")
 
     def _write_message(self, udir: Path, index: UserIndex, name: str, message: NewMessage, dedup_name: str) -> None:
         """The message durable (data fsync here, folder fsync shared), then its dedup record."""
@@ -419,20 +464,45 @@ class MaildirFiles:
             return [], 0
         try:
             names, remaining = index.page(now, limit, max_bytes)
+            located = {name: index.located[name] for name in names if name in index.located}
         finally:
             index.mutex.release()
-        found: list[MessageRecord] = []
+        got: dict[str, MessageRecord] = {}
         assert udir is not None
         cache = self.cache
+        logged: list[tuple[str, Location]] = []
         for name in names:
             record = cache.get(user_id, name) if cache is not None else None
+            if record is None and name in located:
+                logged.append((name, located[name]))
+                continue
             if record is None:
                 record = records.read_message(udir / "new" / name, name)
                 if record is not None and cache is not None:
                     cache.put(user_id, record)
             if record is not None:
-                found.append(record)
-        return found, remaining
+                got[name] = record
+        if logged:
+            moved = self._read_logged(user_id, udir, logged, got)
+            if moved:  # compacted meanwhile: read them where they are now
+                with index.mutex:
+                    again = [(name, index.located[name]) for name in moved if name in index.located]
+                self._read_logged(user_id, udir, again, got)
+        return [got[name] for name in names if name in got], remaining
+
+    def _read_logged(self, user_id: str, udir: Path, wanted: list[tuple[str, Location]],
+                     got: dict[str, MessageRecord]) -> list[str]:
+        """Read messages from the log into `got`; returns the names not found where said."""
+        missing = []
+        for name, body in read_records(udir, wanted):
+            record = None if body is None else records.message_from_json(body, name)
+            if record is None:
+                missing.append(name)
+                continue
+            got[name] = record
+            if self.cache is not None:
+                self.cache.put(user_id, record)
+        return missing
 
     @disk_operation("count messages")
     def usage(self, user_id: str, now: int) -> tuple[int, int]:
@@ -455,24 +525,48 @@ class MaildirFiles:
             return 0
         assert udir is not None
         index.mutex.release()
-        deleted = self._unlink_messages(udir, index, [m for m in message_ids if MessageName.parse(m) is not None])
-        if deleted:
+        unlinked, logged = self._unlink_messages(udir, index, [m for m in message_ids if MessageName.parse(m) is not None],
+                                                 acknowledged=True)
+        if unlinked:
             index.new_sync.sync()  # type: ignore[attr-defined]
-        return deleted
+        return unlinked + logged
 
-    def _unlink_messages(self, udir: Path, index: UserIndex, names: list[str]) -> int:
-        """Remove these message files (never one still being delivered) and their index
-        entries; returns how many files there were. Unlinks run outside the index mutex:
-        they wait on the journal, and deliveries to the same user must not wait for them."""
+    def _unlink_messages(self, udir: Path, index: UserIndex, names: list[str], acknowledged: bool) -> tuple[int, int]:
+        """Remove these messages (never one still being delivered) and their index entries;
+        returns how many files there were and how many logged messages. A logged message
+        needs nothing once it has expired; an acknowledged one, a durable acknowledgement
+        record. Unlinks run outside the index mutex: they wait on the journal, and
+        deliveries to the same user must not wait for them."""
+        synced = None
         with index.mutex:
             names = [name for name in names if name not in index.in_flight]
+            logged = []
             for name in names:
-                index.remove(name)  # hidden from fetch from now on
+                was_logged = name in index.located
+                if index.remove(name) and was_logged:  # hidden from fetch from now on
+                    logged.append(name)
+            if logged and acknowledged:
+                try:
+                    synced = segment_path(udir, append_record(udir, index, acknowledgement_record(logged))[0])
+                except BaseException:
+                    index.key = None  # not acknowledged after all: read back from the log
+                    raise
         if self.cache is not None:
             self.cache.discard(udir.name, names)
+        if synced is not None:
+            try:
+                index.log_sync.sync(synced)
+            except BaseException:
+                with index.mutex:
+                    index.key = None
+                    index.head_open = False
+                raise
+        in_log = set(logged)
         removed = 0
         try:
             for name in names:
+                if name in in_log:
+                    continue
                 try:
                     os.unlink(udir / "new" / name)
                     removed += 1
@@ -486,12 +580,12 @@ class MaildirFiles:
             with index.mutex:
                 for name in names:  # in case a rebuild meanwhile listed them again
                     index.remove(name)
-                if removed:
+                if removed or logged:
                     try:
                         self._changed(udir, index)
                     except FileNotFoundError:
                         pass  # erased meanwhile
-        return removed
+        return removed, len(logged)
 
     # -- upkeep --------------------------------------------------------------------------
 
@@ -516,16 +610,38 @@ class MaildirFiles:
         with locked_directory(udir) as exists:
             if not exists:
                 return 0
-            removed = 0
+            unlinked = logged = 0
             index = self._messages(udir.name, udir)
             if index is not None:
                 expired = index.expired(now)
                 index.mutex.release()
-                removed = self._unlink_messages(udir, index, expired)
-            if removed:
+                unlinked, logged = self._unlink_messages(udir, index, expired, acknowledged=False)
+                if self.compact_logs:
+                    self._compact(udir, index, now)
+            if unlinked:
                 fsync_dir(udir / "new")
             self._sweep_tmp(udir / "tmp", now)
-            return removed
+            return unlinked + logged
+
+    def _compact(self, udir: Path, index: UserIndex, now: int) -> None:
+        """Remove log segments whose records are all acknowledged or expired, and copy the
+        oldest one's pending records forward while the log is over twice their size."""
+        with index.mutex:
+            if not self._current(udir.name, udir, index):
+                return
+            changed = False
+            try:
+                while worth_compacting(index) and compact_oldest(udir, index, udir.name, now, self.dedup):
+                    changed = True
+            except BaseException:
+                index.key = None  # read the log back at the next use
+                raise
+            finally:
+                if changed:
+                    try:
+                        self._changed(udir, index)
+                    except FileNotFoundError:
+                        pass
 
     def _record_folders(self) -> Iterator[Path]:
         """Every folder of records with an expiry: each user's dedup and tokens, each replay shard."""

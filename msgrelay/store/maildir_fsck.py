@@ -1,9 +1,11 @@
 """`msgrelay-admin fsck` for the maildir store: find damage and move it aside, never delete it.
 
 Checked: the store's top folders and FORMAT; every user folder (user.json matching its name
-and key, tokens, pending messages, earlier versions' dedup records, nothing else); the dedup
-table (reported, never moved); the replay journal; and the tmp folders, where entries older
-than `min_tmp_age` are leftovers of interrupted writes.
+and key, tokens, pending message files, earlier versions' dedup records, nothing else); each
+record of the user's message log (damage reported and left in place, since the segment's
+other records are pending messages); the dedup table (reported, never moved); the replay
+journal; and the tmp folders, where entries older than `min_tmp_age` are leftovers of
+interrupted writes.
 A damaged or misplaced entry is renamed into ``<state>/quarantine/<UTC time>/`` under its
 path relative to the state directory, so it can be inspected or moved back; a missing folder
 or FORMAT is recreated. Erased users still in trash/ are removed, which finishes the erasure
@@ -28,10 +30,11 @@ from typing import Any, Callable, Optional
 from ..wire.errors import ProtocolError
 from ..wire.keys import load_public_key, user_id_for_key
 from .interface import NewMessage
-from .maildir_files import FORMAT, USER_SUBDIRS, MaildirFiles
+from .maildir_files import FORMAT, FORMATS, USER_SUBDIRS, MaildirFiles
+from .maildir_log import LOG_DIR, SEGMENT_NAME, decode_message, scan
 from .maildir_index import GENERATION, note_change
 from .maildir_replay import SEGMENT
-from ..durable import fsync_dir, write_durably
+from ..durable import fsync_dir, read_whole, write_durably
 from .maildir_layout import DIR_MODE, SAFE_NAME, MessageName, list_dir, locked_directory, remove_tree
 from .quarantine import Finding, FsckReport, Quarantine
 
@@ -106,7 +109,12 @@ def token_problem(path: Path, token_id: str) -> Optional[str]:
 
 def message_problem(path: Path, name: MessageName) -> Optional[str]:
     obj, problem = _read_json(path)
-    problem = problem or _kinds(obj, MESSAGE_FIELDS)
+    return problem or stored_message_problem(obj, name)
+
+
+def stored_message_problem(obj: Any, name: MessageName) -> Optional[str]:
+    """What is wrong with a stored message's JSON (a file's or a log record's), or None."""
+    problem = _kinds(obj, MESSAGE_FIELDS)
     if problem:
         return problem
     size = NewMessage(obj["token_id"], obj["data"], obj["algorithm"], obj["password"], obj["signature"],
@@ -143,7 +151,8 @@ class MaildirFsck:
         self.dry_run = dry_run
         self.min_tmp_age = min_tmp_age
         self.quarantine = quarantine or Quarantine(self.root, dry_run, self.now)
-        self.report = FsckReport(checked={k: 0 for k in ("users", "messages", "tokens", "dedup", "replay")})
+        self.report = FsckReport(checked={k: 0 for k in ("users", "messages", "log_segments", "tokens", "dedup",
+                                                         "replay")})
 
     def run(self) -> FsckReport:
         """Check everything; the caller writes `quarantine.write_report` once all is done."""
@@ -209,7 +218,7 @@ class MaildirFsck:
             found = "?"
         if found is None and not self.files.users.is_dir():
             raise FsckAbort(f"{self.root} holds no maildir store (no FORMAT file and no users/ folder)")
-        if found is not None and found != FORMAT:
+        if found is not None and found not in FORMATS:
             raise FsckAbort(f"{self.root} is not a {FORMAT.strip()} store (FORMAT says {found.strip()!r}); nothing changed")
         for folder in (self.files.users, self.files.replay, self.files.tmp, self.files.trash):
             self._ensure_dir(folder)
@@ -251,6 +260,12 @@ class MaildirFsck:
                 self._move(path, "is not a message name")
             else:
                 self._checked(path, partial(message_problem, path, parsed), "messages")
+        for entry in sorted(list_dir(udir / LOG_DIR)):
+            path = udir / LOG_DIR / entry
+            if not SEGMENT_NAME.fullmatch(entry) or not stat.S_ISREG(os.lstat(path).st_mode):
+                self._move(path, "is not a message log segment")
+            else:
+                self._check_segment(path, int(entry.split(".")[0]))
         for entry in sorted(list_dir(udir / "tokens")):
             path, token_id = udir / "tokens" / entry, entry.removesuffix(".json")
             if not entry.endswith(".json") or not SAFE_NAME.fullmatch(token_id):
@@ -263,6 +278,33 @@ class MaildirFsck:
                 self._move(path, "is not a dedup record name")
             else:
                 self._checked(path, partial(dedup_problem, path), "dedup")
+
+    def _check_segment(self, path: Path, number: int) -> None:
+        """Every record of a message log segment. Damage is reported and left in place: the
+        segment's other records are pending messages, which the relay reads around it. A
+        segment's torn tail (a write a crash cut short) is expected and not damage."""
+        try:
+            data = read_whole(path)
+        except FileNotFoundError:
+            return  # compacted meanwhile
+        found = scan(data, number)
+        self.report.checked["log_segments"] += 1
+        where = self.quarantine.relative(path)
+        left = "left in place: the relay skips these bytes and reads the records around them"
+        for damage in found.damage:
+            if not damage.tail:
+                self._note(Finding(where, f"log segment has {damage.length} unreadable bytes at offset "
+                                          f"{damage.offset}", left))
+        for entry in found.messages:
+            decoded = decode_message(data[entry.location[1]:entry.location[1] + entry.location[2]])
+            try:
+                obj = json.loads(decoded[1]) if decoded is not None else None
+            except ValueError:
+                obj = None
+            problem = stored_message_problem(obj, entry.name)
+            self.report.checked["messages"] += 1
+            if problem:
+                self._note(Finding(where, f"logged message {entry.name} {problem}", left))
 
     def _check_replay(self) -> None:
         """Journal segments (a line cut short by a crash is expected: the journal skips it) and

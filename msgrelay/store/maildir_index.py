@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .maildir_layout import MessageName, list_dir
+from .maildir_log import Location, LogSync, load
 
 GENERATION = "generation"
 #: Past this size the generation file is replaced by an empty one (a new inode: a change too).
@@ -64,7 +65,8 @@ class UserIndex:
     """One user's pending messages; every field is guarded by `mutex` (see MaildirFiles)."""
 
     __slots__ = ("key", "pending", "heap", "count", "bytes", "latest", "in_flight", "dedup_waits",
-                 "mutex", "changed", "new_sync", "__weakref__")
+                 "mutex", "changed", "new_sync", "located", "segments", "logged", "head", "head_open",
+                 "log_sync", "__weakref__")
 
     def __init__(self) -> None:
         self.mutex = threading.Lock()
@@ -83,13 +85,28 @@ class UserIndex:
         #: dedup key hash (the record's key) -> name of the message being delivered under it.
         self.dedup_waits: dict[str, str] = {}
         self.new_sync: Optional[object] = None
+        #: Pending names kept in the user's log (maildir_log), where; the others are files.
+        self.located: dict[str, Location] = {}
+        #: Log segment -> [bytes, bytes of its pending records], for compaction.
+        self.segments: dict[int, list[int]] = {}
+        #: Dedup key digest -> (name, expires) of every message record still in the log.
+        self.logged: dict[bytes, tuple[str, int]] = {}
+        #: The segment appends go to, and whether it may take them (else a new one starts).
+        self.head = 0
+        self.head_open = False
+        self.log_sync = LogSync()
 
     # -- building --------------------------------------------------------------------------
 
     def rebuild(self, udir: Path, key: Key) -> None:
-        """Replace the committed entries by the folder's listing; keep in-flight reservations."""
-        names = sorted((n for n in map(MessageName.parse, list_dir(udir / "new")) if n is not None), key=str)
+        """Replace the committed entries by the folder's listing and the log's records; keep
+        in-flight reservations."""
+        names = [n for n in map(MessageName.parse, list_dir(udir / "new")) if n is not None]
+        log = load(udir)
+        names.extend(entry.name for entry in log.live.values())
+        names.sort(key=str)
         keep = {name: self.pending[name] for name in self.in_flight if name in self.pending}
+        kept_at = {name: self.located[name] for name in keep if name in self.located}
         pending: dict[str, tuple[int, int, int]] = {}
         for parsed in names:
             pending[str(parsed)] = (parsed.expires, parsed.size, parsed.received)
@@ -98,6 +115,15 @@ class UserIndex:
             pending.update(keep)
             pending = dict(sorted(pending.items()))
         self.pending = pending
+        self.located = {name: entry.location for name, entry in log.live.items()}
+        self.located.update(kept_at)
+        self.segments = {number: [size, 0] for number, size in log.sizes.items()}
+        for number, _, length in self.located.values():
+            if number in self.segments:
+                self.segments[number][1] += length
+        self.logged = log.dedup
+        self.head = max(log.sizes, default=0)
+        self.head_open = log.head_open
         self.heap = [(value[0], name) for name, value in pending.items()]
         heapq.heapify(self.heap)
         self.count = len(pending)
@@ -106,9 +132,13 @@ class UserIndex:
 
     # -- changes ---------------------------------------------------------------------------
 
-    def reserve(self, name: MessageName) -> None:
-        """Add a name about to be written; it sorts after every other (arrival order)."""
+    def reserve(self, name: MessageName, location: Optional[Location] = None) -> None:
+        """Add a name about to be written (at `location` in the log, or as a file); it sorts
+        after every other (arrival order)."""
         text = str(name)
+        if location is not None:
+            self.located[text] = location
+            self.segments[location[0]][1] += location[2]
         self.pending[text] = (name.expires, name.size, name.received)
         heapq.heappush(self.heap, (name.expires, text))
         self.count += 1
@@ -124,6 +154,9 @@ class UserIndex:
         if value is None:
             return False
         self.in_flight.discard(name)
+        location = self.located.pop(name, None)
+        if location is not None and location[0] in self.segments:
+            self.segments[location[0]][1] -= location[2]
         self.count -= 1
         self.bytes -= value[1]
         if len(self.heap) > 2 * self.count + 64:  # drop entries of removed names

@@ -74,15 +74,21 @@ def read_token(path: Path) -> Optional[TokenRecord]:
 
 def read_message(path: Path, name: "MessageName | str") -> Optional[MessageRecord]:
     try:
-        obj = json.loads(read_whole(path))
+        return message_from_json(read_whole(path), name)
+    except FileNotFoundError:
+        return None  # acknowledged meanwhile
+
+
+def message_from_json(data: bytes, name: "MessageName | str") -> Optional[MessageRecord]:
+    """A stored message's JSON (a file's or a log record's) as a record, or None, logged."""
+    try:
+        obj = json.loads(data)
         return MessageRecord(
             str(name), obj["token_id"], obj["data"], obj["algorithm"], obj["password"],
             obj["signature"], obj["received"], obj["expires"],
         )
-    except FileNotFoundError:
-        return None  # acknowledged meanwhile
     except (ValueError, KeyError, TypeError):
-        log.error("skipping unreadable message file {message_id}", message_id=str(name))
+        log.error("skipping unreadable message {message_id}", message_id=str(name))
         return None
 
 
