@@ -267,7 +267,7 @@ class Run:
         n_accept, n_fetch = self.args.accepts or n_accept, self.args.fetches or n_fetch
         pem = public_key_pem(self.key.public_key())
         seeder = (PostgresSeeder(self.args.postgres_dsn) if self.backend == "postgresql"
-                  else MaildirSeeder(workdir / "state" / "maildir"))
+                  else MaildirSeeder(workdir / "state" / "maildir", self.args.set))
         single = seeder.add_user("single", pem)
         many = add_recipients(seeder, pem)
         small, big = seeder.add_user("small", pem), seeder.add_user("big", pem)
@@ -345,7 +345,7 @@ class Run:
             return
         workdir = Path(tempfile.mkdtemp(prefix="msgrelay-bench-memory-", dir=shm))
         try:
-            seeder = MaildirSeeder(workdir / "state" / "maildir")
+            seeder = MaildirSeeder(workdir / "state" / "maildir", self.args.set)
             many = add_recipients(seeder, pem)
             seeder.close()
             config = workdir / "relay.toml"
@@ -397,7 +397,7 @@ class Run:
         users, per_user = (100, 100) if self.args.quick else (1000, 100)
         shutil.rmtree(workdir / "state", ignore_errors=True)
         seeder = (PostgresSeeder(self.args.postgres_dsn) if self.backend == "postgresql"
-                  else MaildirSeeder(workdir / "state" / "maildir"))
+                  else MaildirSeeder(workdir / "state" / "maildir", self.args.set))
         for i in range(users):
             seeded = seeder.add_user(f"stored-{i}", pem)
             seeder.fill(seeded.user_id, per_user, 200)

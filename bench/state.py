@@ -57,26 +57,51 @@ class Seeder:
         return Seeded(user_id, secret)
 
 
+def logs_messages(overrides: Sequence[str]) -> bool:
+    """Whether the relay's maildir keeps messages in logs (the default), given the --set's."""
+    for override in overrides:
+        dotted, value = override.split("=", 1)
+        if dotted.strip() == "store.maildir_messages":
+            return json.loads(value) == "log"
+    return True
+
+
 class MaildirSeeder(Seeder):
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, overrides: Sequence[str] = ()):
         from msgrelay.store.maildir_files import MaildirFiles
 
         self.store = self.files = MaildirFiles.open(root)
+        self.log = logs_messages(overrides)
 
     def fill(self, user_id: str, count: int, size: int) -> None:
-        from msgrelay.store import maildir_records as records
+        """`count` messages as the relay would have stored them: in the user's log (segments
+        of maildir_log.SEGMENT_BYTES), or a file each."""
+        from msgrelay.store import maildir_log, maildir_records as records
         from msgrelay.store.maildir_layout import MessageName
 
         now = int(time.time())
-        folder = self.files.users / user_id / "new"
+        udir = self.files.users / user_id
         base = time.time_ns() - 10**12  # older than anything the relay will add
         message = stored_message(token_for(user_id)[1].id, size, now)
         body = records.encode(records.message_json(message))
+        segment, written, log = 0, maildir_log.SEGMENT_BYTES, None
         for i in range(count):
             name = MessageName(base + i, os.urandom(4).hex(), now, message.expires, message.size)
-            fd = os.open(folder / str(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.write(fd, body)
-            os.close(fd)
+            if not self.log:
+                fd = os.open(udir / "new" / str(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                os.write(fd, body)
+                os.close(fd)
+                continue
+            record = maildir_log.message_record(str(name), os.urandom(32).hex(), body)
+            if written + len(record) > maildir_log.SEGMENT_BYTES:
+                if log is not None:
+                    os.close(log)
+                segment, written = segment + 1, 0
+                log = os.open(maildir_log.create_segment(udir, segment), os.O_WRONLY | os.O_APPEND)
+            os.write(log, record)  # type: ignore[arg-type]
+            written += len(record)
+        if log is not None:
+            os.close(log)
         try:
             from msgrelay.store.maildir_index import note_change
         except ImportError:  # a store without indexes

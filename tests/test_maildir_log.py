@@ -26,6 +26,7 @@ from msgrelay.store.maildir_log import (
     ACKNOWLEDGEMENT, HEADER, MAGIC, MESSAGE, acknowledgement_record, decode_message, message_record, scan,
 )
 from store_contract import ALICE, BIG, BOB, HOUR, NOW, message, user
+from test_maildir_expiry import plant_old_dedup
 from test_maildir_index import real_user
 
 NAME = "00000001800000000000-0badf00d-r1800000000-e1800003600-s14"
@@ -156,6 +157,32 @@ def test_compaction_copies_pending_records_and_keeps_acknowledged_keys(tmp_path,
     assert len(logged(files.root)) == 1 and ids(open_files(tmp_path / "s"), now=NOW + 10) == []
 
 
+def test_a_compaction_cut_short_leaves_each_message_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(maildir_logwriter, "SEGMENT_BYTES", 4096)
+    files = open_files(tmp_path / "s")
+    sent = [files.deliver(ALICE, f"k{i}", message(data="x" * 500), BIG, NOW) for i in range(24)]
+    keep = [d.message_id for d in sent[::6]]
+    files.acknowledge(ALICE, [d.message_id for d in sent if d.message_id not in keep])
+    before = logged(files.root)
+
+    def crash(path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(maildir_logwriter.os, "unlink", crash)  # copies durable, old segment not yet gone
+    with pytest.raises(StoreUnavailable):
+        files.expire(NOW)
+    monkeypatch.undo()
+    assert before[0] in logged(files.root)  # its pending record now in the log twice
+    copies = [str(e.name) for name in logged(files.root)
+              for e in scan((files.users / ALICE / "log" / name).read_bytes(), 0).messages]
+    assert copies.count(keep[0]) == 2
+    for fresh in (files, open_files(tmp_path / "s")):
+        assert ids(fresh) == keep
+        assert fresh.stats(NOW)["messages"] == len(keep)
+    files.expire(NOW)
+    assert before[0] not in logged(files.root) and ids(open_files(tmp_path / "s")) == keep
+
+
 def test_files_of_earlier_versions_and_logs_side_by_side(tmp_path):
     old = open_files(tmp_path / "s", log_messages=False)
     as_files = [old.deliver(ALICE, f"f{i}", message(data=f"f{i}"), BIG, NOW).message_id for i in range(3)]
@@ -167,6 +194,20 @@ def test_files_of_earlier_versions_and_logs_side_by_side(tmp_path):
     assert files.acknowledge(ALICE, [as_files[0], in_log[0]]) == 2
     assert len(os.listdir(files.users / ALICE / "new")) == 2
     assert ids(open_files(tmp_path / "s", log_messages=False)) == as_files[1:] + in_log[1:]
+
+
+def test_keys_of_earlier_versions_hold_and_a_logged_mailbox_asks_the_table_once(tmp_path, monkeypatch):
+    files = open_files(tmp_path / "s")
+    plant_old_dedup(files, ALICE, hashlib.sha256(b"old").hexdigest(), NOW + HOUR)  # a file, as before the table
+    again = files.deliver(ALICE, "old", message(), BIG, NOW)
+    assert again.duplicate and again.message_id == "old-" + hashlib.sha256(b"old").hexdigest()
+    asked: list[str] = []
+    real = files.dedup.find
+    monkeypatch.setattr(files.dedup, "find", lambda *a: asked.append(a[1]) or real(*a))
+    for i in range(5):
+        files.deliver(BOB, f"b{i}", message(), BIG, NOW)
+    assert asked == []  # nothing of Bob's outside his log
+    assert files.deliver(BOB, "b1", message(), BIG, NOW).duplicate and asked == []
 
 
 def test_a_torn_tail_loses_nothing_and_is_never_written_after(tmp_path):

@@ -95,6 +95,11 @@ class DedupTable:
                             (user_id, key)).fetchone()
         return (row[0], row[1]) if row is not None and now < row[1] else None
 
+    def holds(self, user_id: str) -> bool:
+        """Whether any record of this user is in the table (expired ones too)."""
+        return self._execute("read a dedup record", "SELECT 1 FROM dedup WHERE user_id = ? LIMIT 1",
+                             (user_id,)).fetchone() is not None
+
     def add(self, user_id: str, key: str, message_id: str, expires: int) -> None:
         """Record `key` durably (an expired record of the same key is replaced)."""
         self._execute("store a dedup record", "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?)",

@@ -351,8 +351,9 @@ class MaildirFiles:
                 if not self._current(user_id, udir, index):
                     raise UnknownUser(user_id)
             logged = index.logged.get(digest)
-            earlier = ((logged if logged is not None and now < logged[1] else None)
-                       or self.dedup.find(user_id, dedup_name, now) or records.read_dedup(dedup_path, now))
+            earlier = logged if logged is not None and now < logged[1] else None
+            if earlier is None and self._keys_elsewhere(user_id, udir, index):
+                earlier = self.dedup.find(user_id, dedup_name, now) or records.read_dedup(dedup_path, now)
             if earlier is not None:
                 return Delivery(earlier[0], earlier[1], True)
             count, used = index.live(now)
@@ -398,10 +399,21 @@ class MaildirFiles:
             del index.dedup_waits[dedup_name]
             index.changed.notify_all()
             try:
-                self._changed(udir, index)
+                if location is None:  # a logged one is no news to anyone (maildir_index)
+                    self._changed(udir, index)
             except FileNotFoundError:
                 pass  # erased meanwhile: the message went with the folder
         return Delivery(str(name), message.expires, False)
+
+    def _keys_elsewhere(self, user_id: str, udir: Path, index: UserIndex) -> bool:
+        """Under index.mutex: whether this user's dedup keys may be outside the log. Asked
+        once per index: a mailbox that only ever had logged messages then costs no lookup in
+        the dedup table per delivery (only this process adds to it, and says so here)."""
+        if not self.log_messages:
+            return True  # each delivery adds a row
+        if index.earlier_keys is None:
+            index.earlier_keys = self.dedup.holds(user_id) or bool(list_dir(udir / "dedup"))
+        return index.earlier_keys
 
     def _disown(self, udir: Path, index: UserIndex, name: str) -> None:
         """Under index.mutex, after a logged message's fdatasync failed: answering 503 must

@@ -75,6 +75,8 @@ def compact_oldest(udir: Path, index: UserIndex, user_id: str, now: int, dedup: 
         sync_file(segment_path(udir, number))
     gone = [entry for entry in found.messages if str(entry.name) not in index.pending
             and index.logged.get(entry.dedup, ("",))[0] == str(entry.name)]
+    if gone:
+        index.earlier_keys = True
     dedup.add_many(user_id, [(entry.dedup.hex(), str(entry.name), entry.name.expires)
                              for entry in gone if entry.name.expires > now])
     try:
