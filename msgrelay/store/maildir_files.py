@@ -49,7 +49,7 @@ from ..durable import fsync_dir, remove_durably, unlink_quietly, write_durably, 
 from .maildir_expiry import USER_RECORD_FOLDERS, ExpiryIndex
 from .maildir_cache import MessageCache
 from .maildir_dedup import DedupTable
-from .maildir_index import GENERATION, UserIndex, generation_key, note_change
+from .maildir_index import DEDUP_PREFIX, GENERATION, UserIndex, generation_key, note_change
 from .maildir_log import LOG_DIR, Location, acknowledgement_record, message_record, read_records, sync_file
 from .maildir_logwriter import append_record, compact_oldest, segment_path, worth_compacting
 from .maildir_replay import ReplayJournal
@@ -350,8 +350,7 @@ class MaildirFiles:
                 index.changed.wait()
                 if not self._current(user_id, udir, index):
                     raise UnknownUser(user_id)
-            logged = index.logged.get(digest)
-            earlier = logged if logged is not None and now < logged[1] else None
+            earlier = index.logged_earlier(digest, now)
             if earlier is None and self._keys_elsewhere(user_id, udir, index):
                 earlier = self.dedup.find(user_id, dedup_name, now) or records.read_dedup(dedup_path, now)
             if earlier is not None:
@@ -365,8 +364,8 @@ class MaildirFiles:
                     location = append_record(udir, index, message_record(str(name), dedup_name, body))
                 except FileNotFoundError as e:
                     raise UnknownUser(user_id) from e  # erased meanwhile
-            index.reserve(name, location)
-            index.dedup_waits[dedup_name] = str(name)
+            text = index.reserve(name, location)
+            index.dedup_waits[dedup_name] = text
         finally:
             index.mutex.release()
         try:
@@ -395,7 +394,7 @@ class MaildirFiles:
         with index.mutex:
             index.commit(str(name))
             if location is not None:
-                index.logged[digest] = (str(name), message.expires)
+                index.logged[digest[:DEDUP_PREFIX]] = text
             del index.dedup_waits[dedup_name]
             index.changed.notify_all()
             try:
@@ -476,7 +475,7 @@ class MaildirFiles:
             return [], 0
         try:
             names, remaining = index.page(now, limit, max_bytes)
-            located = {name: index.located[name] for name in names if name in index.located}
+            located = {name: location for name in names if (location := index.where(name)) is not None}
         finally:
             index.mutex.release()
         got: dict[str, MessageRecord] = {}
@@ -498,7 +497,7 @@ class MaildirFiles:
             moved = self._read_logged(user_id, udir, logged, got)
             if moved:  # compacted meanwhile: read them where they are now
                 with index.mutex:
-                    again = [(name, index.located[name]) for name in moved if name in index.located]
+                    again = [(name, location) for name in moved if (location := index.where(name)) is not None]
                 self._read_logged(user_id, udir, again, got)
         return [got[name] for name in names if name in got], remaining
 

@@ -213,14 +213,15 @@ class Loaded:
     """A user's whole log as read back: messages not acknowledged, by name, and the rest."""
 
     live: dict[str, MessageEntry]
-    #: Every message record still in a segment, acknowledged or not: its dedup key still holds.
-    dedup: dict[bytes, tuple[str, int]]
+    #: Every message record still in a segment, acknowledged or not (its dedup key still
+    #: holds): the first `prefix` bytes of its dedup key's digest -> its name.
+    dedup: dict[bytes, str]
     sizes: dict[int, int]
     #: The highest segment may take appends: it exists and ends with a whole record.
     head_open: bool
 
 
-def load(udir: Path) -> Loaded:
+def load(udir: Path, prefix: int = DIGEST_BYTES) -> Loaded:
     found = Scan()
     sizes: dict[int, int] = {}
     numbers = segments(udir)
@@ -230,10 +231,10 @@ def load(udir: Path) -> Loaded:
             sizes[number] = len(data)
             scan(data, number, found)
     live: dict[str, MessageEntry] = {}
-    dedup: dict[bytes, tuple[str, int]] = {}
+    dedup: dict[bytes, str] = {}
     for entry in found.messages:  # a later copy (compaction) of the same name replaces it
         text = str(entry.name)
-        dedup[entry.dedup] = (text, entry.name.expires)
+        dedup[entry.dedup[:prefix]] = text
         if text not in found.acknowledged:
             live[text] = entry
     head = max(sizes, default=None)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..durable import fsync_dir
 from .maildir_dedup import DedupTable
-from .maildir_index import UserIndex
+from .maildir_index import DEDUP_PREFIX, UserIndex
 from .maildir_log import (
     LOG_DIR, SEGMENT_BYTES, Location, create_segment, append, read_segment, scan, segment_name, sync_file,
 )
@@ -59,7 +59,7 @@ def compact_oldest(udir: Path, index: UserIndex, user_id: str, now: int, dedup: 
     keep its acknowledged records' unexpired dedup keys in the dedup table, remove it.
     False when it cannot go yet (a delivery into it is still in flight)."""
     oldest = min(index.segments)
-    if any(index.located.get(name, (None,))[0] == oldest for name in index.in_flight):
+    if any((index.where(name) or (None,))[0] == oldest for name in index.in_flight):
         return False
     data = read_segment(udir, oldest)
     found = scan(data or b"", oldest)
@@ -67,14 +67,14 @@ def compact_oldest(udir: Path, index: UserIndex, user_id: str, now: int, dedup: 
     written: set[int] = set()
     for entry in found.messages:
         name = str(entry.name)
-        if index.located.get(name) == entry.location and name in index.pending:
+        if index.where(name) == entry.location and name in index.pending:
             _, offset, length = entry.location
             moved[name] = append_record(udir, index, data[offset:offset + length])  # type: ignore[index]
             written.add(moved[name][0])
     for number in sorted(written):
         sync_file(segment_path(udir, number))
     gone = [entry for entry in found.messages if str(entry.name) not in index.pending
-            and index.logged.get(entry.dedup, ("",))[0] == str(entry.name)]
+            and index.logged.get(entry.dedup[:DEDUP_PREFIX]) == str(entry.name)]
     if gone:
         index.earlier_keys = True
     dedup.add_many(user_id, [(entry.dedup.hex(), str(entry.name), entry.name.expires)
@@ -85,9 +85,8 @@ def compact_oldest(udir: Path, index: UserIndex, user_id: str, now: int, dedup: 
         pass
     fsync_dir(udir / LOG_DIR)
     for name, location in moved.items():
-        index.located[name] = location
-        index.segments[location[0]][1] += location[2]
+        index.place(name, location)
     for entry in gone:
-        index.logged.pop(entry.dedup, None)
+        index.logged.pop(entry.dedup[:DEDUP_PREFIX], None)
     del index.segments[oldest]
     return True
