@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import zlib
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer
 
+from apiclient import SyncClient
 from msgrelay.store import maildir_log, maildir_logwriter
 from msgrelay.store.interface import StoreUnavailable
 from msgrelay.store.maildir import MaildirFiles, MaildirStore
@@ -25,6 +27,7 @@ from msgrelay.store.maildir_fsck import MaildirFsck
 from msgrelay.store.maildir_log import (
     ACKNOWLEDGEMENT, HEADER, MAGIC, MESSAGE, acknowledgement_record, decode_message, message_record, scan,
 )
+from relayproc import RelayProcess
 from store_contract import ALICE, BIG, BOB, HOUR, NOW, message, user
 from test_maildir_expiry import plant_old_dedup
 from test_maildir_index import real_user
@@ -282,3 +285,46 @@ def test_fsck_reports_damage_in_a_segment_and_moves_nothing(tmp_path):
     assert report.findings[0].path == f"users/{uid}/log/0000000001.log"
     assert head.read_bytes() == bytes(data)  # left in place
     assert ids(MaildirFiles(tmp_path / "s"), uid) == [sent[0], sent[2]]
+
+
+# -- a real relay ------------------------------------------------------------------------------
+
+def test_twistd_relay_compacts_its_logs_and_keeps_its_promises(tmp_path, users):
+    """Over HTTP against `twistd msgrelay`: big packets roll the log over; once the first
+    segment's messages are acknowledged the expiry sweep removes it; acknowledged packets
+    sent again are still duplicates, before and after a restart."""
+    config = tmp_path / "msgrelay.toml"
+    config.write_text('[store]\nexpire_interval = 1\n[rate_limits]\nexempt = ["127.0.0.1"]\n')
+    state = tmp_path / "state"
+    relay = RelayProcess(state, extra_args=["--config", str(config)]).start()
+    try:
+        client = SyncClient.connect(relay.url)
+        alice = users[0]
+        assert client.call("POST", "/api/v1/user", {"key": alice.pem}).status == 200
+        token = client.mint(alice, expires_in=0)
+        sent = {}
+        for _ in range(8):  # about 700 KB each: two segments
+            envelope = client.packet_envelope(alice, token, body=os.urandom(256 * 1024).hex().encode())
+            answer = client.call("POST", "/api/v1/message", envelope, timeout=30)
+            assert answer.status == 200, answer.body
+            sent[answer.body["message_id"]] = envelope
+        log_dir = next(state.glob(f"**/users/{alice.user_id}/log"))
+        assert len(list(log_dir.glob("*.log"))) == 2
+        ids = list(sent)
+        ack = client.signed(alice, "DELETE", "/api/v1/message", ids=ids[:-1])
+        assert ack.body == {"deleted": 7}
+        deadline = time.monotonic() + 30
+        while len(list(log_dir.glob("*.log"))) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p.name for p in log_dir.glob("*.log")] == ["0000000002.log"]
+        for attempt in range(2):
+            answer, messages = client.fetch(alice, limit=10)
+            assert [m["id"] for m in messages] == ids[-1:] and answer.body["remaining"] == 0
+            for message_id, envelope in sent.items():
+                again = client.call("POST", "/api/v1/message", envelope, timeout=30)
+                assert again.status == 200 and again.body["message_id"] == message_id
+            if attempt == 0:
+                relay.kill()
+                relay = RelayProcess(state, port=relay.port, extra_args=["--config", str(config)]).start()
+    finally:
+        relay.stop()
