@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import time
 import zlib
 
@@ -112,6 +113,8 @@ def test_a_delivery_is_an_append_read_back_by_another_process(tmp_path):
     sent = [files.deliver(ALICE, f"k{i}", message(data=f"m{i}"), BIG, NOW) for i in range(5)]
     assert os.listdir(files.users / ALICE / "new") == []
     assert logged(files.root) == ["0000000001.log"]
+    log_dir = files.users / ALICE / "log"
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (log_dir, log_dir / "0000000001.log")] == [0o700, 0o600]
     assert ids(files) == [d.message_id for d in sent]
     fresh = MaildirFiles(tmp_path / "s")  # as msgrelay-admin sees it
     got = fresh.fetch(ALICE, NOW, 10)[0]
