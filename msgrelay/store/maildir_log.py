@@ -1,9 +1,9 @@
 """The maildir's message logs: a delivery is one append to its user's log, not a new file.
 
 Why: on the virtual machines measured, each file created costs the guest kernel about half
-a millisecond of CPU when it is written back, as much as half an RSA decryption; a message
-file and its dedup row took maildir accept to 0.26-0.40 of the RSA ceiling, an append with
-the dedup key in its record to 0.44-0.58 (bench/README.md).
+a millisecond of CPU when it is written back, as much as half an RSA decryption; with a
+message file and a dedup row each, maildir accept to 200 recipients ran at 0.26-0.40 of the
+RSA ceiling, with one append holding both at 0.53-0.55 (bench/README.md).
 
 Layout: ``users/<id>/log/<10 digits>.log``, segments numbered upwards; appends go to the
 highest (the head), which is sealed past SEGMENT_BYTES (or when its tail is damaged) and a
@@ -25,8 +25,8 @@ Rules that keep a crash from losing or resurrecting anything:
   its record, and an acknowledgement only ever names records in its own or older segments;
 - segments are removed oldest first (compaction copies the oldest one's live records to the
   head, durably, then removes it), so an acknowledgement never goes before the records it
-  names; acknowledged records' dedup keys that have not expired move
-  to the dedup table (maildir_dedup) before their segment goes;
+  names; acknowledged records' dedup keys that have not expired move to the dedup table
+  (maildir_dedup) before their segment goes;
 - a scan skips what fails its CRC and finds the next record by its magic: a record cut short
   by a crash is the segment's torn tail, and anything else is damage that `fsck` reports.
 
