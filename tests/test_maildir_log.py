@@ -18,6 +18,7 @@ import zlib
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings, strategies as st
 from twisted.internet import defer
 
 from apiclient import SyncClient
@@ -25,6 +26,7 @@ from msgrelay.store import maildir_log, maildir_logwriter
 from msgrelay.store.interface import StoreUnavailable
 from msgrelay.store.maildir import MaildirFiles, MaildirStore
 from msgrelay.store.maildir_fsck import MaildirFsck
+from msgrelay.store.maildir_layout import MessageName
 from msgrelay.store.maildir_log import (
     ACKNOWLEDGEMENT, HEADER, MAGIC, MESSAGE, acknowledgement_record, decode_message, message_record, scan,
 )
@@ -104,6 +106,40 @@ def test_scan_reads_records_and_sorts_torn_tails_from_damage():
     assert [str(e.name) for e in damaged.messages] == [NAME, other] and damaged.acknowledged == set()
     assert [(d.offset, d.length, d.tail) for d in damaged.damage] == [(len(first), len(ack), False)]
     assert scan(b"", 1).messages == [] and scan(b"garbage", 1).damage[0].tail
+
+
+names = st.builds(lambda ns, nonce, size: str(MessageName(ns, nonce, NOW, NOW + HOUR, size)),
+                  st.integers(0, 10**19), st.text("0123456789abcdef", min_size=8, max_size=8), st.integers(0, 10**6))
+records = st.one_of(
+    st.tuples(names, st.binary(max_size=300)).map(lambda r: ("m", r[0], message_record(r[0], DEDUP, r[1]))),
+    st.lists(names, min_size=1, max_size=3).map(lambda n: ("a", n, acknowledgement_record(n))),
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(records, max_size=8), st.data())
+def test_a_scan_finds_every_record_that_damage_did_not_touch(written, data):
+    """Whatever bytes are flipped or cut, a scan never fails, reports the damage, and finds
+    each whole record outside it where it was written."""
+    segment = b"".join(r[2] for r in written)
+    starts = [sum(len(r[2]) for r in written[:i]) for i in range(len(written))]
+    damaged = bytearray(segment)
+    flips = data.draw(st.lists(st.integers(0, max(0, len(segment) - 1)), max_size=3)) if segment else []
+    for at in flips:
+        damaged[at] ^= 0x5A
+    cut = data.draw(st.integers(0, len(segment)))
+    found = scan(bytes(damaged[:cut]), 3)
+    flipped = {at for at in flips if flips.count(at) % 2}  # flipped twice is untouched
+    hit = flipped | set(range(cut, len(segment)))
+    intact = [(kind, what, start) for (kind, what, raw), start in zip(written, starts)
+              if not hit & set(range(start, start + len(raw)))]
+    assert {(str(e.name), e.location[1]) for e in found.messages} >= {(w, s) for k, w, s in intact if k == "m"}
+    for kind, what, _ in intact:
+        if kind == "a":
+            assert set(what) <= found.acknowledged
+    assert all(e.location[0] == 3 for e in found.messages)
+    # Damage is reported exactly when a kept byte changed or a record was cut short.
+    assert bool(found.damage) == (any(at < cut for at in flipped) or cut not in starts + [len(segment)])
 
 
 # -- the store over real files -----------------------------------------------------------

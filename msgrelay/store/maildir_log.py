@@ -54,8 +54,6 @@ MESSAGE = 1
 ACKNOWLEDGEMENT = 2
 #: A segment takes appends until it holds this much; compaction copies at most one at a time.
 SEGMENT_BYTES = 4 * 1024 * 1024
-#: No record is larger: a length field above it is damage, not a record to wait for.
-MAX_BODY = 64 * 1024 * 1024
 SEGMENT_NAME = re.compile(r"([0-9]{10})\.log")
 DIGEST_BYTES = 32
 
@@ -123,7 +121,7 @@ def _valid_at(data: bytes, pos: int) -> Optional[tuple[int, bytes]]:
         return None
     magic, kind, length, crc = HEADER.unpack_from(data, pos)
     end = pos + HEADER.size + length
-    if magic != MAGIC or kind not in (MESSAGE, ACKNOWLEDGEMENT) or length > MAX_BODY or end > len(data):
+    if magic != MAGIC or kind not in (MESSAGE, ACKNOWLEDGEMENT) or end > len(data):
         return None
     body = data[pos + HEADER.size:end]
     if zlib.crc32(body, zlib.crc32(bytes((kind,)))) != crc:
