@@ -316,6 +316,19 @@ def test_open_refuses_unusable_roots(tmp_path):
         MaildirFiles.open(foreign)
 
 
+def test_a_directory_of_an_earlier_version_is_marked_as_this_ones(tmp_path):
+    """Earlier versions wrote `msgrelay-maildir 1`: opened, it says 2, which those versions
+    refuse, since they would not see the messages in the logs."""
+    earlier = MaildirFiles.open(tmp_path / "state")
+    earlier.add_user(user(ALICE))
+    kept = earlier.deliver(ALICE, "k", message(data="old"), BIG, NOW).message_id
+    (earlier.root / "FORMAT").write_text("msgrelay-maildir 1\n")
+    files = MaildirFiles.open(tmp_path / "state", log_messages=True)
+    assert (files.root / "FORMAT").read_text() == "msgrelay-maildir 2\n"
+    assert [m.message_id for m in files.fetch(ALICE, NOW, 10)[0]] == [kept]
+    assert files.deliver(ALICE, "k", message(data="old"), BIG, NOW).duplicate
+
+
 def test_immutable_state_directory(files, tmp_path):
     """As root, permissions do not stop writes; an immutable inode does."""
     files.deliver(ALICE, "k1", message(data="old"), BIG, NOW)
