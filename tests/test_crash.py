@@ -187,9 +187,10 @@ class CrashLoad:
 def crash_config(tmp_path, store_dsn: str = "") -> list[str]:
     # One client address and one recipient, far faster than the default limits allow.
     config = tmp_path / "crash.toml"
-    text = '[rate_limits]\nexempt = ["127.0.0.1"]\nfetch_per_user = "off"\n'
+    # The expiry sweep every second: on maildir it compacts the message logs, under the kills too.
+    text = '[rate_limits]\nexempt = ["127.0.0.1"]\nfetch_per_user = "off"\n[store]\nexpire_interval = 1\n'
     if store_dsn:
-        text += f'[store]\nbackend = "postgresql"\npostgres_dsn = "{store_dsn}"\n'
+        text += f'backend = "postgresql"\npostgres_dsn = "{store_dsn}"\n'
     config.write_text(text)
     return ["--config", str(config)]
 
