@@ -50,8 +50,10 @@ from .maildir_expiry import USER_RECORD_FOLDERS, ExpiryIndex
 from .maildir_cache import MessageCache
 from .maildir_dedup import DedupTable
 from .maildir_index import DEDUP_PREFIX, GENERATION, UserIndex, generation_key, note_change
-from .maildir_log import LOG_DIR, Location, acknowledgement_record, message_record, read_records, sync_file
-from .maildir_logwriter import append_record, compact_oldest, segment_path, worth_compacting
+from .maildir_log import (
+    LOG_DIR, Location, acknowledgement_record, message_record, read_records, segment_path, sync_file,
+)
+from .maildir_logwriter import append_record, compact_oldest, worth_compacting
 from .maildir_replay import ReplayJournal
 from .maildir_layout import (
     DIR_MODE, SAFE_NAME, ArrivalClock, MessageName, describe_os_error, disk_operation, is_older, list_dir,

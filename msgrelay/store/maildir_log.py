@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..durable import fsync_dir
+from ..durable import fsync_dir, read_whole
 from .dirsync import GroupCommit
 from .maildir_layout import MessageName
 
@@ -63,6 +63,10 @@ Location = tuple[int, int, int]
 
 def segment_name(number: int) -> str:
     return f"{number:010d}.log"
+
+
+def segment_path(udir: Path, number: int) -> Path:
+    return udir / LOG_DIR / segment_name(number)
 
 
 def _record(kind: int, body: bytes) -> bytes:
@@ -194,16 +198,9 @@ def segments(udir: Path) -> list[int]:
 def read_segment(udir: Path, number: int) -> Optional[bytes]:
     """A segment's bytes, or None if it is gone."""
     try:
-        fd = os.open(udir / LOG_DIR / segment_name(number), os.O_RDONLY | os.O_CLOEXEC)
+        return read_whole(segment_path(udir, number))
     except FileNotFoundError:
         return None
-    try:
-        parts = []
-        while chunk := os.read(fd, 1 << 20):
-            parts.append(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -248,7 +245,7 @@ def read_records(udir: Path, wanted: list[tuple[str, Location]]) -> Iterator[tup
         by_segment.setdefault(item[1][0], []).append(item)
     for number, items in by_segment.items():
         try:
-            fd = os.open(udir / LOG_DIR / segment_name(number), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(segment_path(udir, number), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             for name, _ in items:
                 yield name, None
@@ -283,7 +280,7 @@ def create_segment(udir: Path, number: int) -> Path:
     if not folder.is_dir():
         os.mkdir(folder, 0o700)
         fsync_dir(udir)
-    path = folder / segment_name(number)
+    path = segment_path(udir, number)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     fsync_dir(folder)
     return path

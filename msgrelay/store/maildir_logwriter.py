@@ -13,12 +13,8 @@ from ..durable import fsync_dir
 from .maildir_dedup import DedupTable
 from .maildir_index import DEDUP_PREFIX, UserIndex
 from .maildir_log import (
-    LOG_DIR, SEGMENT_BYTES, Location, create_segment, append, read_segment, scan, segment_name, sync_file,
+    LOG_DIR, SEGMENT_BYTES, Location, append, create_segment, read_segment, scan, segment_path, sync_file,
 )
-
-
-def segment_path(udir: Path, number: int) -> Path:
-    return udir / LOG_DIR / segment_name(number)
 
 
 def append_record(udir: Path, index: UserIndex, record: bytes) -> Location:
@@ -61,15 +57,15 @@ def compact_oldest(udir: Path, index: UserIndex, user_id: str, now: int, dedup: 
     oldest = min(index.segments)
     if any((index.where(name) or (None,))[0] == oldest for name in index.in_flight):
         return False
-    data = read_segment(udir, oldest)
-    found = scan(data or b"", oldest)
+    data = read_segment(udir, oldest) or b""  # gone: nothing in it to keep
+    found = scan(data, oldest)
     moved: dict[str, Location] = {}
     written: set[int] = set()
     for entry in found.messages:
         name = str(entry.name)
         if index.where(name) == entry.location and name in index.pending:
             _, offset, length = entry.location
-            moved[name] = append_record(udir, index, data[offset:offset + length])  # type: ignore[index]
+            moved[name] = append_record(udir, index, data[offset:offset + length])
             written.add(moved[name][0])
     for number in sorted(written):
         sync_file(segment_path(udir, number))
