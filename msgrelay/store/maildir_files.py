@@ -593,7 +593,7 @@ class MaildirFiles:
             with index.mutex:
                 for name in names:  # in case a rebuild meanwhile listed them again
                     index.remove(name)
-                if removed or logged:
+                if removed or synced is not None:  # an expired logged message changed nothing on disk
                     try:
                         self._changed(udir, index)
                     except FileNotFoundError:
