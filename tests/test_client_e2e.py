@@ -144,17 +144,18 @@ class StoredMessage:
     name: str
 
     def read_text(self) -> str:
-        return self._record()[1].decode("utf-8")
+        data, entry = self._record()
+        _, offset, length = entry.location
+        decoded = maildir_log.decode_message(data[offset:offset + length])
+        assert decoded is not None
+        return decoded[1].decode("utf-8")
 
-    def _record(self) -> tuple[bytes, bytes]:
-        """(dedup key hash, message JSON) of this record."""
+    def _record(self) -> tuple[bytes, maildir_log.MessageEntry]:
+        """The segment's bytes, and this record as a scan finds it there."""
         data = self.segment.read_bytes()
         for entry in maildir_log.scan(data, 0).messages:
             if str(entry.name) == self.name:
-                _, offset, length = entry.location
-                decoded = maildir_log.decode_message(data[offset:offset + length])
-                assert decoded is not None
-                return entry.dedup, decoded[1]
+                return data, entry
         raise AssertionError(f"no record {self.name} in {self.segment}")
 
     def exists(self) -> bool:
@@ -167,14 +168,10 @@ class StoredMessage:
     def rewrite(self, content: str) -> None:
         """Replace the record by one holding `content` (a valid record: as a disk that keeps
         its checksums, or whoever holds the disk, could leave it)."""
-        data = self.segment.read_bytes()
-        dedup, _ = self._record()
-        for entry in maildir_log.scan(data, 0).messages:
-            if str(entry.name) == self.name:
-                _, offset, length = entry.location
-                record = maildir_log.message_record(self.name, dedup.hex(), content.encode("utf-8"))
-                self.segment.write_bytes(data[:offset] + record + data[offset + length:])
-                return
+        data, entry = self._record()
+        _, offset, length = entry.location
+        record = maildir_log.message_record(self.name, entry.dedup.hex(), content.encode("utf-8"))
+        self.segment.write_bytes(data[:offset] + record + data[offset + length:])
 
 
 def stored_messages(relay: RelayProcess, user_id: str) -> list[StoredMessage]:

@@ -262,10 +262,11 @@ class MaildirFsck:
                 self._checked(path, partial(message_problem, path, parsed), "messages")
         for entry in sorted(list_dir(udir / LOG_DIR)):
             path = udir / LOG_DIR / entry
-            if not SEGMENT_NAME.fullmatch(entry) or not stat.S_ISREG(os.lstat(path).st_mode):
+            named = SEGMENT_NAME.fullmatch(entry)
+            if named is None or not stat.S_ISREG(os.lstat(path).st_mode):
                 self._move(path, "is not a message log segment")
             else:
-                self._check_segment(path, int(entry.split(".")[0]))
+                self._check_segment(path, int(named.group(1)))
         for entry in sorted(list_dir(udir / "tokens")):
             path, token_id = udir / "tokens" / entry, entry.removesuffix(".json")
             if not entry.endswith(".json") or not SAFE_NAME.fullmatch(token_id):

@@ -69,9 +69,12 @@ def segment_path(udir: Path, number: int) -> Path:
     return udir / LOG_DIR / segment_name(number)
 
 
+def _crc(kind: int, body: bytes) -> int:
+    return zlib.crc32(body, zlib.crc32(bytes((kind,))))
+
+
 def _record(kind: int, body: bytes) -> bytes:
-    crc = zlib.crc32(body, zlib.crc32(bytes((kind,))))
-    return HEADER.pack(MAGIC, kind, len(body), crc) + body
+    return HEADER.pack(MAGIC, kind, len(body), _crc(kind, body)) + body
 
 
 def message_record(name: str, dedup_name: str, message_json: bytes) -> bytes:
@@ -128,7 +131,7 @@ def _valid_at(data: bytes, pos: int) -> Optional[tuple[int, bytes]]:
     if magic != MAGIC or kind not in (MESSAGE, ACKNOWLEDGEMENT) or end > len(data):
         return None
     body = data[pos + HEADER.size:end]
-    if zlib.crc32(body, zlib.crc32(bytes((kind,)))) != crc:
+    if _crc(kind, body) != crc:
         return None
     return kind, body
 
