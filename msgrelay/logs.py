@@ -14,6 +14,10 @@ same twistd options, so `--logfile` and friends keep their meaning, plus two set
 
 An explicit `twistd --logger ...` still wins (then neither setting applies).
 
+With `server.workers > 1` each worker formats and filters its own lines, tagged with its
+index and pid (`worker_tag`), and writes them to a pipe; the parent passes them on as they
+are (`WORKER_OUTPUT` events), so a worker's JSON line stays one JSON object in the log.
+
 Every answered request is logged, so formatting is on the hot path: both formats keep the
 current second's timestamp text and format plain `{name}` messages with `str.format_map`,
 leaving anything else (tracebacks, `{call()}` fields, legacy events) to Twisted's formatter.
@@ -26,6 +30,7 @@ import math
 import signal
 import sys
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any, Callable, ClassVar, Optional
 
 from twisted.logger import (
@@ -36,6 +41,10 @@ from zope.interface import implementer
 from twisted.python import logfile
 
 from .settings import Reload
+
+#: The namespace of a worker's output as its parent passes it on: lines the worker has already
+#: formatted and filtered, in the event's `worker_output` field, written as they are.
+WORKER_OUTPUT = "msgrelay.workers.output"
 
 #: Keys of legacy (twisted.python.log) events that repeat what `message` already says.
 _NOISE = {"message", "format", "isError", "system", "time", "why", "failure"}
@@ -60,6 +69,20 @@ def message_text(event: dict[str, Any]) -> str:
         except Exception:
             pass  # Twisted's formatter says what could not be formatted
     return formatEvent(event)
+
+
+def _verbatim(event: dict[str, Any]) -> Optional[str]:
+    """A worker's already formatted lines, when `event` carries them."""
+    if event.get("log_namespace") == WORKER_OUTPUT:
+        text = event.get("worker_output")
+        if isinstance(text, str):
+            return text
+    return None
+
+
+def worker_tag(index: int, pid: int) -> dict[str, int]:
+    """The fields a worker adds to each of its lines, so that the parent's log says whose."""
+    return {"worker": index, "worker_pid": pid}
 
 
 class SecondCache:
@@ -87,23 +110,32 @@ class SecondCache:
 
 
 class TextFormatter:
-    """Twisted's classic text lines (`formatEventAsClassicLogText`), faster for common events."""
+    """Twisted's classic text lines (`formatEventAsClassicLogText`), faster for common events.
+    A worker's `tag` goes after the `[namespace#level]` part: `worker 1 pid 4242: `."""
 
-    def __init__(self) -> None:
+    def __init__(self, tag: Optional[dict[str, int]] = None) -> None:
         self._time = SecondCache(lambda second: formatTime(second))
+        self._tag = f"worker {tag['worker']} pid {tag['worker_pid']}: " if tag else ""
 
     def format_time(self, when: Optional[float]) -> str:
         return formatTime(when) if when is None else self._time(when)[0]
 
     def __call__(self, event: dict[str, Any]) -> Optional[str]:
+        verbatim = _verbatim(event)
+        if verbatim is not None:
+            return verbatim
         level, namespace, when = event.get("log_level"), event.get("log_namespace"), event.get("log_time")
         if ("log_failure" in event or "log_system" in event or level is None or namespace is None or when is None
                 or not isinstance(event.get("log_format"), str)):
-            return formatEventAsClassicLogText(event, formatTime=self.format_time)
+            line = formatEventAsClassicLogText(event, formatTime=self.format_time)
+            if line and self._tag:
+                head, bracket, rest = line.partition("] ")
+                line = head + bracket + self._tag + rest if bracket else self._tag + line
+            return line
         text = message_text(event)
         if not text:
             return None
-        return f"{self._time(when)[0]} [{namespace}#{level.name}] {text.replace(chr(10), chr(10) + chr(9))}\n"
+        return f"{self._time(when)[0]} [{namespace}#{level.name}] {self._tag}{text.replace(chr(10), chr(10) + chr(9))}\n"
 
 
 def _iso_second(second: int) -> str:
@@ -119,8 +151,11 @@ def json_time(stamp: float) -> str:
     return f"{text}.{micro // 1000:03d}Z"
 
 
-def json_line(event: dict[str, Any]) -> str:
-    """One event as one line of JSON (newline-terminated)."""
+def json_line(event: dict[str, Any], tag: Optional[dict[str, int]] = None) -> str:
+    """One event as one line of JSON (newline-terminated); a worker's `tag` fields come first."""
+    verbatim = _verbatim(event)
+    if verbatim is not None:
+        return verbatim
     level = event.get("log_level")
     stamp = event.get("log_time")
     record: dict[str, Any] = {
@@ -129,6 +164,8 @@ def json_line(event: dict[str, Any]) -> str:
         "namespace": event.get("log_namespace"),
         "message": message_text(event),
     }
+    if tag:
+        record.update(tag)
     for key, value in event.items():
         if key.startswith("log_") or key in record or key in _NOISE:
             continue
@@ -142,8 +179,8 @@ def json_line(event: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
-def json_file_observer(out: Any) -> ILogObserver:
-    return FileLogObserver(out, json_line)
+def json_file_observer(out: Any, tag: Optional[dict[str, int]] = None) -> ILogObserver:
+    return FileLogObserver(out, partial(json_line, tag=tag) if tag else json_line)
 
 
 #: What a reload did is always logged (at info and above), whatever log.level says: the
@@ -175,7 +212,10 @@ class LevelPredicate:
     def __call__(self, event: dict[str, Any]) -> PredicateResult:
         wanted = self._wanted
         level = event.get("log_level", LogLevel.info)
-        if event.get("log_namespace") in ALWAYS_INFO:
+        namespace = event.get("log_namespace")
+        if namespace == WORKER_OUTPUT:
+            return PredicateResult.maybe  # the worker filtered its lines by the same setting
+        if namespace in ALWAYS_INFO:
             wanted = min(wanted, LogLevel.info)
         return PredicateResult.maybe if level >= wanted else PredicateResult.no
 
@@ -199,8 +239,10 @@ class TwistdLogOptions:
 
 
 def build_observer(twistd: TwistdLogOptions, fmt: str, level: LevelPredicate,
-                   warn: Callable[[str], None] = lambda message: None) -> ILogObserver:
-    """The observer twistd would have built from its options, in `fmt`, filtered by level."""
+                   warn: Callable[[str], None] = lambda message: None,
+                   tag: Optional[dict[str, int]] = None) -> ILogObserver:
+    """The observer twistd would have built from its options, in `fmt`, filtered by level;
+    a worker's lines carry its `tag`."""
     if twistd.syslog:
         from twisted.python import syslog
 
@@ -214,7 +256,7 @@ def build_observer(twistd: TwistdLogOptions, fmt: str, level: LevelPredicate,
         else:
             out = logfile.LogFile.fromFullPath(twistd.logfile or "twistd.log")
             _rotate_on_usr1(out)
-        destination = json_file_observer(out) if fmt == "json" else FileLogObserver(out, TextFormatter())
+        destination = json_file_observer(out, tag) if fmt == "json" else FileLogObserver(out, TextFormatter(tag))
     return FilteringLogObserver(destination, [level])
 
 

@@ -25,7 +25,7 @@ from .federation.resolver import CachingResolver
 from .federation.service import FederationService
 from .heap import StartUpHeap
 from .keyrotation import KeyringWatcher, load_keyring
-from .logs import LevelPredicate, TwistdLogOptions, build_observer
+from .logs import LevelPredicate, TwistdLogOptions, build_observer, worker_tag
 from .metrics import RelayMetrics
 from .relay import RelayCore
 from .control.server import build_control
@@ -200,7 +200,8 @@ def makeService(options: Options, reactor: Any = None) -> "LoggedService":
     metrics_sites = [(description, relay.metrics_site()) for description in settings.metrics.listen]
     reloader = ReloadService(settings, options.load_settings, reactor, source=options["config"] or "",
                              listeners=[*relay.reconfigurables, level, *(site for _, site in metrics_sites)])
-    top = RelayService(relay, reloader, _log_observer(options, settings, level))
+    tag = worker_tag(role.index, os.getpid()) if role is not None else None
+    top = RelayService(relay, reloader, _log_observer(options, settings, level, tag))
     relay.service.setServiceParent(top)  # pools, DNS, federation, push: started first, stopped last
     reloader.setServiceParent(top)
 
@@ -327,11 +328,13 @@ def _build(settings: Settings, reactor: Any) -> Relay:
     return relay
 
 
-def _log_observer(options: Options, settings: Settings, level: LevelPredicate) -> Optional[ILogObserver]:
-    """msgrelay's log observer for twistd, unless the operator named a --logger."""
+def _log_observer(options: Options, settings: Settings, level: LevelPredicate,
+                  tag: Optional[dict[str, int]] = None) -> Optional[ILogObserver]:
+    """msgrelay's log observer for twistd, unless the operator named a --logger; a worker's
+    lines carry its `tag` (logs.worker_tag)."""
     twistd = getattr(options, "twistd_logging", None)
     if twistd is not None and twistd.ours:
-        return build_observer(twistd, settings.log.format, level, warn=lambda message: log.warn(message))
+        return build_observer(twistd, settings.log.format, level, warn=lambda message: log.warn(message), tag=tag)
     if twistd is not None and twistd.under_twistd:
         log.warn("twistd --logger is given: log.format and log.level do not apply")
     return None

@@ -14,9 +14,9 @@ The parent does no HTTP work. It supervises: a worker that exits while the paren
 started again after a backoff (1 s, doubling to 30 s, back to 1 s once a worker has run for
 a minute); SIGHUP is passed on to every worker (each reloads its settings as a single relay
 does); on SIGTERM it sends SIGTERM to every worker, waits for them (SIGKILL after
-`STOP_GRACE` seconds), then stops. Each worker's stdout and stderr (its log) comes back
-through a pipe and is written to the parent's log, one event per line with the worker's
-index and pid. A worker whose parent has gone (SIGKILL) stops by itself.
+`STOP_GRACE` seconds), then stops. Each worker's log comes back through a pipe and is
+written to the parent's log as the worker wrote it, each line tagged with the worker's index
+and pid (msgrelay/logs.py). A worker whose parent has gone (SIGKILL) stops by itself.
 
 Workers need the PostgreSQL store, whose federation outbox every process shares (leases in
 the database), so every worker queues and delivers. What must happen once is done by worker
@@ -43,9 +43,11 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from .logs import WORKER_OUTPUT
 from .twisted_compat import accept_one_per_wakeup
 
 log = Logger(namespace="msgrelay.workers")
+output = Logger(namespace=WORKER_OUTPUT)
 
 #: Backoff before a dead worker is started again: first, most, and the run time that resets it.
 RESTART_FIRST = 1.0
@@ -171,7 +173,12 @@ class BoundListener(Service):
 
 
 class _WorkerProcess(ProcessProtocol):
-    """One worker: its log lines go to the parent's log; its end is reported."""
+    """One worker: its log lines go to the parent's log; its end is reported.
+
+    The worker's log observer writes to its stdout lines already formatted, filtered and
+    tagged with the worker's index and pid (logs.worker_tag): they are passed on as they are,
+    a read's complete lines in one event. Its stderr carries only what is written outside
+    the log (a start that fails before logging begins): each line is logged with the tag."""
 
     def __init__(self, index: int, ended: Callable[["_WorkerProcess", Any], None]):
         self.index = index
@@ -186,19 +193,25 @@ class _WorkerProcess(ProcessProtocol):
         self.pid = self.transport.pid
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        lines = (self._partial.get(childFD, b"") + data).split(b"\n")
-        self._partial[childFD] = lines.pop()
-        for line in lines:
-            self._emit(line)
+        complete, newline, rest = (self._partial.get(childFD, b"") + data).rpartition(b"\n")
+        self._partial[childFD] = rest
+        if newline:
+            self._pass_on(childFD, complete + newline)
 
-    def _emit(self, line: bytes) -> None:
-        if line.strip():
-            log.info("worker {worker} pid {worker_pid}: {line}", worker=self.index, worker_pid=self.pid,
-                     line=line.decode("utf-8", "replace"))
+    def _pass_on(self, childFD: int, lines: bytes) -> None:
+        text = lines.decode("utf-8", "replace")
+        if childFD == 1:
+            output.info("{worker_output}", worker_output=text)
+            return
+        for line in text.splitlines():
+            if line.strip():
+                log.warn("worker {worker} pid {worker_pid}: {line}", worker=self.index, worker_pid=self.pid,
+                         line=line)
 
     def processEnded(self, reason: Failure) -> None:
-        for rest in self._partial.values():
-            self._emit(rest)
+        for childFD, rest in self._partial.items():
+            if rest:
+                self._pass_on(childFD, rest + b"\n")
         self.ended(self, reason.value)
         self.done.callback(None)
 

@@ -13,7 +13,7 @@ from twisted.logger import LogLevel, PredicateResult
 from twisted.python.failure import Failure
 
 from apiclient import SyncClient, sync_request
-from msgrelay.logs import LevelPredicate, TextFormatter, json_line, json_time
+from msgrelay.logs import WORKER_OUTPUT, LevelPredicate, TextFormatter, json_line, json_time, worker_tag
 from relayproc import RelayProcess, free_port, twistd_path
 
 
@@ -99,6 +99,26 @@ def test_level_predicate_follows_the_setting_on_every_event():
     assert predicate({"log_level": LogLevel.info, "log_namespace": "msgrelay.settings"}) == PredicateResult.maybe
     reload_to("debug")
     assert predicate(debug) == PredicateResult.maybe
+
+
+def test_a_workers_lines_say_whose_and_the_parent_writes_them_as_they_are():
+    tag = worker_tag(1, 4242)
+    text = TextFormatter(tag)
+    assert text(access_event()) == TextFormatter()(access_event()).replace(
+        "[msgrelay.access#info] ", "[msgrelay.access#info] worker 1 pid 4242: ")
+    # Events Twisted's own formatter writes get the tag in the same place.
+    legacy = text(access_event(log_format="on {log_system}", log_system="legacy-system"))
+    assert legacy is not None and "[legacy-system] worker 1 pid 4242: on legacy-system" in legacy
+    failed = text(access_event(log_failure=Failure(ValueError("boom"))))
+    assert failed is not None and "] worker 1 pid 4242: POST /api/v1/message" in failed.splitlines()[0]
+    record = json.loads(json_line(access_event(worker="the event's own"), tag=tag))
+    assert record["worker"] == 1 and record["worker_pid"] == 4242 and record["status"] == 403
+    # The parent passes a read's worth of lines on unchanged, in either format, at any level.
+    lines = json_line(access_event(), tag=tag) + "2026-01-01T00:00:00+0000 [x#info] worker 1 pid 4242: hi\n"
+    output = {"log_format": "{worker_output}", "worker_output": lines, "log_level": LogLevel.info,
+              "log_namespace": WORKER_OUTPUT, "log_time": 1.0}
+    assert TextFormatter()(output) == json_line(output) == lines
+    assert LevelPredicate("critical")(output) == PredicateResult.maybe
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ that is how a test reaches a chosen worker through the shared port.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -57,8 +58,10 @@ def worker_pids(log: str) -> dict[int, int]:
 
 
 def serving(relay: RelayProcess, pid: int) -> bool:
-    """Whether worker `pid` has adopted the inherited socket (its log line came through)."""
-    return f"pid {pid}: " in relay.log() and "(inherited socket" in relay.log().split(f"pid {pid}: ", 1)[1]
+    """Whether worker `pid` has adopted the inherited socket (its log line came through, as
+    text or as JSON)."""
+    return any("(inherited socket" in line and (f"pid {pid}: " in line or f'"worker_pid":{pid},' in line)
+               for line in relay.log().splitlines())
 
 
 def alive(pid: int) -> bool:
@@ -141,6 +144,27 @@ def test_two_workers_serve_one_port_and_share_the_store(tmp_path, users, databas
     assert code in (0, -15)
     assert not alive(pids[0]) and not alive(pids[1])
     assert "Traceback" not in relay.log()
+
+
+def test_json_logs_of_workers_are_one_json_object_a_line(tmp_path, users, database):  # noqa: F811
+    """Each worker writes its own JSON lines, tagged with its index and pid; the parent passes
+    them on unchanged (not wrapped in a line of its own)."""
+    relay, pids = start_workers(tmp_path, database, '[log]\nformat = "json"\n')
+    paths = {0: "/api/v1/health", 1: "/api/v1/server"}  # one each: the access log has no query string
+    try:
+        for index, pid in pids.items():
+            with Only(pids, pid):
+                assert sync_request("GET", relay.url + paths[index]).status == 200
+
+        def served() -> set[tuple[int, int, str, int]]:
+            records = [json.loads(line) for line in relay.log().splitlines() if line.strip()]
+            return {(r["worker"], r["worker_pid"], r["path"], r["status"])
+                    for r in records if r["namespace"] == "msgrelay.access"}
+        wanted = {(index, pid, paths[index], 200) for index, pid in pids.items()}
+        wait_for(lambda: wanted <= served(), "each worker's access line, with its index and pid")
+        assert all("line" not in json.loads(line) for line in relay.log().splitlines() if line.strip())
+    finally:
+        relay.stop()
 
 
 def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(tmp_path, database):  # noqa: F811
@@ -335,6 +359,33 @@ def test_supervisor_restarts_with_backoff_and_stops_every_worker():
     assert len(results) == 1
     clock.advance(RESTART_MOST)
     assert len(clock.spawned) == 5  # nothing is restarted once stopping
+
+
+def test_worker_output_is_passed_on_by_whole_lines():
+    """stdout (the worker's formatted log) goes on as it is, a read's complete lines at once;
+    stderr (output outside the log) is logged a line at a time with the worker's tag."""
+    from twisted.logger import globalLogPublisher
+
+    from msgrelay.logs import WORKER_OUTPUT
+    from msgrelay.workers import _WorkerProcess
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        ended: list[Any] = []
+        worker = _WorkerProcess(3, lambda w, reason: ended.append(reason))
+        worker.makeConnection(cast(Any, _FakeProcess(77)))
+        worker.childDataReceived(1, b'{"a":1}\n{"b"')
+        worker.childDataReceived(1, b':2}\n{"c":3}\n{"d"')
+        worker.childDataReceived(2, b"Traceback (most recent call last):\n  boom")
+        _end(worker, exitCode=1)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    passed = [e["worker_output"] for e in events if e.get("log_namespace") == WORKER_OUTPUT]
+    assert passed == ['{"a":1}\n', '{"b":2}\n{"c":3}\n', '{"d"\n']
+    tagged = [(e["worker"], e["worker_pid"], e["line"]) for e in events if "line" in e]
+    assert tagged == [(3, 77, "Traceback (most recent call last):"), (3, 77, "  boom")]
+    assert len(ended) == 1
 
 
 def test_worker_role_round_trips():
