@@ -83,7 +83,11 @@ def config_file(tmp_path: Path, dsn: str, extra: str = "") -> Path:
 def start_workers(tmp_path: Path, dsn: str, extra: str = "", **relay: Any) -> tuple[RelayProcess, dict[int, int]]:
     process = RelayProcess(tmp_path / "state", extra_args=["--config", str(config_file(tmp_path, dsn, extra)),
                                                            "--workers", "2"], **relay).start()
-    return process, wait_for_workers(process)
+    try:
+        return process, wait_for_workers(process)
+    except BaseException:
+        process.stop()  # the parent stops its workers: nothing is left running after a failure
+        raise
 
 
 def wait_for_workers(relay: RelayProcess) -> dict[int, int]:
